@@ -1,0 +1,1 @@
+"""Interception: the function mode and the autograd/optimizer hooks. Private."""

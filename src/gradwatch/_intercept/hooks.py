@@ -1,0 +1,107 @@
+"""Everything gradwatch installs outside the function mode, each with its undo.
+
+Global optimizer step hooks, a global module forward pre-hook (naming without a ``model``),
+post-accumulate-grad hooks on leaves, a ``saved_tensors_hooks`` pair, and thin wrappers (wrapt)
+around ``torch.autograd.backward``/``grad`` and ``zero_grad``. ``Installed.undo()`` removes all
+of it, in reverse order, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import wrapt
+
+__all__ = ["Installed"]
+
+_autograd_c = torch._C._autograd
+
+
+class Installed:
+    """A stack of undo callables."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def add(self, undo: Callable[[], None]) -> None:
+        self._undo.append(undo)
+
+    def undo(self) -> None:
+        while self._undo:
+            fn = self._undo.pop()
+            try:
+                fn()
+            except Exception as exc:  # never let cleanup break the user's program
+                warnings.warn(f"gradwatch: cleanup step failed: {exc!r}", RuntimeWarning, stacklevel=2)
+
+    # -- global hooks -------------------------------------------------------------------------
+    def optimizer_hooks(self, pre: Callable, post: Callable) -> None:
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
+
+        h1 = register_optimizer_step_pre_hook(pre)
+        self.add(h1.remove)
+        h2 = register_optimizer_step_post_hook(post)
+        self.add(h2.remove)
+
+    def module_forward_pre_hook(self, hook: Callable) -> None:
+        h = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+        self.add(h.remove)
+
+    # -- wrappers -----------------------------------------------------------------------------
+    def wrap_attribute(self, owner: Any, name: str, wrapper: Callable) -> None:
+        """Replace ``owner.name`` by a wrapt ``FunctionWrapper``; restore the original on undo."""
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        setattr(owner, name, wrapt.FunctionWrapper(original, wrapper))
+
+        def restore() -> None:
+            setattr(owner, name, original)
+
+        self.add(restore)
+
+    def replace_attribute(self, owner: Any, name: str, value: Any) -> None:
+        original = getattr(owner, name)
+        setattr(owner, name, value)
+        self.add(lambda: setattr(owner, name, original))
+
+    # -- saved tensors ------------------------------------------------------------------------
+    def saved_tensors_hooks(self, pack: Callable, unpack: Callable) -> bool:
+        """Push the pair unless the user already has one active (theirs must keep working)."""
+        if _autograd_c._top_saved_tensors_default_hooks(False) is not None:
+            return False
+        if not _autograd_c._saved_tensors_hooks_is_enabled():
+            return False
+        _autograd_c._push_saved_tensors_default_hooks(pack, unpack)
+
+        def pop() -> None:
+            top = _autograd_c._top_saved_tensors_default_hooks(False)
+            if top is not None and top[0] is pack:
+                _autograd_c._pop_saved_tensors_default_hooks()
+
+        self.add(pop)
+
+        # torch.func transforms refuse to run while any pair is registered: step aside for them.
+        original = torch.autograd.graph.disable_saved_tensors_hooks
+
+        @contextlib.contextmanager
+        def disable_saved_tensors_hooks(error_message: str):  # type: ignore[no-untyped-def]
+            top = _autograd_c._top_saved_tensors_default_hooks(False)
+            ours = top is not None and top[0] is pack
+            if ours:
+                _autograd_c._pop_saved_tensors_default_hooks()
+            try:
+                with original(error_message):
+                    yield
+            finally:
+                if ours:
+                    _autograd_c._push_saved_tensors_default_hooks(pack, unpack)
+
+        self.replace_attribute(torch.autograd.graph, "disable_saved_tensors_hooks",
+                               disable_saved_tensors_hooks)
+        return True

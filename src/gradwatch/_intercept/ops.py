@@ -1,0 +1,95 @@
+"""Classify torch functions once (memoised) into what the function mode must do with them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["ACTIONS", "Action", "classify", "op_name"]
+
+
+class Action:
+    """Small ints, compared by identity on the hot path."""
+
+    PASS = 0  # nothing to do (unless kwargs carry out= / inplace=True)
+    INPLACE = 1  # mutates args[0]
+    FOREACH = 2  # mutates every tensor of args[0]
+    INIT = 3  # torch.nn.init.*_: mutates kwargs["tensor"] or args[0]
+    GRAD_GET = 4  # reading p.grad
+    GRAD_SET = 5  # p.grad = ...
+    DATA_SET = 6  # p.data = ...
+    DETACH = 7  # .detach() / .data read: a tensor cut from the graph
+
+
+_INPLACE_DUNDERS = frozenset(
+    {
+        "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+        "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+        "__imatmul__",
+    }
+)
+# End in "_" but change no values.
+_NOT_DATA = frozenset(
+    {"requires_grad_", "share_memory_", "detach_", "retain_grad_", "record_stream_",
+     "_coalesced_", "_fix_weakref_", "rename_", "refine_names_", "align_to_",
+     "_set_grad_enabled_", "set_grad_enabled_"}
+)
+
+ACTIONS: dict[Any, int] = {}
+
+
+def op_name(func: Any) -> str:
+    """The user-facing name: ``sub_``, ``copy_``, ``__setitem__``, ``grad.__set__``…"""
+    name = getattr(func, "__name__", None) or str(func)
+    owner = getattr(func, "__self__", None)
+    if name in ("__get__", "__set__") and owner is not None:
+        return f"{getattr(owner, '__name__', '?')}.{name}"
+    return name
+
+
+def classify(func: Any) -> int:
+    """Decide once per function what the mode must do; remember the answer."""
+    try:
+        action = _classify(func)
+    except Exception:
+        action = Action.PASS
+    try:
+        ACTIONS[func] = action
+    except TypeError:  # unhashable callables: classify each time
+        pass
+    return action
+
+
+def _classify(func: Any) -> int:
+    name = getattr(func, "__name__", "") or ""
+    owner = getattr(func, "__self__", None)
+    if name in ("__get__", "__set__") and owner is not None:
+        attr = getattr(owner, "__name__", "")
+        if attr == "grad":
+            return Action.GRAD_GET if name == "__get__" else Action.GRAD_SET
+        if attr == "data":
+            return Action.DETACH if name == "__get__" else Action.DATA_SET
+        return Action.PASS
+    if name in _INPLACE_DUNDERS:
+        return Action.INPLACE
+    if name == "detach":
+        return Action.DETACH
+    if not name.endswith("_") or name.startswith("__") or name in _NOT_DATA:
+        return Action.PASS
+    if name.startswith("_foreach_"):
+        return Action.FOREACH
+    if getattr(func, "__module__", None) == "torch.nn.init":
+        return Action.INIT
+    if name in ("set_", "resize_", "resize_as_"):
+        return Action.INPLACE
+    if name.startswith("_") and name not in ("_copy_from_",):
+        # private helpers such as _amp_foreach_non_finite_check_and_unscale_ take lists
+        if name.startswith("_amp_foreach"):
+            return Action.FOREACH
+        return Action.PASS
+    return Action.INPLACE
+
+
+def is_torch_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)

@@ -1,0 +1,143 @@
+"""Qualified names for tensors, held weakly: parameters, buffers, ``.grad`` and optimizer state."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["TensorNames", "describe", "storage_key"]
+
+
+def storage_key(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (shared by views and ``.data`` aliases), or None."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # sparse, meta-less subclasses, functional tensors...
+        return None
+
+
+def describe(t: torch.Tensor) -> str:
+    """A short description of an unnamed tensor, e.g. ``"tensor float32[3]"``."""
+    dtype = str(t.dtype).replace("torch.", "")
+    shape = ",".join(str(s) for s in t.shape)
+    return f"tensor {dtype}[{shape}]"
+
+
+class TensorNames:
+    """Maps tensors to qualified names by storage, holding only weak references."""
+
+    def __init__(self) -> None:
+        # storage address -> (name, weakref to the named tensor)
+        self._by_storage: dict[int, tuple[str, weakref.ref]] = {}
+        self._params: dict[int, tuple[str, weakref.ref]] = {}  # id(param) -> (name, ref)
+        self._known_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self._n_optimizers = 0
+
+    # -- registration -------------------------------------------------------------------------
+    def add_module(self, module: torch.nn.Module, prefix: str = "") -> list[torch.nn.Parameter]:
+        """Name every parameter and buffer of ``module``; return the newly seen parameters."""
+        new: list[torch.nn.Parameter] = []
+        for sub in module.modules():
+            self._known_modules.add(sub)
+        for name, p in module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=True):
+            if id(p) not in self._params:
+                new.append(p)
+            self._add(prefix_fix(name), p, param=True)
+        for name, b in module.named_buffers(prefix=prefix.rstrip("."), remove_duplicate=True):
+            self._add(prefix_fix(name), b)
+        return new
+
+    def knows_module(self, module: torch.nn.Module) -> bool:
+        return module in self._known_modules
+
+    def add_optimizer(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """Name the optimizer's unnamed parameters; return parameters not seen before."""
+        index = self._n_optimizers
+        self._n_optimizers += 1
+        new: list[torch.Tensor] = []
+        for g, group in enumerate(optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                if id(p) not in self._params:
+                    new.append(p)
+                    self._add(f"optimizer{index}.param_groups[{g}][{i}]", p, param=True)
+        return new
+
+    def add_leaf(self, t: torch.Tensor) -> None:
+        """Remember a plain leaf tensor (no name) so its ``.grad`` can be recognised."""
+        if id(t) not in self._params:
+            self._params[id(t)] = (describe(t), weakref.ref(t))
+
+    def add_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        for p, state in list(optimizer.state.items()):
+            if not isinstance(p, torch.Tensor):
+                continue
+            base = self.name_of(p)
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.numel() > 1:
+                    self._add(f"{base}.{key}", value)
+
+    def _add(self, name: str, t: torch.Tensor, *, param: bool = False) -> None:
+        ref = weakref.ref(t)
+        if param:
+            self._params[id(t)] = (name, ref)
+        key = storage_key(t)
+        if key is not None and key not in self._by_storage:
+            self._by_storage[key] = (name, ref)
+
+    # -- lookup -------------------------------------------------------------------------------
+    def params(self) -> Iterable[tuple[str, torch.Tensor]]:
+        for name, ref in list(self._params.values()):
+            p = ref()
+            if p is not None:
+                yield name, p
+
+    def has_storage(self, key: int | None) -> bool:
+        return key is not None and key in self._by_storage
+
+    def param_name(self, p: torch.Tensor) -> str | None:
+        entry = self._params.get(id(p))
+        if entry is not None and entry[1]() is p:
+            return entry[0]
+        return None
+
+    def name_of(self, t: torch.Tensor, key: int | None = None) -> str:
+        """Qualified name of ``t`` (or of the tensor whose storage it aliases), else a description."""
+        name = self.param_name(t)
+        if name is not None:
+            return name
+        if key is None:
+            key = storage_key(t)
+        if key is not None:
+            entry = self._by_storage.get(key)
+            if entry is not None:
+                owner = entry[1]()
+                if owner is not None and storage_key(owner) == key:
+                    return entry[0]
+                del self._by_storage[key]
+            grad_name = self._grad_name(key)
+            if grad_name is not None:
+                return grad_name
+        return describe(t)
+
+    def _grad_name(self, key: int) -> str | None:
+        for name, ref in list(self._params.values()):
+            p = ref()
+            g = None if p is None else p.grad
+            if g is not None and storage_key(g) == key:
+                return f"{name}.grad"
+        return None
+
+    def prune(self) -> None:
+        """Drop entries whose tensors died."""
+        for key, (_, ref) in list(self._by_storage.items()):
+            if ref() is None:
+                del self._by_storage[key]
+        for key, (_, ref) in list(self._params.items()):
+            if ref() is None:
+                del self._params[key]
+
+
+def prefix_fix(name: str) -> str:
+    return name

@@ -1,0 +1,157 @@
+"""Raw records: cheap tuples appended on the hot path, turned into :class:`Event` s later."""
+
+from __future__ import annotations
+
+from collections import deque
+from types import CodeType
+from typing import Any, NamedTuple
+
+import torch
+
+from ._location import location_of
+from ._naming import describe
+from ._intercept.ops import op_name
+from .events import SEVERITY, Change, Event, EventKind
+
+__all__ = ["Raw", "RecordBuffer", "build_event"]
+
+_OP_NAMES: dict[Any, str] = {}
+
+
+class Raw(NamedTuple):
+    """An observation before it becomes an Event: no strings formatted, no tensor held
+    (``change``/``ratios`` are small derived tensors, resolved to floats at the next flush)."""
+
+    kind: EventKind
+    op: Any  # a torch function, or a ready string
+    name: str | None
+    shape: tuple[int, ...] | None
+    dtype: Any
+    device: Any
+    version_before: int | None
+    version_after: int | None
+    grad_mode: str
+    change: Any  # None, a 4-vector tensor [l2, rel, max_abs, nonfinite], or a Change
+    where: tuple[CodeType, int] | None
+    step: int
+    message: str = ""
+    hint: str = ""
+    ratios: Any = None  # optimizer updates: (names, tensor of ratios) or a dict
+
+
+def _op(op: Any) -> str:
+    if isinstance(op, str):
+        return op
+    name = _OP_NAMES.get(op)
+    if name is None:
+        name = op_name(op)
+        try:
+            _OP_NAMES[op] = name
+        except TypeError:
+            pass
+    return name
+
+
+def build_event(r: Raw, rank: int) -> Event:
+    name = r.name
+    if name is None:
+        name = describe_shape(r.shape, r.dtype)
+    change = r.change
+    if isinstance(change, (list, tuple)):
+        change = Change(float(change[0]), float(change[1]), float(change[2]), bool(change[3]))
+    elif change is not None and not isinstance(change, Change):
+        change = None
+    ratios = r.ratios if isinstance(r.ratios, dict) else None
+    return Event(
+        kind=r.kind,
+        severity=SEVERITY[r.kind],
+        step=r.step,
+        op=_op(r.op),
+        tensor=name,
+        shape=r.shape,
+        dtype=None if r.dtype is None else str(r.dtype).replace("torch.", ""),
+        device=None if r.device is None else str(r.device),
+        version_before=r.version_before,
+        version_after=r.version_after,
+        grad_mode=r.grad_mode,
+        change=change,
+        location=location_of(r.where),
+        message=r.message or _default_message(r, name),
+        hint=r.hint,
+        rank=rank,
+        update_ratios=ratios,
+    )
+
+
+def describe_shape(shape: tuple[int, ...] | None, dtype: Any) -> str:
+    if shape is None:
+        return "tensor"
+    d = str(dtype).replace("torch.", "") if dtype is not None else "?"
+    return f"tensor {d}[{','.join(str(s) for s in shape)}]"
+
+
+def _default_message(r: Raw, name: str) -> str:
+    op = _op(r.op)
+    if r.kind is EventKind.INPLACE_NO_GRAD:
+        versions = ""
+        if r.version_before is not None:
+            versions = f" (version {r.version_before} → {r.version_after})"
+        return f"`{name}` was changed in place by {op} with grad mode {r.grad_mode}{versions}"
+    if r.kind is EventKind.GRAD_ACCUMULATED:
+        return f"backward accumulated a gradient into `{name}.grad`"
+    if r.kind is EventKind.OPTIMIZER_UPDATE:
+        return f"{name} updated its parameters"
+    return f"{r.kind.value} on `{name}`"
+
+
+class RecordBuffer:
+    """Bounded buffer of raw records plus exact counts; new records wait for the next flush."""
+
+    def __init__(self, maxlen: int) -> None:
+        self.records: deque[Raw] = deque(maxlen=maxlen)
+        self.unflushed: list[Raw] = []
+        self.counts: dict[str, int] = {}
+
+    def add(self, r: Raw) -> None:
+        self.unflushed.append(r)
+        key = r.kind.value
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def take_unflushed(self) -> list[Raw]:
+        """Resolve pending small tensors (one sync) and move records into the bounded buffer."""
+        new, self.unflushed = self.unflushed, []
+        if not new:
+            return new
+        tensors = [r.change for r in new if isinstance(r.change, torch.Tensor)]
+        tensors += [r.ratios[1] for r in new if isinstance(r.ratios, tuple)]
+        if tensors:
+            values = _to_lists(tensors)
+            it = iter(values)
+            resolved = []
+            for r in new:
+                if isinstance(r.change, torch.Tensor):
+                    r = r._replace(change=next(it))
+                resolved.append(r)
+            new = []
+            for r in resolved:
+                if isinstance(r.ratios, tuple):
+                    names, _ = r.ratios
+                    r = r._replace(ratios=dict(zip(names, next(it))))
+                new.append(r)
+        self.records.extend(new)
+        return new
+
+
+def _to_lists(tensors: list[torch.Tensor]) -> list[list[float]]:
+    """One device-to-host copy for all small tensors (grouped by device)."""
+    flat = [t.detach().reshape(-1).to(torch.float64) for t in tensors]
+    sizes = [t.numel() for t in flat]
+    try:
+        joined = torch.cat(flat).tolist()
+    except RuntimeError:
+        joined = [v for t in flat for v in t.tolist()]
+    out, i = [], 0
+    for n in sizes:
+        out.append(joined[i:i + n])
+        i += n
+    return out

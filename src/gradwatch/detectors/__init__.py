@@ -1,0 +1,1 @@
+"""Detectors: turn raw observations into typed anomalies. One kind per module."""

@@ -1,0 +1,159 @@
+"""``stale_grad_accumulation`` and ``accumulated_grad_discarded``: the life of a leaf's ``.grad``.
+
+Per leaf, a *window* runs from one reset of ``.grad`` (zeroed or set to None) to the next. Each
+backward pass that accumulates into the leaf is stamped with the leaf's *token*: its version
+counter plus the number of optimizer steps that updated it (fused optimizers bump no version).
+
+* stale: an accumulation lands on a sum whose earlier part was taken at another token. If no
+  optimizer step consumed the earlier part, it is reported at once (an in-place edit between two
+  backward passes); otherwise it is reported only when a step then uses the mixed sum (a GAN's
+  discriminator picking up the generator's gradient, zeroed before its own step, is correct).
+* discarded: the window is reset after accumulating, no step consumed it, the user never read
+  it, and it is finite and non-zero (checked only then: one sync on a rare path).
+"""
+
+from __future__ import annotations
+
+import weakref
+from types import CodeType
+
+import torch
+
+__all__ = ["AccumulationTracker", "LeafState"]
+
+HINT_STALE = (
+    "call optimizer.zero_grad() (or set .grad to None) after each step and after editing the "
+    "weights, before the next backward; accumulate only at one parameter version"
+)
+HINT_DISCARDED = (
+    "step the optimizer before zeroing (zero_grad() belongs after step(), once per accumulation "
+    "window), or do not compute gradients you throw away"
+)
+
+
+class LeafState:
+    __slots__ = ("accum", "consumed", "grad_id", "grad_version", "leaf", "name_hint", "optimized",
+                 "read", "reset", "stale_where", "steps", "token", "trained", "window_start")
+
+    def __init__(self, leaf: torch.Tensor) -> None:
+        self.leaf = weakref.ref(leaf)
+        self.accum = 0
+        self.consumed = False
+        self.read = False
+        self.reset = False
+        self.grad_id = 0
+        self.grad_version = -1
+        self.steps = 0
+        self.token: tuple[int, int] | None = None
+        self.stale_where: tuple[CodeType, int] | None = None
+        self.optimized = False
+        self.trained = False
+        self.window_start: tuple[CodeType, int] | None = None
+        self.name_hint = ""
+
+
+class AccumulationTracker:
+    """State machine per leaf; the session feeds it hooks and zeroing ops and emits its findings."""
+
+    def __init__(self) -> None:
+        self.leaves: dict[int, LeafState] = {}
+        self.grad_owner: dict[int, LeafState] = {}  # id(p.grad) -> state of p
+
+    def state(self, leaf: torch.Tensor) -> LeafState:
+        st = self.leaves.get(id(leaf))
+        if st is None or st.leaf() is not leaf:
+            st = LeafState(leaf)
+            self.leaves[id(leaf)] = st
+        return st
+
+    def get(self, leaf: torch.Tensor) -> LeafState | None:
+        st = self.leaves.get(id(leaf))
+        if st is not None and st.leaf() is leaf:
+            return st
+        return None
+
+    def accumulated(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None
+                    ) -> tuple[str, LeafState] | None:
+        """A backward pass accumulated into ``leaf.grad``. Returns ("stale", st) to report now."""
+        st = self.state(leaf)
+        st.trained = True
+        grad = leaf.grad
+        if grad is None:
+            return None
+        try:
+            leaf_version = leaf._version
+        except RuntimeError:
+            leaf_version = -1
+        token = (leaf_version, st.steps)
+        gid = id(grad)
+        same_sum = (st.accum > 0 and not st.reset and gid == st.grad_id)
+        finding = None
+        if same_sum and st.token != token:
+            if st.consumed:
+                if st.stale_where is None:
+                    st.stale_where = where
+            else:
+                finding = ("stale", st)
+        if not same_sum:
+            st.accum = 0
+            st.consumed = False
+            st.read = False
+            st.stale_where = None
+            st.window_start = where
+        st.reset = False
+        st.accum += 1
+        st.token = token
+        if gid != st.grad_id:
+            self.grad_owner.pop(st.grad_id, None)
+            st.grad_id = gid
+            self.grad_owner[gid] = st
+        st.grad_version = grad._version
+        return finding
+
+    def stepped(self, leaf: torch.Tensor) -> LeafState | None:
+        """An optimizer step is about to use ``leaf.grad``; returns the state if stale is now due."""
+        st = self.state(leaf)
+        st.optimized = True
+        st.steps += 1
+        due = st if (st.stale_where is not None and st.accum > 0 and not st.reset) else None
+        if st.accum > 0:
+            st.consumed = True
+        return due
+
+    def grad_read(self, leaf: torch.Tensor) -> None:
+        st = self.get(leaf)
+        if st is not None and st.accum > 0:
+            st.read = True
+
+    def resetting(self, st: LeafState) -> bool:
+        """The leaf's gradient is about to be zeroed or dropped. True if that discards a window
+        worth checking (accumulated, unconsumed, unread, leaf trained by an optimizer)."""
+        candidate = st.accum > 0 and not st.consumed and not st.read and not st.reset and st.optimized
+        st.reset = True
+        st.stale_where = None
+        return candidate
+
+    def forget_grad(self, grad_id: int) -> None:
+        self.grad_owner.pop(grad_id, None)
+
+    def prune(self) -> None:
+        for key, st in list(self.leaves.items()):
+            if st.leaf() is None:
+                del self.leaves[key]
+                self.grad_owner.pop(st.grad_id, None)
+
+    def clear(self) -> None:
+        self.leaves.clear()
+        self.grad_owner.clear()
+
+
+def finite_nonzero(grad: torch.Tensor) -> bool:
+    """Whether ``grad`` holds finite, non-zero values (one sync; used on rare paths only)."""
+    if grad.is_sparse:
+        grad = grad.coalesce().values()
+    if grad.numel() == 0:
+        return False
+    if grad.is_floating_point() or grad.is_complex():
+        ok = torch.stack([torch.isfinite(grad).all(), grad.ne(0).any()]).tolist()
+        return bool(ok[0] and ok[1])
+    return bool(grad.ne(0).any())

@@ -1,0 +1,103 @@
+"""``grad_flow_cut``: a tensor made without grad from one that required grad.
+
+Cheap, weak provenance: a bounded ring of recent cuts (an op under no_grad whose input required
+grad, ``.detach()``, ``.data``), each holding only a weak reference to its result. When backward
+fails with "element 0 of tensors does not require grad", the ring names the cutting line. When a
+trained leaf dies while a same-shaped tensor cut from it lives on (``w = w - lr * w.grad`` under
+no_grad), the parameter has silently stopped training: that is reported at the cutting line.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from types import CodeType
+
+import torch
+
+from .._location import location_of
+
+__all__ = ["Cut", "CutTracker"]
+
+HINT_REBIND = (
+    "update the tensor in place (w -= lr * w.grad, or w.copy_(...)) instead of rebinding it "
+    "under no_grad, so it stays the leaf that requires grad"
+)
+HINT_ROOT = (
+    "compute the loss with grad enabled from tensors that require grad: do not build it under "
+    "torch.no_grad(), from .detach()/.data, or from a tensor rebound under no_grad"
+)
+
+
+class Cut:
+    __slots__ = ("__weakref__", "op", "result", "shape", "source", "source_name", "step",
+                 "trained", "where")
+
+    def __init__(self, op: str, result: torch.Tensor, source: torch.Tensor, source_name: str,
+                 where: tuple[CodeType, int] | None, step: int) -> None:
+        self.op = op
+        self.result = weakref.ref(result)
+        self.source = None
+        self.source_name = source_name
+        self.shape = tuple(result.shape)
+        self.where = where
+        self.step = step
+        self.trained = False
+
+    def describe(self) -> str:
+        loc = location_of(self.where)
+        place = f"{loc} (`{loc.code}`)" if loc else "an unknown line"
+        return f"{self.op} at {place} made a tensor without grad from `{self.source_name}`"
+
+
+class CutTracker:
+    def __init__(self, size: int = 64) -> None:
+        self.ring: deque[Cut] = deque(maxlen=size)
+        self.replaced: list[Cut] = []  # trained leaves that died, replaced by a cut result
+        self._watching: dict[int, tuple[weakref.ref, Cut]] = {}
+
+    def add(self, cut: Cut, source: torch.Tensor, watch_source: bool) -> None:
+        self.ring.append(cut)
+        if watch_source and id(source) not in self._watching:
+            sid = id(source)
+
+            def _died(_ref: weakref.ref, sid: int = sid) -> None:
+                entry = self._watching.pop(sid, None)
+                if entry is None:
+                    return
+                c = entry[1]
+                if c.trained and c.result() is not None:
+                    self.replaced.append(c)
+
+            self._watching[sid] = (weakref.ref(source, _died), cut)
+
+    def source_trained(self, leaf: torch.Tensor) -> None:
+        """The leaf received a gradient (or belongs to an optimizer): its replacement matters."""
+        entry = self._watching.get(id(leaf))
+        if entry is not None and entry[0]() is leaf:
+            entry[1].trained = True
+
+    def take_replaced(self) -> list[Cut]:
+        out, self.replaced = self.replaced, []
+        return out
+
+    def explain(self, roots: tuple[torch.Tensor, ...]) -> Cut | None:
+        """The cut most likely behind "element 0 of tensors does not require grad"."""
+        live = [c for c in self.ring if c.result() is not None]
+        for c in reversed(live):
+            r = c.result()
+            if any(r is root for root in roots):
+                return c
+        for c in reversed(live):
+            if c.trained:
+                return c
+        return live[-1] if live else None
+
+    def clear(self) -> None:
+        self.ring.clear()
+        self.replaced.clear()
+        self._watching.clear()
+
+
+def is_no_grad_root_error(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and "does not require grad and does not have a grad_fn" in str(exc)

@@ -1,0 +1,67 @@
+"""``nonfinite_introduced``: an op under no_grad writes NaN/Inf into a finite tensor.
+
+Checks are lazy and batched: each watched write queues a 0-d "max |x|" of the tensor before and
+after (a device tensor, no sync); the queue is read in one ``tolist()`` at the next step
+boundary, backward, or flush. The first write whose before is finite and after is not is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["NonfiniteTracker", "max_abs"]
+
+HINT = (
+    "guard the division/log/sqrt on this line (e.g. x / norm.clamp_min(eps)), or lower the "
+    "learning rate; check the inputs of this update for zeros and overflow"
+)
+
+
+def max_abs(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """0-d ``max |x|`` per tensor (NaN-propagating, inf for inf), without a sync."""
+    if not tensors:
+        return []
+    try:
+        return list(torch._foreach_norm(list(tensors), float("inf")))
+    except Exception:
+        return [torch.linalg.vector_norm(t.detach(), float("inf")) for t in tensors]
+
+
+def checkable(t: torch.Tensor) -> bool:
+    return (t.is_floating_point() or t.is_complex()) and t.numel() > 0 and t.layout == torch.strided \
+        and t.device.type != "meta"
+
+
+class NonfiniteTracker:
+    """Queue of pending (before, after) checks; resolved in batches."""
+
+    def __init__(self, limit: int = 2048) -> None:
+        self.limit = limit
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+        self.reported: set[str] = set()
+
+    def queue(self, before: list[torch.Tensor], after: list[torch.Tensor], infos: list[Any]) -> bool:
+        """Queue checks; True when the queue is full and should be resolved now."""
+        self.pending.extend(zip(before, after, infos))
+        return len(self.pending) >= self.limit
+
+    def resolve(self, report: Callable[[Any], None]) -> None:
+        """Read all pending checks in one sync and report the first write that broke each tensor."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        values = [x.float() for b, a, _ in pending for x in (b, a)]
+        try:
+            finite = torch.isfinite(torch.stack(values)).tolist()
+        except RuntimeError:  # tensors on several devices
+            finite = [bool(torch.isfinite(v)) for v in values]
+        pairs = zip(finite[0::2], finite[1::2])
+        for (fin_before, fin_after), (_, _, info) in zip(pairs, pending):
+            if fin_before and not fin_after:
+                report(info)
+
+    def clear(self) -> None:
+        self.pending.clear()

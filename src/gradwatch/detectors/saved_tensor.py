@@ -1,0 +1,183 @@
+"""``saved_tensor_mutated``: an in-place op changes a tensor a pending graph saved for backward.
+
+A weak registry of saved tensors, filled by a ``saved_tensors_hooks`` pair, is keyed by storage
+so that writes through views and ``.data`` aliases are caught at the mutating line. Registering
+hooks switches off torch's own saved-version check, so ``unpack`` repeats it. Without the hooks
+(``level="light"``, or hooks of the user's already active) torch's own error is annotated from a
+bounded log of recent mutations.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from types import CodeType
+from typing import Any
+
+import torch
+
+from .._location import location_of
+
+__all__ = ["Mutation", "SavedTensorRegistry", "parse_version_error"]
+
+_VERSION_ERROR = re.compile(
+    r"modified by an inplace operation: \[(?P<type>[\w.]+) \[(?P<shape>[\d, ]*)\]\].*?"
+    r"is at version (?P<now>\d+); expected version (?P<expected>\d+)",
+    re.S,
+)
+
+HINT = (
+    "compute the loss again after this in-place update (or call backward before it); "
+    "for a value you only read, use a clone: x = x.clone()"
+)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One in-place write, remembered (without the tensor) to explain a later version error."""
+
+    name: str
+    shape: tuple[int, ...]
+    version_before: int | None
+    version_after: int | None
+    op: str
+    where: tuple[CodeType, int] | None
+    step: int
+
+    def describe(self) -> str:
+        loc = location_of(self.where)
+        place = f"{loc} (`{loc.code}`)" if loc else "an unknown line"
+        versions = ""
+        if self.version_before is not None and self.version_after is not None:
+            versions = f", version {self.version_before} → {self.version_after}"
+        return f"`{self.name}` was modified in place by {self.op} at {place}{versions}"
+
+
+class _Saved:
+    """What the pack hook returns: a detached alias (shares the version counter) + its version."""
+
+    __slots__ = ("__weakref__", "alias", "key", "mutated_by", "used", "version")
+
+
+class _Ref(weakref.ref):
+    __slots__ = ("key",)
+
+
+def parse_version_error(message: str) -> tuple[tuple[int, ...], int, int] | None:
+    m = _VERSION_ERROR.search(message)
+    if m is None:
+        return None
+    shape = tuple(int(s) for s in m.group("shape").replace(" ", "").split(",") if s)
+    return shape, int(m.group("now")), int(m.group("expected"))
+
+
+class SavedTensorRegistry:
+    """Saved tensors of pending graphs by storage address; weak, so freed graphs vanish."""
+
+    def __init__(self, recent: int = 256) -> None:
+        self._by_storage: dict[int, set[_Ref]] = {}
+        self.recent: deque[Mutation] = deque(maxlen=recent)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_storage)
+
+    # -- the saved_tensors_hooks pair ----------------------------------------------------------
+    def pack(self, t: torch.Tensor) -> Any:
+        try:
+            version = t._version
+            key = t.untyped_storage().data_ptr()
+        except Exception:  # no version counter or no storage: keep torch's behaviour
+            return t
+        s = _Saved()
+        s.alias = t.detach()
+        s.version = version
+        s.used = False
+        s.key = key
+        s.mutated_by = None
+        ref = _Ref(s, self._forget)
+        ref.key = key
+        refs = self._by_storage.get(key)
+        if refs is None:
+            self._by_storage[key] = {ref}
+        else:
+            refs.add(ref)
+        return s
+
+    def unpack(self, s: Any) -> torch.Tensor:
+        if type(s) is not _Saved:
+            return s
+        s.used = True
+        alias = s.alias
+        if alias._version != s.version:
+            raise _version_error(alias, s)
+        return alias
+
+    def _forget(self, ref: _Ref) -> None:
+        refs = self._by_storage.get(ref.key)
+        if refs is not None:
+            refs.discard(ref)
+            if not refs:
+                del self._by_storage[ref.key]
+
+    # -- queries ------------------------------------------------------------------------------
+    def pending(self, key: int | None) -> _Saved | None:
+        """An intact saved tensor on this storage whose graph no backward has used yet."""
+        if key is None:
+            return None
+        refs = self._by_storage.get(key)
+        if not refs:
+            return None
+        for ref in tuple(refs):
+            s = ref()
+            if s is not None and not s.used and s.alias._version == s.version:
+                return s
+        return None
+
+    def mark(self, s: _Saved, mutation: Mutation) -> None:
+        """Remember who mutated ``s`` so the unpack error can name it."""
+        if s.mutated_by is None:
+            s.mutated_by = mutation
+
+    def note_for(self, message: str) -> Mutation | None:
+        """The recorded mutation that explains torch's version error ``message``."""
+        parsed = parse_version_error(message)
+        if parsed is None:
+            return None
+        shape, now, expected = parsed
+        best = None
+        for m in reversed(self.recent):
+            if m.shape != shape:
+                continue
+            if m.version_before is not None and m.version_before == expected:
+                return m
+            if best is None:
+                best = m
+        return best
+
+    def clear(self) -> None:
+        self._by_storage.clear()
+        self.recent.clear()
+
+
+def _version_error(alias: torch.Tensor, s: _Saved) -> RuntimeError:
+    kind = f"{alias.type()}" if alias.device.type != "meta" else "torch.Tensor"
+    shape = ", ".join(str(d) for d in alias.shape)
+    err = RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an inplace "
+        f"operation: [{kind} [{shape}]], is at version {alias._version}; expected version "
+        f"{s.version} instead. Hint: the gradwatch note below names the line that modified it."
+    )
+    err._gradwatch_mutation = s.mutated_by  # type: ignore[attr-defined]
+    return err
+
+
+def note_text(m: Mutation | None, *, fallback: str = "") -> str:
+    if m is None:
+        return "gradwatch: " + (fallback or "no in-place write to a tensor of this shape was seen")
+    return f"gradwatch: {m.describe()} after a pending graph saved it for backward. Fix: {HINT}."
+
+
+def is_version_error(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and "modified by an inplace operation" in str(exc)

@@ -1,0 +1,1232 @@
+"""``gradwatch.watch()``: the context manager that wires interception, detectors and sinks."""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import os
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from types import CodeType
+from typing import Any
+
+import torch
+
+from ._intercept.hooks import Installed
+from ._intercept.mode import WatchMode
+from ._intercept.ops import Action
+from ._location import caller, is_internal, location_of
+from ._naming import TensorNames, describe, storage_key
+from ._records import Raw, RecordBuffer, build_event
+from .config import Config, iter_named
+from .detectors import accumulation as acc_mod
+from .detectors import grad_flow, nonfinite, saved_tensor
+from .detectors.accumulation import AccumulationTracker, finite_nonzero
+from .detectors.grad_flow import Cut, CutTracker
+from .detectors.nonfinite import NonfiniteTracker, checkable, max_abs
+from .detectors.saved_tensor import Mutation, SavedTensorRegistry
+from .errors import AnomalyError, GradWatchWarning
+from .events import Event, EventKind
+from .sinks import Sink, StepSummary
+
+__all__ = ["Watch", "watch"]
+
+K = EventKind
+_Tensor = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
+_inference_enabled = torch.is_inference_mode_enabled
+_ZEROING = {torch.Tensor.zero_, torch._foreach_zero_}
+_SAMPLE = 4096  # elements per parameter sampled for update/weight ratios and change stats
+_active_lock = threading.Lock()
+_active: Watch | None = None
+
+
+def watch(
+    model: torch.nn.Module | Iterable[torch.nn.Module] | None = None,
+    optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+    *,
+    log_dir: str | os.PathLike[str] | None = None,
+    writer: Any = None,
+    on_anomaly: str = "warn",
+    level: str = "full",
+    max_events: int = 10_000,
+    stats_every: int = 10,
+    change_stats: bool = True,
+    check_nonfinite: bool = True,
+) -> Watch:
+    """Watch a training loop for silent gradient corruption.
+
+    Example usage::
+
+        with gradwatch.watch(model, optimizer, log_dir="runs/exp1") as w:
+            for x, y in loader:
+                loss = loss_fn(model(x), y)
+                optimizer.zero_grad(); loss.backward(); optimizer.step()
+        print(w.report())
+
+    Args:
+        model: module(s) used to name tensors; optional (modules are discovered when they run).
+        optimizer: optimizer(s) to name parameters by; optional (every optimizer is seen).
+        log_dir: write ``gradwatch.jsonl`` and TensorBoard event files there.
+        writer: write TensorBoard data to this ``SummaryWriter`` instead of one of our own.
+        on_anomaly: ``"warn"`` (once per distinct anomaly), ``"raise"`` (:class:`AnomalyError`
+            at the culprit line) or ``"log"`` (record only).
+        level: ``"full"`` (every diagnosis at mutation time) or ``"light"`` (interception only
+            while grad mode is off; diagnoses completed from hooks and torch's own errors).
+        max_events: bound of the in-memory event buffer (``counts`` stay exact).
+        stats_every: compute data-change and update/weight statistics every N optimizer steps.
+        change_stats: compute ``Event.change`` for in-place edits (on statistics steps).
+        check_nonfinite: look for NaN/Inf written under no_grad (batched, no per-op sync).
+    """
+    cfg = Config.build(
+        model,
+        optimizer,
+        log_dir=log_dir,
+        writer=writer,
+        on_anomaly=on_anomaly,  # type: ignore[arg-type]
+        level=level,  # type: ignore[arg-type]
+        max_events=max_events,
+        stats_every=stats_every,
+        change_stats=change_stats,
+        check_nonfinite=check_nonfinite,
+    )
+    return Watch(cfg)
+
+
+class _OptimizerInfo:
+    __slots__ = ("foreign", "index", "name")
+
+    def __init__(self, foreign: bool, index: int, name: str) -> None:
+        self.foreign = foreign
+        self.index = index
+        self.name = name
+
+
+class Watch:
+    """A running watch. Use :func:`watch` to create one; use it as a context manager."""
+
+    def __init__(self, config: Config, *, sinks: Iterable[Sink] = ()) -> None:
+        self.config = config
+        self.rank = 0
+        self.suspended = True  # the mode passes everything through until entered
+        self._entered = False
+        self._closed = False
+        self._step = 0
+        self._step_override: Callable[[], int] | None = None
+        self._buffer = RecordBuffer(config.max_events)
+        self._anomalies: deque[Event] = deque(maxlen=config.max_events)
+        self._seen_keys: dict[tuple, int] = {}
+        self._distinct: dict[tuple, list[Any]] = {}  # key -> [first event, count, first/last step]
+        self._sinks: list[Sink] = list(sinks)
+        self._failed: set[str] = set()
+        self._names = TensorNames()
+        self._saved: SavedTensorRegistry | None = None
+        self._recent = SavedTensorRegistry()  # mutation log only (for notes without hooks)
+        self._cuts = CutTracker()
+        self._acc = AccumulationTracker()
+        self._nonfinite = NonfiniteTracker()
+        self._installed = Installed()
+        self._mode: WatchMode | None = None
+        self._light_mode_pushed = False
+        self._optimizers: weakref.WeakKeyDictionary[torch.optim.Optimizer, _OptimizerInfo] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._hooked: set[int] = set()
+        self._hook_handles: list[Any] = []
+        self._backward_where: tuple[CodeType, int] | None = None
+        self._discover_leaves = 8
+        self._user_step_depth = 0
+        self._step_state: dict[int, Any] = {}
+        self._recent_steps: deque[tuple] = deque(maxlen=8)
+        self._no_grad_regions: deque[tuple[tuple[CodeType, int] | None, int]] = deque(maxlen=8)
+        self._busy = 0.0
+        self._last_counts: dict[str, int] = {}
+        self._thread = threading.get_ident()
+        self._events_cache: tuple[int, list[Event]] | None = None
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def step(self) -> int:
+        """Optimizer steps completed (Lightning: ``trainer.global_step``)."""
+        if self._step_override is not None:
+            try:
+                return int(self._step_override())
+            except Exception:
+                return self._step
+        return self._step
+
+    @property
+    def anomalies(self) -> list[Event]:
+        """Anomalies (severity warning or error) in the order seen (bounded like ``events``)."""
+        return list(self._anomalies)
+
+    @property
+    def events(self) -> list[Event]:
+        """The most recent events (bounded by ``max_events``), anomalies included."""
+        self._flush_records()
+        records = self._buffer.records
+        return [build_event(r, self.rank) for r in records]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Exact number of events per kind, also past the buffer's bound."""
+        return dict(self._buffer.counts)
+
+    def report(self) -> str:
+        """A human summary: one line per distinct anomaly (kind, tensor, file:line, count)."""
+        from .report import format_report
+
+        self._flush_records()
+        return format_report(self.distinct_anomalies(), self.counts)
+
+    def distinct_anomalies(self) -> list[dict[str, Any]]:
+        """One entry per distinct anomaly: its first event, count, first and last step."""
+        return [
+            {"event": ev, "count": n, "first_step": first, "last_step": last}
+            for ev, n, first, last in self._distinct.values()
+        ]
+
+    def add_sink(self, sink: Sink) -> None:
+        self._sinks.append(sink)
+
+    def __enter__(self) -> Watch:
+        global _active
+        with _active_lock:
+            if _active is not None:
+                raise RuntimeError(
+                    "gradwatch.watch() is already active in this process; nested watches are not "
+                    "supported (use one watch around the whole loop)"
+                )
+            _active = self
+        try:
+            self._install()
+        except BaseException:
+            self._uninstall()
+            with _active_lock:
+                _active = None
+            raise
+        self._entered = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush everything and remove all hooks (idempotent)."""
+        global _active
+        if self._closed:
+            return
+        self._closed = True
+        self.suspended = True
+        try:
+            self._guard("flush", self._step_boundary, final=True)
+        finally:
+            self._uninstall()
+            for sink in self._sinks:
+                try:
+                    sink.close()
+                except Exception as exc:
+                    self._fail(f"sink {type(sink).__name__}", exc)
+            with _active_lock:
+                if _active is self:
+                    _active = None
+
+    # ------------------------------------------------------------------ install / uninstall
+    def _install(self) -> None:
+        cfg = self.config
+        self.rank = _rank()
+        self._make_sinks()
+        for prefix, m in iter_named(cfg.models):
+            for p in self._names.add_module(m, prefix):
+                self._hook_leaf(p)
+        for opt in cfg.optimizers:
+            self._optimizer_info(opt)
+        inst = self._installed
+        inst.optimizer_hooks(self._on_step_pre, self._on_step_post)
+        inst.module_forward_pre_hook(self._on_module_call)
+        inst.wrap_attribute(torch.autograd, "backward", self._wrap_backward)
+        inst.wrap_attribute(torch.autograd, "grad", self._wrap_backward)
+        inst.wrap_attribute(torch.optim.Optimizer, "zero_grad", self._wrap_zero_grad)
+        inst.wrap_attribute(torch.nn.Module, "zero_grad", self._wrap_zero_grad)
+        self._mode = WatchMode(self)
+        if cfg.level == "full":
+            if inst.saved_tensors_hooks(self._pack, self._unpack):
+                self._saved = SavedTensorRegistry()
+            self._mode.__enter__()
+            inst.add(self._exit_mode)
+        else:
+            original = torch._C._set_grad_enabled
+            inst.replace_attribute(torch._C, "_set_grad_enabled", self._light_grad_switch(original))
+            inst.add(self._exit_light_mode)
+            if not torch.is_grad_enabled():
+                self._push_light_mode()
+        atexit.register(self.close)
+        inst.add(lambda: atexit.unregister(self.close))
+        for h in self._hook_handles:
+            inst.add(h.remove)
+        self.suspended = False
+
+    def _uninstall(self) -> None:
+        self.suspended = True
+        for h in self._hook_handles:
+            try:
+                h.remove()
+            except Exception:
+                pass
+        self._hook_handles.clear()
+        self._installed.undo()
+        self._saved = None
+
+    def _exit_mode(self) -> None:
+        mode = self._mode
+        if mode is None:
+            return
+        from torch.overrides import _get_current_function_mode_stack
+
+        stack = _get_current_function_mode_stack()
+        if stack and stack[-1] is mode:
+            mode.__exit__(None, None, None)
+        elif mode in stack:
+            warnings.warn(
+                "gradwatch: another TorchFunctionMode entered inside watch() is still active; "
+                "gradwatch's mode is switched off but stays on the stack until that mode exits",
+                GradWatchWarning,
+                stacklevel=3,
+            )
+
+    def _make_sinks(self) -> None:
+        cfg = self.config
+        if cfg.log_dir is not None:
+            from .sinks.jsonl import JsonlSink
+
+            self._sinks.append(JsonlSink(cfg.log_dir, rank=self.rank, world=_world()))
+        if cfg.writer is not None or cfg.log_dir is not None:
+            try:
+                from .sinks.tensorboard import TensorBoardSink
+            except ImportError as exc:  # pragma: no cover - tensorboard is a dependency
+                self._fail("sink TensorBoard", exc)
+            else:
+                self._sinks.append(
+                    TensorBoardSink(writer=cfg.writer, log_dir=cfg.log_dir, rank=self.rank,
+                                    world=_world())
+                )
+
+    # ------------------------------------------------------------------ light level
+    def _light_grad_switch(self, original: Callable[[bool], None]) -> Callable[[bool], None]:
+        def _set_grad_enabled(mode: bool) -> None:
+            original(mode)
+            if self.suspended and not self._light_mode_pushed:
+                return
+            try:
+                if not mode:
+                    if not self._light_mode_pushed:
+                        self.on_no_grad_entered()
+                        self._push_light_mode()
+                elif self._light_mode_pushed:
+                    self._pop_light_mode()
+            except Exception as exc:
+                self._fail("light mode switch", exc)
+
+        return _set_grad_enabled
+
+    def _push_light_mode(self) -> None:
+        if self._mode is not None and threading.get_ident() == self._thread:
+            self._mode.__enter__()
+            self._light_mode_pushed = True
+
+    def _pop_light_mode(self) -> None:
+        from torch.overrides import _get_current_function_mode_stack
+
+        stack = _get_current_function_mode_stack()
+        if stack and stack[-1] is self._mode:
+            self._mode.__exit__(None, None, None)
+            self._light_mode_pushed = False
+
+    def _exit_light_mode(self) -> None:
+        if self._light_mode_pushed:
+            self._pop_light_mode()
+
+    # ------------------------------------------------------------------ fail-open
+    def _fail(self, part: str, exc: BaseException) -> None:
+        if isinstance(exc, AnomalyError):
+            raise exc
+        if part in self._failed:
+            return
+        self._failed.add(part)
+        warnings.warn(
+            f"gradwatch: internal error in {part} ({type(exc).__name__}: {exc}); {part} is "
+            "switched off for the rest of this run, training continues unchanged",
+            GradWatchWarning,
+            stacklevel=3,
+        )
+
+    def _guard(self, part: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if part in self._failed:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except AnomalyError:
+            raise
+        except Exception as exc:
+            self._fail(part, exc)
+            return None
+
+    # ------------------------------------------------------------------ emission
+    def _record(self, r: Raw) -> None:
+        self._buffer.add(r)
+
+    def _anomaly(self, r: Raw, *, raise_now: bool = True) -> Event:
+        """Record an anomaly now; warn or raise once per distinct anomaly."""
+        self._buffer.add(r)
+        ev = build_event(r, self.rank)
+        self._anomalies.append(ev)
+        key = ev.key
+        entry = self._distinct.get(key)
+        if entry is None:
+            self._distinct[key] = [ev, 1, ev.step, ev.step]
+        else:
+            entry[1] += 1
+            entry[3] = ev.step
+        for sink in self._sinks:
+            self._guard(f"sink {type(sink).__name__}", sink.anomaly, ev)
+        first = entry is None
+        if first and self.config.on_anomaly == "warn":
+            warnings.warn_explicit(
+                ev.describe(),
+                GradWatchWarning,
+                ev.location.filename if ev.location else "<gradwatch>",
+                ev.location.lineno if ev.location else 0,
+            )
+        elif self.config.on_anomaly == "raise" and raise_now:
+            raise AnomalyError(ev)
+        return ev
+
+    def _flush_records(self) -> list[Raw]:
+        return self._guard("flush", self._buffer.take_unflushed) or []
+
+    def _step_boundary(self, final: bool = False) -> None:
+        t0 = time.perf_counter()
+        if self._nonfinite.pending:
+            self._nonfinite.resolve(self._report_nonfinite)
+        self._raise_replaced()
+        new = self._buffer.take_unflushed()
+        step = self.step
+        if self._sinks:
+            events = [build_event(r, self.rank) for r in new if r.kind.severity == "info"]
+            counts = self._buffer.counts
+            delta = {k: v - self._last_counts.get(k, 0) for k, v in counts.items()}
+            self._last_counts = dict(counts)
+            ratios: dict[str, float] = {}
+            for r in new:
+                if isinstance(r.ratios, dict):
+                    ratios.update(r.ratios)
+            summary = StepSummary(
+                step=step, counts=delta, totals=dict(counts), update_ratios=ratios,
+                overhead_s=self._busy + (time.perf_counter() - t0), rank=self.rank,
+            )
+            for sink in self._sinks:
+                name = f"sink {type(sink).__name__}"
+                if events:
+                    self._guard(name, sink.write, events)
+                self._guard(name, sink.step, summary)
+                if final:
+                    self._guard(name, sink.flush)
+        self._busy = 0.0
+        if step % 50 == 0 or final:
+            self._names.prune()
+            self._acc.prune()
+
+    # ------------------------------------------------------------------ the function mode's calls
+    def on_action(self, action: int, func: Any, args: tuple, kwargs: dict) -> Any:
+        if action == Action.INPLACE:
+            if args and isinstance(args[0], _Tensor):
+                return self._write(func, (args[0],), args, kwargs)
+            return func(*args, **kwargs)
+        if action == Action.FOREACH:
+            targets = args[0] if args else kwargs.get("self")
+            if isinstance(targets, (list, tuple)):
+                return self._write(func, tuple(targets), args, kwargs)
+            return func(*args, **kwargs)
+        if action == Action.INIT:
+            t = kwargs.get("tensor", args[0] if args else None)
+            if isinstance(t, _Tensor):
+                return self._write(func, (t,), args, kwargs, grad_mode="no_grad")
+            return func(*args, **kwargs)
+        if action == Action.GRAD_GET:
+            if args and not self._acc_off:
+                self._guard("accumulation", self._grad_read, args[0])
+            return func(*args, **kwargs)
+        if action == Action.GRAD_SET:
+            if len(args) >= 2:
+                self._guard("accumulation", self._grad_replaced, args[0], args[1])
+            return func(*args, **kwargs)
+        if action == Action.DATA_SET:
+            return self._data_set(func, args, kwargs)
+        if action == Action.DETACH:
+            out = func(*args, **kwargs)
+            if args and isinstance(args[0], _Tensor) and args[0].requires_grad:
+                self._guard("grad flow", self._detached, func, args[0], out)
+            return out
+        return func(*args, **kwargs)
+
+    def on_out_or_inplace_kwarg(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if kwargs.get("inplace") is True:
+            if args and isinstance(args[0], _Tensor):
+                return self._write(func, (args[0],), args, kwargs)
+            return func(*args, **kwargs)
+        out = kwargs.get("out")
+        if isinstance(out, _Tensor):
+            return self._write(func, (out,), args, kwargs)
+        if isinstance(out, (tuple, list)):
+            return self._write(func, tuple(t for t in out if isinstance(t, _Tensor)), args, kwargs)
+        return func(*args, **kwargs)
+
+    def on_no_grad_entered(self) -> None:
+        if "grad flow" not in self._failed:
+            try:
+                self._no_grad_regions.append((caller(2), self.step))
+            except Exception as exc:
+                self._fail("grad flow", exc)
+
+    def on_no_grad_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        out = func(*args, **kwargs)
+        if isinstance(out, _Tensor) and "grad flow" not in self._failed:
+            for a in args:
+                if isinstance(a, _Tensor) and a.requires_grad and a.is_leaf:
+                    if a.shape == out.shape and not out.requires_grad:
+                        self._guard("grad flow", self._cut, func, a, out)
+                    break
+        return out
+
+    @property
+    def _acc_off(self) -> bool:
+        return "accumulation" in self._failed
+
+    # ------------------------------------------------------------------ in-place writes
+    def _write(self, func: Any, targets: tuple, args: tuple, kwargs: dict,
+               grad_mode: str | None = None) -> Any:
+        """Observe an in-place write: checks before, the op, records after."""
+        pre = None
+        if "mode" not in self._failed:
+            t0 = time.perf_counter()
+            try:
+                pre = self._before_write(func, targets, grad_mode)
+            except AnomalyError:
+                raise
+            except Exception as exc:
+                self._fail("mode", exc)
+            self._busy += time.perf_counter() - t0
+        out = func(*args, **kwargs)
+        if pre is not None:
+            t0 = time.perf_counter()
+            try:
+                self._after_write(func, pre)
+            except AnomalyError:
+                raise
+            except Exception as exc:
+                self._fail("mode", exc)
+            self._busy += time.perf_counter() - t0
+        return out
+
+    def _before_write(self, func: Any, targets: tuple, grad_mode: str | None) -> Any:
+        grad_on = _grad_enabled()
+        if grad_mode is None:
+            if _inference_enabled():
+                grad_mode = "inference_mode"
+            else:
+                grad_mode = "enabled" if grad_on else "no_grad"
+        saved = self._saved
+        in_step = self._user_step_depth > 0
+        tracked: list[list[Any]] = []
+        hits: list[tuple[Any, Any]] = []
+        where = None
+        for t in targets:
+            if not isinstance(t, _Tensor):
+                continue
+            key = None
+            if saved:
+                key = storage_key(t)
+                s = saved.pending(key)
+                if s is not None:
+                    if where is None:
+                        where = caller(3)
+                    hits.append((t, s))
+                    if self.config.on_anomaly == "raise":
+                        self._saved_mutation(func, t, s, key, where, grad_mode, after=False)
+            requires = t.requires_grad
+            if grad_on and requires:
+                continue  # autograd records this one
+            st = self._acc.grad_owner.get(id(t))
+            if st is not None:
+                leaf = st.leaf()
+                if leaf is None or leaf.grad is not t:
+                    st = None
+            if not requires and st is None:
+                if key is None:
+                    key = storage_key(t)
+                if not self._names.has_storage(key) and not in_step:
+                    continue
+            if st is not None and func in _ZEROING:
+                if where is None:
+                    where = caller(3)
+                self._grad_zeroing(st, t, where, func)
+            try:
+                version = t._version
+            except Exception:
+                version = None
+            tracked.append([t, key, version, st])
+        if not tracked and not hits:
+            return None
+        if where is None:
+            where = caller(3)
+        stats_step = self.step % self.config.stats_every == 0
+        checks = [e[0] for e in tracked if self.config.check_nonfinite and checkable(e[0])]
+        before_flags = max_abs(checks) if checks else []
+        samples = None
+        if self.config.change_stats and stats_step and not in_step:
+            samples = [_sample(e[0]) for e in tracked]
+        return (tracked, hits, where, grad_mode, in_step, checks, before_flags, samples)
+
+    def _after_write(self, func: Any, pre: Any) -> None:
+        tracked, hits, where, grad_mode, in_step, checks, before_flags, samples = pre
+        step = self.step
+        for t, s in hits:
+            if self.config.on_anomaly != "raise":
+                self._saved_mutation(func, t, s, storage_key(t), where, grad_mode, after=True)
+        if not tracked:
+            return
+        after_flags = max_abs(checks) if checks else []
+        flag_of = {id(t): i for i, t in enumerate(checks)}
+        infos = []
+        for i, (t, key, vb, _st) in enumerate(tracked):
+            try:
+                va = t._version
+            except Exception:
+                va = None
+            name = self._names.param_name(t)
+            if name is None and (key is not None or _st is not None):
+                name = self._names.name_of(t, key) if _st is None else None
+                if _st is not None:
+                    leaf = _st.leaf()
+                    pname = self._names.param_name(leaf) if leaf is not None else None
+                    name = f"{pname}.grad" if pname else None
+                if name is not None and name.startswith("tensor "):
+                    name = None
+            change = None
+            if samples is not None:
+                change = _change(samples[i], t)
+            raw = Raw(K.INPLACE_NO_GRAD, func, name, tuple(t.shape), t.dtype, t.device, vb, va,
+                      grad_mode, change, where, step)
+            if not in_step:
+                self._record(raw)
+            self._recent.recent.append(
+                Mutation(name or describe(t), tuple(t.shape), vb, va, _op_str(func), where, step)
+            )
+            j = flag_of.get(id(t))
+            if j is not None:
+                infos.append((j, raw))
+        if infos:
+            full = self._nonfinite.queue(
+                [before_flags[j] for j, _ in infos], [after_flags[j] for j, _ in infos],
+                [raw for _, raw in infos],
+            )
+            if full:
+                self._nonfinite.resolve(self._report_nonfinite)
+
+    def _saved_mutation(self, func: Any, t: torch.Tensor, s: Any, key: int | None,
+                        where: Any, grad_mode: str, *, after: bool) -> None:
+        name = self._names.name_of(t, key)
+        try:
+            version = t._version
+        except Exception:
+            version = None
+        vb = (version - 1) if (after and version is not None) else version
+        silent = after and s.alias._version == s.version
+        op = _op_str(func)
+        mutation = Mutation(name, tuple(t.shape), vb, version if after else None, op, where, self.step)
+        assert self._saved is not None
+        self._saved.mark(s, mutation)
+        if silent:
+            msg = (f"`{name}` was written in place by {op} through an alias with its own version "
+                   "counter (.data/.detach()) while a pending graph saved it: torch cannot detect "
+                   "this, backward will silently use the new values")
+            vb = va = None
+        else:
+            msg = (f"`{name}` is modified in place by {op} while a graph that has not run backward "
+                   f"yet saved it at version {s.version}: backward through that graph will fail "
+                   "(or use the new values)")
+            va = version if after else None
+        self._anomaly(
+            Raw(K.SAVED_TENSOR_MUTATED, op, name, tuple(t.shape), t.dtype, t.device, vb, va,
+                grad_mode, None, where, self.step, msg, saved_tensor.HINT),
+        )
+
+    def _data_set(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        t = args[0] if args else None
+        if not isinstance(t, _Tensor) or "mode" in self._failed:
+            return func(*args, **kwargs)
+        name = self._names.param_name(t)
+        tracked = name is not None or t.requires_grad
+        try:
+            vb = t._version
+        except Exception:
+            vb = None
+        out = func(*args, **kwargs)
+        if tracked and self._user_step_depth == 0:
+            try:
+                va = t._version
+            except Exception:
+                va = None
+            mode = "inference_mode" if _inference_enabled() else (
+                "enabled" if _grad_enabled() else "no_grad")
+            self._record(Raw(K.INPLACE_NO_GRAD, "data.__set__", name, tuple(t.shape), t.dtype,
+                             t.device, vb, va, mode, None, caller(2), self.step))
+            if name is not None:
+                self._names._add(name, t, param=True)
+        return out
+
+    # ------------------------------------------------------------------ grad flow
+    def _cut(self, func: Any, source: torch.Tensor, out: torch.Tensor) -> None:
+        name = self._names.param_name(source)
+        cut = Cut(_op_str(func), out, source, name or describe(source), caller(3), self.step)
+        st = self._acc.get(source)
+        cut.trained = bool(st is not None and (st.trained or st.optimized))
+        self._cuts.add(cut, source, watch_source=True)
+
+    def _detached(self, func: Any, source: torch.Tensor, out: Any) -> None:
+        import sys as _sys
+
+        frame = _sys._getframe(3)
+        if frame is None or is_internal(frame.f_code):
+            return
+        if isinstance(out, _Tensor):
+            name = self._names.param_name(source)
+            op = "detach" if getattr(func, "__name__", "") == "detach" else ".data"
+            cut = Cut(op, out, source, name or describe(source), (frame.f_code, frame.f_lineno),
+                      self.step)
+            self._cuts.add(cut, source, watch_source=False)
+
+    def _raise_replaced(self) -> None:
+        for cut in self._cuts.take_replaced():
+            r = cut.result()
+            self._anomaly(Raw(
+                K.GRAD_FLOW_CUT, cut.op, cut.source_name, cut.shape,
+                r.dtype if r is not None else None, r.device if r is not None else None,
+                None, None, "no_grad", None, cut.where, self.step,
+                f"`{cut.source_name}` was trained but has been replaced by a tensor computed "
+                f"from it under no_grad ({cut.op}); the new tensor does not require grad and "
+                "will never be trained",
+                grad_flow.HINT_REBIND,
+            ))
+
+    # ------------------------------------------------------------------ accumulation
+    def _hook_leaf(self, p: torch.Tensor) -> None:
+        if id(p) in self._hooked or not p.requires_grad or not p.is_leaf:
+            return
+        try:
+            h = p.register_post_accumulate_grad_hook(self._on_accumulated)
+        except Exception:
+            return
+        self._hooked.add(id(p))
+        self._hook_handles.append(h)
+        if self._entered or self._installed._undo:
+            self._installed.add(h.remove)
+        weakref.finalize(p, self._hooked.discard, id(p))
+
+    def _on_accumulated(self, p: torch.Tensor) -> None:
+        if self.suspended and self._closed or "accumulation" in self._failed:
+            return
+        t0 = time.perf_counter()
+        try:
+            with torch._C.DisableTorchFunction():
+                finding = self._acc.accumulated(p, self._backward_where)
+                self._cuts.source_trained(p)
+                self._record(Raw(K.GRAD_ACCUMULATED, "backward", self._names.param_name(p),
+                                 tuple(p.shape), p.dtype, p.device, None, None, "enabled", None,
+                                 self._backward_where, self.step))
+                if finding is not None:
+                    self._stale(finding[1], self._backward_where, p)
+        except AnomalyError:
+            raise
+        except Exception as exc:
+            self._fail("accumulation", exc)
+        self._busy += time.perf_counter() - t0
+
+    def _leaf_name(self, p: torch.Tensor | None) -> str:
+        if p is None:
+            return "tensor"
+        return self._names.param_name(p) or describe(p)
+
+    def _stale(self, st: acc_mod.LeafState, where: Any, p: torch.Tensor | None = None) -> None:
+        p = p if p is not None else st.leaf()
+        name = self._leaf_name(p)
+        self._anomaly(Raw(
+            K.STALE_GRAD_ACCUMULATION, "backward", f"{name}.grad" if False else name,
+            tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
+            p.device if p is not None else None, None, None, "enabled", None, where, self.step,
+            f"`{name}.grad` now sums gradients taken at different versions of `{name}` (it "
+            "changed between two backward passes and .grad was not zeroed)",
+            acc_mod.HINT_STALE,
+        ))
+
+    def _grad_read(self, p: Any) -> None:
+        if not isinstance(p, _Tensor):
+            return
+        st = self._acc.leaves.get(id(p))
+        if st is None or st.accum == 0 or st.read:
+            return
+        frame = sys._getframe(3)
+        while frame is not None and frame.f_code.co_filename == __file__:
+            frame = frame.f_back
+        if frame is not None and not is_internal(frame.f_code):
+            self._acc.grad_read(p)
+
+    def _grad_replaced(self, p: Any, value: Any) -> None:
+        if not isinstance(p, _Tensor):
+            return
+        st = self._acc.get(p)
+        if st is None:
+            return
+        old = p.grad
+        if old is None or value is old:
+            return
+        self._grad_zeroing(st, old, caller(3), "grad = None" if value is None else "grad =")
+
+    def _grad_zeroing(self, st: acc_mod.LeafState, grad: torch.Tensor, where: Any, op: Any) -> None:
+        if not self._acc.resetting(st) or self._acc_off:
+            return
+        if not finite_nonzero(grad):
+            return
+        p = st.leaf()
+        name = self._leaf_name(p)
+        self._anomaly(Raw(
+            K.ACCUMULATED_GRAD_DISCARDED, op if isinstance(op, str) else _op_str(op),
+            f"{name}.grad", tuple(grad.shape), grad.dtype, grad.device, None, None,
+            "no_grad" if not _grad_enabled() else "enabled", None, where, self.step,
+            f"`{name}.grad` held {st.accum} accumulated gradient(s) that no optimizer step used; "
+            "they are discarded here",
+            acc_mod.HINT_DISCARDED,
+        ))
+
+    def _wrap_zero_grad(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if not self.suspended and not self._acc_off and instance is not None:
+            t0 = time.perf_counter()
+            try:
+                with torch._C.DisableTorchFunction():
+                    self._zero_grad_check(instance)
+            except AnomalyError:
+                raise
+            except Exception as exc:
+                self._fail("accumulation", exc)
+            self._busy += time.perf_counter() - t0
+        return wrapped(*args, **kwargs)
+
+    def _zero_grad_check(self, owner: Any) -> None:
+        if isinstance(owner, torch.optim.Optimizer):
+            params = [p for g in owner.param_groups for p in g["params"]]
+        elif isinstance(owner, torch.nn.Module):
+            params = list(owner.parameters())
+        else:
+            return
+        where = None
+        leaves = self._acc.leaves
+        for p in params:
+            st = leaves.get(id(p))
+            if st is None or st.leaf() is not p or p.grad is None:
+                continue
+            if where is None:
+                where = caller(4)
+            self._grad_zeroing(st, p.grad, where, "zero_grad")
+
+    # ------------------------------------------------------------------ module discovery
+    def _on_module_call(self, module: torch.nn.Module, args: Any) -> None:
+        if self.suspended or self._names.knows_module(module):
+            return
+        try:
+            with torch._C.DisableTorchFunction():
+                for p in self._names.add_module(module):
+                    self._hook_leaf(p)
+        except Exception as exc:
+            self._fail("naming", exc)
+
+    # ------------------------------------------------------------------ optimizer hooks
+    def _optimizer_info(self, opt: torch.optim.Optimizer) -> _OptimizerInfo:
+        info = self._optimizers.get(opt)
+        if info is None:
+            index = len(self._optimizers)
+            step = inspect.unwrap(type(opt).step)
+            code = getattr(step, "__code__", None)
+            foreign = code is None or is_internal(code) or _is_library(code.co_filename)
+            info = _OptimizerInfo(foreign, index, f"{type(opt).__name__}")
+            self._optimizers[opt] = info
+            for p in self._names.add_optimizer(opt):
+                self._hook_leaf(p)
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    self._hook_leaf(p)
+                    st = self._acc.state(p)
+                    st.optimized = True
+                    entry = self._cuts._watching.get(id(p))
+                    if entry is not None:
+                        entry[1].trained = True
+        return info
+
+    def _on_step_pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
+        if self._closed:
+            return None
+        t0 = time.perf_counter()
+        result = None
+        try:
+            with torch._C.DisableTorchFunction():
+                self.suspended = False
+                info = self._optimizer_info(opt)
+                where = caller(2)
+                state = {"where": where, "info": info, "samples": None, "updated": False}
+                self._step_state[id(opt)] = state
+                closure = args[1] if len(args) > 1 else kwargs.get("closure")
+                if closure is not None:
+                    result = self._wrap_closure(opt, state, args, kwargs, closure)
+                else:
+                    self._about_to_update(opt, state)
+        except AnomalyError:
+            self._busy += time.perf_counter() - t0
+            raise
+        except Exception as exc:
+            self._fail("optimizer hooks", exc)
+            return None
+        if info.foreign:
+            self.suspended = True
+        else:
+            self._user_step_depth += 1
+        self._busy += time.perf_counter() - t0
+        return result
+
+    def _wrap_closure(self, opt: Any, state: dict, args: tuple, kwargs: dict, closure: Callable) -> Any:
+        session = self
+
+        def closure_watched(*a: Any, **k: Any) -> Any:
+            suspended, depth = session.suspended, session._user_step_depth
+            session.suspended = False
+            session._user_step_depth = 0
+            try:
+                out = closure(*a, **k)
+            finally:
+                session.suspended, session._user_step_depth = suspended, depth
+            if not state["updated"]:
+                with torch._C.DisableTorchFunction():
+                    session._guard("optimizer hooks", session._about_to_update, opt, state)
+            return out
+
+        if len(args) > 1:
+            return (args[0], closure_watched, *args[2:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["closure"] = closure_watched
+        return args, kwargs
+
+    def _about_to_update(self, opt: torch.optim.Optimizer, state: dict) -> None:
+        """Right before the optimizer writes: saved-tensor, stale and consumption checks."""
+        state["updated"] = True
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        state["params"] = params
+        saved = self._saved
+        where = state["where"]
+        for p in params:
+            if saved:
+                s = saved.pending(storage_key(p))
+                if s is not None:
+                    self._saved_mutation("optimizer.step", p, s, storage_key(p), where,
+                                         "no_grad", after=False)
+            due = self._acc.stepped(p)
+            if due is not None:
+                w = due.stale_where
+                due.stale_where = None
+                self._stale(due, w, p)
+        state["versions"] = [_version(p) for p in params]
+        if self.step % self.config.stats_every == 0:
+            state["samples"] = [_sample(p) for p in params]
+
+    def _on_step_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._closed:
+            return
+        t0 = time.perf_counter()
+        state = self._step_state.pop(id(opt), None)
+        info = self._optimizers.get(opt)
+        if info is not None and not info.foreign:
+            self._user_step_depth = max(0, self._user_step_depth - 1)
+        self.suspended = False
+        if state is None or info is None:
+            return
+        try:
+            with torch._C.DisableTorchFunction():
+                self._after_update(opt, info, state)
+        except AnomalyError:
+            raise
+        except Exception as exc:
+            self._fail("optimizer hooks", exc)
+        self._busy += time.perf_counter() - t0
+        self._guard("flush", self._step_boundary)
+
+    def _after_update(self, opt: Any, info: _OptimizerInfo, state: dict) -> None:
+        params = state.get("params") or []
+        versions = state.get("versions") or []
+        where = state["where"]
+        step = self.step
+        self._recent_steps.append(
+            (where, step, [(id(p), vb) for p, vb in zip(params, versions)])
+        )
+        change = None
+        ratios = None
+        samples = state.get("samples")
+        if samples is not None and params:
+            before = [s for s in samples]
+            after = [_sample(p) for p in params]
+            deltas = torch._foreach_sub(after, before)
+            dn = torch.stack([d.float() for d in torch._foreach_norm(deltas)])
+            wn = torch.stack([w.float() for w in torch._foreach_norm(before)])
+            ratio = dn / wn.clamp_min(1e-12)
+            names = [self._names.param_name(p) or f"{info.name}{info.index}.param{i}"
+                     for i, p in enumerate(params)]
+            ratios = (names, ratio)
+            total_delta = dn.square().sum().sqrt()
+            total_w = wn.square().sum().sqrt()
+            nonfin = ~torch.isfinite(dn).all()
+            change = torch.stack([total_delta, total_delta / total_w.clamp_min(1e-12),
+                                  dn.max(), nonfin.float()])
+            if self.config.check_nonfinite:
+                flags = max_abs([p.detach() for p in params if checkable(p)])
+                before_flags = max_abs([s for s, p in zip(before, params) if checkable(p)])
+                raws = [
+                    Raw(K.NONFINITE_INTRODUCED, "optimizer.step", self._names.param_name(p),
+                        tuple(p.shape), p.dtype, p.device, vb, _version(p), "no_grad", None,
+                        where, step)
+                    for p, vb in zip(params, versions) if checkable(p)
+                ]
+                self._nonfinite.queue(before_flags, flags, raws)
+        self._step += 1
+        self._record(Raw(K.OPTIMIZER_UPDATE, "optimizer.step", f"{info.name}{info.index}", None,
+                         None, None, None, None, "no_grad", change, where, step,
+                         f"{info.name} updated {len(params)} parameter(s)", "", ratios))
+
+    # ------------------------------------------------------------------ saved tensors hooks
+    def _pack(self, t: torch.Tensor) -> Any:
+        saved = self._saved
+        if saved is None or "saved tensors" in self._failed:
+            return t
+        try:
+            return saved.pack(t)
+        except Exception as exc:
+            self._fail("saved tensors", exc)
+            return t
+
+    def _unpack(self, s: Any) -> torch.Tensor:
+        saved = self._saved
+        if saved is None:
+            if isinstance(s, _Tensor):
+                return s
+            return s.alias  # closed while a graph was pending: hand back the tensor
+        return saved.unpack(s)
+
+    # ------------------------------------------------------------------ backward
+    def _wrap_backward(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if self._closed:
+            return wrapped(*args, **kwargs)
+        roots = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
+        if isinstance(roots, _Tensor):
+            roots = (roots,)
+        roots = tuple(r for r in (roots or ()) if isinstance(r, _Tensor))
+        self._guard("backward", self._before_backward, roots)
+        try:
+            return wrapped(*args, **kwargs)
+        except RuntimeError as exc:
+            self._guard("backward", self._annotate, exc, roots)
+            raise
+        finally:
+            self._backward_where = None
+
+    def _before_backward(self, roots: tuple) -> None:
+        t0 = time.perf_counter()
+        self.suspended = False
+        self._user_step_depth = 0
+        self._backward_where = caller(3)
+        if self._discover_leaves > 0 and roots:
+            with torch._C.DisableTorchFunction():
+                new = self._discover(roots)
+            self._discover_leaves = 8 if new else self._discover_leaves - 1
+        if self._nonfinite.pending:
+            self._nonfinite.resolve(self._report_nonfinite)
+        self._raise_replaced()
+        self._busy += time.perf_counter() - t0
+
+    def _discover(self, roots: tuple, limit: int = 20000) -> bool:
+        """Find leaves of this graph not yet hooked (plain tensors with requires_grad)."""
+        seen: set[int] = set()
+        stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+        found = False
+        while stack and len(seen) < limit:
+            fn = stack.pop()
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            var = getattr(fn, "variable", None)
+            if isinstance(var, _Tensor):
+                if id(var) not in self._hooked:
+                    self._names.add_leaf(var)
+                    self._hook_leaf(var)
+                    found = True
+                continue
+            stack.extend(nf for nf, _ in fn.next_functions if nf is not None)
+        return found
+
+    def _annotate(self, exc: RuntimeError, roots: tuple) -> None:
+        if saved_tensor.is_version_error(exc):
+            mutation = getattr(exc, "_gradwatch_mutation", None) or self._explain_version(str(exc))
+            exc.add_note(saved_tensor.note_text(mutation))
+            if mutation is not None and getattr(exc, "_gradwatch_mutation", None) is None:
+                self._anomaly(Raw(
+                    K.SAVED_TENSOR_MUTATED, mutation.op, mutation.name, mutation.shape, None, None,
+                    mutation.version_before, mutation.version_after, "no_grad", None,
+                    mutation.where, mutation.step,
+                    f"`{mutation.name}` was modified in place after a graph saved it; backward "
+                    "failed on it", saved_tensor.HINT,
+                ), raise_now=False)
+        elif grad_flow.is_no_grad_root_error(exc):
+            cut = self._cuts.explain(roots)
+            if cut is not None:
+                exc.add_note(
+                    f"gradwatch: the gradient was cut at {location_of(cut.where)}"
+                    f" (`{_code(cut.where)}`): {cut.describe()}. Fix: {grad_flow.HINT_ROOT}."
+                )
+                r = cut.result()
+                self._anomaly(Raw(
+                    K.GRAD_FLOW_CUT, cut.op, cut.source_name, cut.shape,
+                    r.dtype if r is not None else None, r.device if r is not None else None,
+                    None, None, "no_grad", None, cut.where, self.step,
+                    f"{cut.describe()}; backward was then called on a result without grad",
+                    grad_flow.HINT_ROOT,
+                ), raise_now=False)
+            elif self._no_grad_regions:
+                where, _ = self._no_grad_regions[-1]
+                exc.add_note(
+                    f"gradwatch: the loss does not require grad; the last no_grad block was "
+                    f"entered at {location_of(where)} (`{_code(where)}`). Fix: {grad_flow.HINT_ROOT}."
+                )
+                self._anomaly(Raw(
+                    K.GRAD_FLOW_CUT, "no_grad", describe(roots[0]) if roots else "loss",
+                    tuple(roots[0].shape) if roots else None, None, None, None, None,
+                    "no_grad", None, where, self.step,
+                    "backward was called on a tensor computed without grad", grad_flow.HINT_ROOT,
+                ), raise_now=False)
+
+    def _explain_version(self, message: str) -> Mutation | None:
+        m = self._recent.note_for(message)
+        parsed = saved_tensor.parse_version_error(message)
+        if parsed is None:
+            return m
+        shape, now, expected = parsed
+        if m is not None and m.version_before == expected:
+            return m
+        for where, step, entries in reversed(self._recent_steps):
+            for pid, vb in entries:
+                name = None
+                entry = self._names._params.get(pid)
+                p = entry[1]() if entry else None
+                if p is None or tuple(p.shape) != shape or vb != expected:
+                    continue
+                name = entry[0]
+                return Mutation(name, shape, vb, vb + 1, "optimizer.step", where, step)
+        return m
+
+    # ------------------------------------------------------------------ nonfinite
+    def _report_nonfinite(self, raw: Raw) -> None:
+        name = raw.name or describe_raw(raw)
+        if name in self._nonfinite.reported:
+            return
+        self._nonfinite.reported.add(name)
+        op = raw.op if isinstance(raw.op, str) else _op_str(raw.op)
+        self._anomaly(raw._replace(
+            kind=K.NONFINITE_INTRODUCED, change=None,
+            message=f"{op} wrote NaN/Inf into `{name}`, which was finite before",
+            hint=nonfinite.HINT,
+        ))
+
+
+def describe_raw(raw: Raw) -> str:
+    from ._records import describe_shape
+
+    return describe_shape(raw.shape, raw.dtype)
+
+
+def _op_str(func: Any) -> str:
+    from ._records import _op
+
+    return _op(func)
+
+
+def _code(where: Any) -> str:
+    loc = location_of(where)
+    return loc.code if loc else ""
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except Exception:
+        return None
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """A copy of at most ``_SAMPLE`` evenly strided elements of ``t`` (the whole tensor if small)."""
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    if n > _SAMPLE:
+        flat = flat[:: -(-n // _SAMPLE)]
+    return flat.clone()
+
+
+def _change(before: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    if not (t.is_floating_point() or t.is_complex()) or before.numel() == 0:
+        return None
+    after = _sample(t)
+    if after.shape != before.shape:
+        return None
+    delta = (after - before).abs().float()
+    l2 = delta.norm()
+    ref = before.abs().float().norm()
+    return torch.stack([l2, l2 / ref.clamp_min(1e-12), delta.max(),
+                        (~torch.isfinite(after).all()).float()])
+
+
+def _is_library(filename: str) -> bool:
+    return ("site-packages" in filename or "dist-packages" in filename
+            or filename.startswith(sys.prefix + os.sep + "lib"))
+
+
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except Exception:
+        pass
+    for var in ("RANK", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _world() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+    except Exception:
+        pass
+    ws = os.environ.get("WORLD_SIZE", "")
+    return int(ws) if ws.isdigit() else 1
