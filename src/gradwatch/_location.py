@@ -48,9 +48,9 @@ def is_internal(code: CodeType) -> bool:
 
 
 def user_frame(depth: int = 1) -> FrameType | None:
-    """The innermost frame of user code above the caller (``None`` if there is none)."""
+    """The innermost frame of user code, skipping ``depth`` frames, then every internal one."""
     try:
-        frame: FrameType | None = sys._getframe(depth + 1)
+        frame: FrameType | None = sys._getframe(depth)
     except ValueError:
         return None
     internal = _internal
@@ -65,8 +65,9 @@ def user_frame(depth: int = 1) -> FrameType | None:
 
 
 def caller(depth: int = 1) -> tuple[CodeType, int] | None:
-    """``(code, lineno)`` of the user's line: cheap, holds no frame."""
-    frame = user_frame(depth + 1)
+    """``(code, lineno)`` of the user's line: cheap, holds no frame. gradwatch's own frames are
+    internal, so callers inside gradwatch need not count their depth."""
+    frame = user_frame(2)
     if frame is None:
         return None
     return frame.f_code, frame.f_lineno
@@ -79,3 +80,16 @@ def location_of(where: tuple[CodeType, int] | None) -> Location | None:
     code, lineno = where
     line = linecache.getline(code.co_filename, lineno).strip()
     return Location(code.co_filename, lineno, code.co_qualname if hasattr(code, "co_qualname") else code.co_name, line)
+
+
+def local_name(frame: FrameType | None, obj: object) -> str | None:
+    """The name a user frame binds ``obj`` to (used on rare paths only: an O(locals) scan)."""
+    if frame is None:
+        return None
+    try:
+        for name, value in frame.f_locals.items():
+            if value is obj and not name.startswith("_"):
+                return name
+    except Exception:
+        return None
+    return None

@@ -44,10 +44,13 @@ class TensorNames:
         for name, p in module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=True):
             if id(p) not in self._params:
                 new.append(p)
-            self._add(prefix_fix(name), p, param=True)
+                self._add(name, p, param=True)
         for name, b in module.named_buffers(prefix=prefix.rstrip("."), remove_duplicate=True):
-            self._add(prefix_fix(name), b)
+            self._add(name, b)
         return new
+
+    def has_roots(self) -> bool:
+        return len(self._known_modules) > 0
 
     def knows_module(self, module: torch.nn.Module) -> bool:
         return module in self._known_modules
@@ -67,7 +70,7 @@ class TensorNames:
     def add_leaf(self, t: torch.Tensor) -> None:
         """Remember a plain leaf tensor (no name) so its ``.grad`` can be recognised."""
         if id(t) not in self._params:
-            self._params[id(t)] = (describe(t), weakref.ref(t))
+            self._params[id(t)] = (None, weakref.ref(t))  # type: ignore[assignment]
 
     def add_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         for p, state in list(optimizer.state.items()):
@@ -90,7 +93,7 @@ class TensorNames:
     def params(self) -> Iterable[tuple[str, torch.Tensor]]:
         for name, ref in list(self._params.values()):
             p = ref()
-            if p is not None:
+            if p is not None and name is not None:
                 yield name, p
 
     def has_storage(self, key: int | None) -> bool:
@@ -124,6 +127,8 @@ class TensorNames:
     def _grad_name(self, key: int) -> str | None:
         for name, ref in list(self._params.values()):
             p = ref()
+            if name is None:
+                continue
             g = None if p is None else p.grad
             if g is not None and storage_key(g) == key:
                 return f"{name}.grad"
@@ -138,6 +143,3 @@ class TensorNames:
             if ref() is None:
                 del self._params[key]
 
-
-def prefix_fix(name: str) -> str:
-    return name

@@ -8,9 +8,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._location import location_of
-from ._naming import describe
 from ._intercept.ops import op_name
+from ._location import location_of
 from .events import SEVERITY, Change, Event, EventKind
 
 __all__ = ["Raw", "RecordBuffer", "build_event"]

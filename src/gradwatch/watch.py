@@ -20,7 +20,7 @@ import torch
 from ._intercept.hooks import Installed
 from ._intercept.mode import WatchMode
 from ._intercept.ops import Action
-from ._location import caller, is_internal, location_of
+from ._location import caller, is_internal, local_name, location_of, user_frame
 from ._naming import TensorNames, describe, storage_key
 from ._records import Raw, RecordBuffer, build_event
 from .config import Config, iter_named
@@ -467,6 +467,11 @@ class Watch:
             return func(*args, **kwargs)
         if action == Action.DATA_SET:
             return self._data_set(func, args, kwargs)
+        if action == Action.EMBEDDING:
+            if kwargs.get("max_norm") is not None and len(args) > 1 and isinstance(args[1], _Tensor):
+                return self._write(torch.embedding_renorm_, (args[1],), args, kwargs,
+                                   grad_mode="no_grad", run=func)
+            return func(*args, **kwargs)
         if action == Action.DETACH:
             out = func(*args, **kwargs)
             if args and isinstance(args[0], _Tensor) and args[0].requires_grad:
@@ -509,8 +514,9 @@ class Watch:
 
     # ------------------------------------------------------------------ in-place writes
     def _write(self, func: Any, targets: tuple, args: tuple, kwargs: dict,
-               grad_mode: str | None = None) -> Any:
-        """Observe an in-place write: checks before, the op, records after."""
+               grad_mode: str | None = None, run: Any = None) -> Any:
+        """Observe an in-place write by ``func`` (the op run is ``run`` if given): checks before,
+        the op, records after."""
         pre = None
         if "mode" not in self._failed:
             t0 = time.perf_counter()
@@ -521,7 +527,7 @@ class Watch:
             except Exception as exc:
                 self._fail("mode", exc)
             self._busy += time.perf_counter() - t0
-        out = func(*args, **kwargs)
+        out = (run or func)(*args, **kwargs)
         if pre is not None:
             t0 = time.perf_counter()
             try:
@@ -534,7 +540,7 @@ class Watch:
         return out
 
     def _before_write(self, func: Any, targets: tuple, grad_mode: str | None) -> Any:
-        grad_on = _grad_enabled()
+        grad_on = _grad_enabled() if grad_mode is None else grad_mode == "enabled"
         if grad_mode is None:
             if _inference_enabled():
                 grad_mode = "inference_mode"
@@ -646,11 +652,13 @@ class Watch:
         except Exception:
             version = None
         vb = (version - 1) if (after and version is not None) else version
-        silent = after and s.alias._version == s.version
+        first = s[0]
+        silent = after and first.alias._version == first.version
         op = _op_str(func)
         mutation = Mutation(name, tuple(t.shape), vb, version if after else None, op, where, self.step)
-        assert self._saved is not None
-        self._saved.mark(s, mutation)
+        if self._saved is not None:
+            self._saved.mark(s, mutation)
+        self._recent.recent.append(mutation)
         if silent:
             msg = (f"`{name}` was written in place by {op} through an alias with its own version "
                    "counter (.data/.detach()) while a pending graph saved it: torch cannot detect "
@@ -658,7 +666,7 @@ class Watch:
             vb = va = None
         else:
             msg = (f"`{name}` is modified in place by {op} while a graph that has not run backward "
-                   f"yet saved it at version {s.version}: backward through that graph will fail "
+                   f"yet saved it at version {first.version}: backward through that graph will fail "
                    "(or use the new values)")
             va = version if after else None
         self._anomaly(
@@ -693,7 +701,10 @@ class Watch:
     # ------------------------------------------------------------------ grad flow
     def _cut(self, func: Any, source: torch.Tensor, out: torch.Tensor) -> None:
         name = self._names.param_name(source)
-        cut = Cut(_op_str(func), out, source, name or describe(source), caller(3), self.step)
+        frame = user_frame(2)
+        where = (frame.f_code, frame.f_lineno) if frame is not None else None
+        var = local_name(frame, source)
+        cut = Cut(_op_str(func), out, source, name or describe(source), where, self.step, var)
         st = self._acc.get(source)
         cut.trained = bool(st is not None and (st.trained or st.optimized))
         self._cuts.add(cut, source, watch_source=True)
@@ -718,9 +729,9 @@ class Watch:
                 K.GRAD_FLOW_CUT, cut.op, cut.source_name, cut.shape,
                 r.dtype if r is not None else None, r.device if r is not None else None,
                 None, None, "no_grad", None, cut.where, self.step,
-                f"`{cut.source_name}` was trained but has been replaced by a tensor computed "
-                f"from it under no_grad ({cut.op}); the new tensor does not require grad and "
-                "will never be trained",
+                f"`{cut.var or cut.source_name}` was trained but has been replaced by a tensor "
+                f"computed from it under no_grad ({cut.op}); the new tensor does not require grad "
+                "and will never be trained",
                 grad_flow.HINT_REBIND,
             ))
 
@@ -739,7 +750,7 @@ class Watch:
         weakref.finalize(p, self._hooked.discard, id(p))
 
     def _on_accumulated(self, p: torch.Tensor) -> None:
-        if self.suspended and self._closed or "accumulation" in self._failed:
+        if (self.suspended and self._closed) or "accumulation" in self._failed:
             return
         t0 = time.perf_counter()
         try:
@@ -848,8 +859,12 @@ class Watch:
         if self.suspended or self._names.knows_module(module):
             return
         try:
+            prefix = ""
+            if self._names.has_roots():  # a second model: prefix it by the user's variable name
+                var = local_name(user_frame(2), module)
+                prefix = f"{var or type(module).__name__}."
             with torch._C.DisableTorchFunction():
-                for p in self._names.add_module(module):
+                for p in self._names.add_module(module, prefix):
                     self._hook_leaf(p)
         except Exception as exc:
             self._fail("naming", exc)
@@ -1084,9 +1099,12 @@ class Watch:
 
     def _annotate(self, exc: RuntimeError, roots: tuple) -> None:
         if saved_tensor.is_version_error(exc):
-            mutation = getattr(exc, "_gradwatch_mutation", None) or self._explain_version(str(exc))
+            reported = None
+            if self._saved is not None:
+                reported, self._saved.last_failure = self._saved.last_failure, None
+            mutation = reported or self._explain_version(str(exc))
             exc.add_note(saved_tensor.note_text(mutation))
-            if mutation is not None and getattr(exc, "_gradwatch_mutation", None) is None:
+            if mutation is not None and reported is None:
                 self._anomaly(Raw(
                     K.SAVED_TENSOR_MUTATED, mutation.op, mutation.name, mutation.shape, None, None,
                     mutation.version_before, mutation.version_after, "no_grad", None,
@@ -1097,10 +1115,8 @@ class Watch:
         elif grad_flow.is_no_grad_root_error(exc):
             cut = self._cuts.explain(roots)
             if cut is not None:
-                exc.add_note(
-                    f"gradwatch: the gradient was cut at {location_of(cut.where)}"
-                    f" (`{_code(cut.where)}`): {cut.describe()}. Fix: {grad_flow.HINT_ROOT}."
-                )
+                exc.add_note(f"gradwatch: the gradient was cut here: {cut.describe()}. "
+                             f"Fix: {grad_flow.HINT_ROOT}.")
                 r = cut.result()
                 self._anomaly(Raw(
                     K.GRAD_FLOW_CUT, cut.op, cut.source_name, cut.shape,

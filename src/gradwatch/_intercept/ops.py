@@ -20,6 +20,7 @@ class Action:
     GRAD_SET = 5  # p.grad = ...
     DATA_SET = 6  # p.data = ...
     DETACH = 7  # .detach() / .data read: a tensor cut from the graph
+    EMBEDDING = 8  # F.embedding(max_norm=...) renormalises args[1] in place under no_grad
 
 
 _INPLACE_DUNDERS = frozenset(
@@ -71,6 +72,8 @@ def _classify(func: Any) -> int:
         if attr == "data":
             return Action.DETACH if name == "__get__" else Action.DATA_SET
         return Action.PASS
+    if func is torch.nn.functional.embedding:
+        return Action.EMBEDDING
     if name in _INPLACE_DUNDERS:
         return Action.INPLACE
     if name == "detach":

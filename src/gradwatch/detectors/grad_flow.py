@@ -31,11 +31,12 @@ HINT_ROOT = (
 
 class Cut:
     __slots__ = ("__weakref__", "op", "result", "shape", "source", "source_name", "step",
-                 "trained", "where")
+                 "trained", "var", "where")
 
     def __init__(self, op: str, result: torch.Tensor, source: torch.Tensor, source_name: str,
-                 where: tuple[CodeType, int] | None, step: int) -> None:
+                 where: tuple[CodeType, int] | None, step: int, var: str | None = None) -> None:
         self.op = op
+        self.var = var
         self.result = weakref.ref(result)
         self.source = None
         self.source_name = source_name
@@ -47,7 +48,8 @@ class Cut:
     def describe(self) -> str:
         loc = location_of(self.where)
         place = f"{loc} (`{loc.code}`)" if loc else "an unknown line"
-        return f"{self.op} at {place} made a tensor without grad from `{self.source_name}`"
+        source = f"`{self.var}` ({self.source_name})" if self.var else f"`{self.source_name}`"
+        return f"{self.op} at {place} made a tensor without grad from {source}"
 
 
 class CutTracker:

@@ -79,6 +79,8 @@ class SavedTensorRegistry:
     def __init__(self, recent: int = 256) -> None:
         self._by_storage: dict[int, set[_Ref]] = {}
         self.recent: deque[Mutation] = deque(maxlen=recent)
+        # The autograd engine re-creates exceptions raised in hooks: remember the culprit here.
+        self.last_failure: Mutation | None = None
 
     def __bool__(self) -> bool:
         return bool(self._by_storage)
@@ -111,6 +113,7 @@ class SavedTensorRegistry:
         s.used = True
         alias = s.alias
         if alias._version != s.version:
+            self.last_failure = s.mutated_by
             raise _version_error(alias, s)
         return alias
 
@@ -122,23 +125,28 @@ class SavedTensorRegistry:
                 del self._by_storage[ref.key]
 
     # -- queries ------------------------------------------------------------------------------
-    def pending(self, key: int | None) -> _Saved | None:
-        """An intact saved tensor on this storage whose graph no backward has used yet."""
+    def pending(self, key: int | None) -> list[_Saved] | None:
+        """Intact saved tensors on this storage whose graph no backward has used yet."""
         if key is None:
             return None
         refs = self._by_storage.get(key)
         if not refs:
             return None
+        found = None
         for ref in tuple(refs):
             s = ref()
             if s is not None and not s.used and s.alias._version == s.version:
-                return s
-        return None
+                if found is None:
+                    found = [s]
+                else:
+                    found.append(s)
+        return found
 
-    def mark(self, s: _Saved, mutation: Mutation) -> None:
-        """Remember who mutated ``s`` so the unpack error can name it."""
-        if s.mutated_by is None:
-            s.mutated_by = mutation
+    def mark(self, saved: list[_Saved], mutation: Mutation) -> None:
+        """Remember who mutated them so the unpack error can name it."""
+        for s in saved:
+            if s.mutated_by is None:
+                s.mutated_by = mutation
 
     def note_for(self, message: str) -> Mutation | None:
         """The recorded mutation that explains torch's version error ``message``."""
@@ -169,13 +177,15 @@ def _version_error(alias: torch.Tensor, s: _Saved) -> RuntimeError:
         f"operation: [{kind} [{shape}]], is at version {alias._version}; expected version "
         f"{s.version} instead. Hint: the gradwatch note below names the line that modified it."
     )
-    err._gradwatch_mutation = s.mutated_by  # type: ignore[attr-defined]
     return err
 
 
 def note_text(m: Mutation | None, *, fallback: str = "") -> str:
     if m is None:
-        return "gradwatch: " + (fallback or "no in-place write to a tensor of this shape was seen")
+        return "gradwatch: " + (fallback or (
+            "no in-place write to a tensor of this shape and version was seen: it happened where "
+            "gradwatch cannot look (a C++ kernel, another thread, a compiled region) or before "
+            "watch() started"))
     return f"gradwatch: {m.describe()} after a pending graph saved it for backward. Fix: {HINT}."
 
 
