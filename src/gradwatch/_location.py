@@ -79,7 +79,8 @@ def location_of(where: tuple[CodeType, int] | None) -> Location | None:
         return None
     code, lineno = where
     line = linecache.getline(code.co_filename, lineno).strip()
-    return Location(code.co_filename, lineno, code.co_qualname if hasattr(code, "co_qualname") else code.co_name, line)
+    function = getattr(code, "co_qualname", code.co_name)
+    return Location(code.co_filename, lineno, function, line)
 
 
 def local_name(frame: FrameType | None, obj: object) -> str | None:

@@ -542,10 +542,7 @@ class Watch:
     def _before_write(self, func: Any, targets: tuple, grad_mode: str | None) -> Any:
         grad_on = _grad_enabled() if grad_mode is None else grad_mode == "enabled"
         if grad_mode is None:
-            if _inference_enabled():
-                grad_mode = "inference_mode"
-            else:
-                grad_mode = "enabled" if grad_on else "no_grad"
+            grad_mode = "inference_mode" if _inference_enabled() else "enabled" if grad_on else "no_grad"
         saved = self._saved
         in_step = self._user_step_depth > 0
         tracked: list[list[Any]] = []
@@ -1143,7 +1140,7 @@ class Watch:
         parsed = saved_tensor.parse_version_error(message)
         if parsed is None:
             return m
-        shape, now, expected = parsed
+        shape, _now, expected = parsed
         if m is not None and m.version_before == expected:
             return m
         for where, step, entries in reversed(self._recent_steps):

@@ -153,7 +153,7 @@ class SavedTensorRegistry:
         parsed = parse_version_error(message)
         if parsed is None:
             return None
-        shape, now, expected = parsed
+        shape, _now, expected = parsed
         best = None
         for m in reversed(self.recent):
             if m.shape != shape:
