@@ -22,6 +22,7 @@ class Config:
     """Validated watch options. See :func:`gradwatch.watch` for their meaning."""
 
     models: list[torch.nn.Module] = field(default_factory=list)
+    model_names: list[str] = field(default_factory=list)  # prefixes when several models are given
     optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
     log_dir: str | None = None
     writer: Any = None
@@ -98,8 +99,11 @@ def _check_writable_dir(path: str) -> None:
         raise ValueError(f"log_dir {path!r} is not a writable directory")
 
 
-def iter_named(models: Iterable[torch.nn.Module]) -> Iterable[tuple[str, torch.nn.Module]]:
-    """Yield (prefix, module) for each model; several models get ``model0.``, ``model1.`` prefixes."""
+def iter_named(models: Iterable[torch.nn.Module], names: Iterable[str | None] = ()
+               ) -> Iterable[tuple[str, torch.nn.Module]]:
+    """Yield (prefix, module). Several models are prefixed by the caller's variable names
+    (``G.``, ``D.``) where known, else ``model0.``, ``model1.``."""
     models = list(models)
+    names = list(names) + [None] * len(models)
     for i, m in enumerate(models):
-        yield ("" if len(models) == 1 else f"model{i}."), m
+        yield ("" if len(models) == 1 else f"{names[i] or f'model{i}'}."), m

@@ -95,6 +95,9 @@ def watch(
         change_stats=change_stats,
         check_nonfinite=check_nonfinite,
     )
+    if len(cfg.models) > 1:
+        frame = user_frame(1)
+        cfg.model_names = [local_name(frame, m) or f"model{i}" for i, m in enumerate(cfg.models)]
     return Watch(cfg)
 
 
@@ -241,7 +244,7 @@ class Watch:
         cfg = self.config
         self.rank = _rank()
         self._make_sinks()
-        for prefix, m in iter_named(cfg.models):
+        for prefix, m in iter_named(cfg.models, cfg.model_names):
             for p in self._names.add_module(m, prefix):
                 self._hook_leaf(p)
         for opt in cfg.optimizers:
@@ -269,6 +272,8 @@ class Watch:
         inst.add(lambda: atexit.unregister(self.close))
         for h in self._hook_handles:
             inst.add(h.remove)
+        # From here on the watch holds models and optimizers only weakly.
+        cfg.models, cfg.optimizers = [], []
         self.suspended = False
 
     def _uninstall(self) -> None:
@@ -1000,7 +1005,8 @@ class Watch:
             deltas = torch._foreach_sub(after, before)
             dn = torch.stack([d.float() for d in torch._foreach_norm(deltas)])
             wn = torch.stack([w.float() for w in torch._foreach_norm(before)])
-            ratio = dn / wn.clamp_min(1e-12)
+            wn_after = torch.stack([w.float() for w in torch._foreach_norm(after)])
+            ratio = dn / torch.where(wn > 0, wn, wn_after).clamp_min(1e-12)  # a zero-init bias
             names = [self._names.param_name(p) or f"{info.name}{info.index}.param{i}"
                      for i, p in enumerate(params)]
             ratios = (names, ratio)

@@ -1,0 +1,309 @@
+"""The ``gradwatch`` command line (also ``python -m gradwatch``).
+
+Example usage::
+
+    gradwatch run train.py --epochs 3          # run an unmodified script under watch()
+    gradwatch run --log-dir runs/a train.py    # choose where the logs go
+    gradwatch report runs/a                    # table of distinct anomalies; exit 1 on an error
+    gradwatch report runs/ --json              # the same, for machines
+
+Exit status of ``report``: 0 (no anomaly of severity error), 1 (at least one), 2 (the log dir
+is missing or holds no gradwatch data). ``run`` passes the script's own exit status through
+(an uncaught exception gives 1, after the traceback and the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from .events import SEVERITY, SEVERITY_RANK, Event, EventKind
+from .report import ReadError, RunData, load_run
+
+__all__ = ["format_table", "main"]
+
+EXIT_OK = 0
+EXIT_ANOMALY = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradwatch`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command == "report":
+            return _cmd_report(args)
+        return _cmd_run(args)
+    except BrokenPipeError:  # `gradwatch report runs | head`: stop quietly, like cat
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradwatch",
+        description="Name the line that silently corrupts your gradients.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{run,report}")
+    rep = sub.add_parser(
+        "report",
+        help="summarise the anomalies found in a log dir",
+        description="Print the distinct anomalies found in LOGDIR (gradwatch*.jsonl of every "
+        "rank and TensorBoard event files, searched recursively), worst first. Exit status 1 "
+        "when an anomaly of severity error is present, 2 when LOGDIR is missing or holds no "
+        "gradwatch data, else 0.",
+    )
+    rep.add_argument("logdir", help="a log dir written by gradwatch.watch(log_dir=...)")
+    rep.add_argument("--json", action="store_true", help="print one JSON object instead")
+    run = sub.add_parser(
+        "run",
+        help="run a training script under gradwatch.watch()",
+        description="Run an unmodified Python script as __main__ under gradwatch.watch(), then "
+        "print the report. The script's exit status is passed through.",
+    )
+    run.add_argument("--log-dir", default=None,
+                     help="where to write gradwatch.jsonl and TensorBoard event files "
+                     "(default: runs/gradwatch-<timestamp>)")
+    run.add_argument("--level", choices=("full", "light"), default="full",
+                     help="interception level (default: full)")
+    run.add_argument("--on-anomaly", choices=("log", "warn", "raise"), default="log",
+                     help="what to do at an anomaly (default: log)")
+    run.add_argument("script", help="the Python script to run")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    return parser
+
+
+# ------------------------------------------------------------------------------------- report
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        data = load_run(args.logdir)
+    except ReadError as exc:
+        print(f"gradwatch report: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in data.warnings:
+        print(f"gradwatch report: warning: {line}", file=sys.stderr)
+    if not data.found:
+        print(
+            f"gradwatch report: error: no gradwatch data under {args.logdir!r} (looked for "
+            "gradwatch*.jsonl and TensorBoard event files with gradwatch/ tags)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    status = EXIT_ANOMALY if data.has_error else EXIT_OK
+    if args.json:
+        json.dump(_as_json(data, status), sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_table(data.sorted_distinct(), data.counts, title=_title(data)))
+    return status
+
+
+def _title(data: RunData) -> str:
+    runs = len(data.runs)
+    files = len(data.files)
+    return (f"gradwatch report: {data.logdir}  ({runs} run{'s' if runs != 1 else ''}, "
+            f"{files} file{'s' if files != 1 else ''})")
+
+
+def _as_json(data: RunData, status: int) -> dict[str, Any]:
+    return {
+        "logdir": data.logdir,
+        "runs": data.runs,
+        "files": data.files,
+        "status": status,
+        "has_error": data.has_error,
+        "anomalies": [
+            {
+                "run": d["run"],
+                "ranks": d["ranks"],
+                "kind": d["event"].kind.value,
+                "severity": d["event"].severity,
+                "tensor": d["event"].tensor,
+                "where": _where(d["event"], relative=False),
+                "count": d["count"],
+                "first_step": d["first_step"],
+                "last_step": d["last_step"],
+                "event": d["event"].to_dict(),
+            }
+            for d in data.sorted_distinct()
+        ],
+        "counts": dict(sorted(data.counts.items())),
+        "warnings": data.warnings,
+    }
+
+
+def _where(ev: Event, relative: bool = True) -> str:
+    loc = ev.location
+    if loc is None:
+        return "?"
+    name = loc.filename
+    if relative and os.path.isabs(name):
+        try:
+            rel = os.path.relpath(name)
+        except ValueError:  # another drive (Windows)
+            rel = name
+        if not rel.startswith(".."):
+            name = rel
+    return f"{name}:{loc.lineno}"
+
+
+def format_table(distinct: list[dict[str, Any]], counts: dict[str, int], *,
+                 title: str | None = None) -> str:
+    """Render distinct anomalies (already sorted) as a terminal table, then per-row details
+    (source line, hint) and the number of events per kind."""
+    out: list[str] = []
+    if title:
+        out.append(title)
+    n_err = sum(1 for d in distinct if d["event"].severity == "error")
+    n_warn = len(distinct) - n_err
+    if not distinct:
+        out.append("no anomalies")
+    else:
+        noun = "anomaly" if len(distinct) == 1 else "anomalies"
+        out.append(f"{len(distinct)} distinct {noun}: {n_err} error{'s' if n_err != 1 else ''}, "
+                   f"{n_warn} warning{'s' if n_warn != 1 else ''}")
+        show_run = len({d.get("run", ".") for d in distinct}) > 1
+        show_ranks = any(d.get("ranks", [0]) != [0] for d in distinct)
+        header = ["#", "SEVERITY", "KIND", "TENSOR", "FILE:LINE", "COUNT", "FIRST", "LAST"]
+        if show_run:
+            header.append("RUN")
+        if show_ranks:
+            header.append("RANKS")
+        rows = [header]
+        for i, d in enumerate(distinct, 1):
+            ev: Event = d["event"]
+            row = [str(i), ev.severity, ev.kind.value, ev.tensor, _where(ev), str(d["count"]),
+                   str(d["first_step"]), str(d["last_step"])]
+            if show_run:
+                row.append(d.get("run", "."))
+            if show_ranks:
+                row.append(",".join(str(r) for r in d.get("ranks", [0])))
+            rows.append(row)
+        right = {0, 5, 6, 7}
+        widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+        out.append("")
+        for r in rows:
+            cells = [r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c])
+                     for c in range(len(r))]
+            out.append("  ".join(cells).rstrip())
+        out.append("")
+        for i, d in enumerate(distinct, 1):
+            ev = d["event"]
+            out.append(f"{str(i).rjust(widths[0])}  {_where(ev)}  {ev.kind.value} ({ev.severity})")
+            pad = " " * (widths[0] + 2)
+            if ev.location is not None and ev.location.code:
+                out.append(f"{pad}    {ev.location.code}")
+            if ev.message:
+                out.append(f"{pad}{ev.message}")
+            if ev.hint:
+                out.append(f"{pad}hint: {ev.hint}")
+    if counts:
+        out.append("")
+        out.append("events per kind:")
+        width = max(len(k) for k in counts)
+        for kind, n in sorted(counts.items(), key=_kind_order):
+            sev = _severity_of(kind)
+            out.append(f"  {kind.ljust(width)}  {str(n).rjust(7)}  {sev}")
+    return "\n".join(out) + "\n"
+
+
+def _severity_of(kind: str) -> str:
+    try:
+        return SEVERITY[EventKind(kind)]
+    except ValueError:
+        return "?"
+
+
+def _kind_order(item: tuple[str, int]) -> tuple[int, str]:
+    sev = _severity_of(item[0])
+    return (-SEVERITY_RANK.get(sev, -1), item[0])
+
+
+# ---------------------------------------------------------------------------------------- run
+def _cmd_run(args: argparse.Namespace) -> int:
+    script = args.script
+    if not os.path.isfile(script):
+        print(f"gradwatch run: error: cannot find script {script!r}", file=sys.stderr)
+        return EXIT_USAGE
+    log_dir = args.log_dir or os.path.join(
+        "runs", "gradwatch-" + time.strftime("%Y%m%d-%H%M%S")
+    )
+    from . import watch
+
+    try:
+        w = watch(log_dir=log_dir, level=args.level, on_anomaly=args.on_anomaly)
+    except (ValueError, TypeError) as exc:
+        print(f"gradwatch run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    status = _run_script(w, script, list(args.args))
+    _print_run_report(w, log_dir, sys.stderr if status else sys.stdout)
+    return status
+
+
+def _run_script(w: Any, script: str, script_args: list[str]) -> int:
+    """Run ``script`` as ``__main__`` under ``w``; return its exit status."""
+    path = os.path.abspath(script)
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    sys.argv = [script, *script_args]
+    sys.path.insert(0, os.path.dirname(path))
+    status = EXIT_OK
+    try:
+        with w:
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as exc:
+        status = _exit_code(exc.code)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        status = 130
+    except BaseException:
+        # The script's own traceback; gradwatch's diagnosis is in the exception's notes.
+        etype, value, tb = sys.exc_info()
+        # Drop our frames (this function and runpy) so the traceback starts in the script.
+        while tb is not None and not _is_script_frame(tb, path):
+            tb = tb.tb_next
+        traceback.print_exception(etype, value, tb)
+        status = 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        sys.stdout.flush()
+    return status
+
+
+def _is_script_frame(tb: Any, path: str) -> bool:
+    return os.path.abspath(tb.tb_frame.f_code.co_filename) == path
+
+
+def _exit_code(code: Any) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)  # sys.exit("message") prints it and exits 1, like python
+    return 1
+
+
+def _print_run_report(w: Any, log_dir: str, stream: TextIO) -> None:
+    try:
+        distinct = sorted(
+            [{**d, "run": ".", "ranks": [d["event"].rank]} for d in w.distinct_anomalies()],
+            key=lambda d: (-SEVERITY_RANK[d["event"].severity], -d["count"], d["first_step"]),
+        )
+        text = format_table(distinct, w.counts, title="gradwatch: report")
+    except Exception as exc:  # never hide the script's own outcome behind ours
+        text = f"gradwatch: could not build the report ({type(exc).__name__}: {exc})\n"
+    stream.write("\n" + text)
+    stream.write(f"logs: {log_dir}  (gradwatch report {log_dir}; "
+                 f"tensorboard --logdir {log_dir})\n")
+    stream.flush()

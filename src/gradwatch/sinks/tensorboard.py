@@ -1,0 +1,292 @@
+"""TensorBoard output: per-step counts, anomaly reports as text, update ratios, a layout.
+
+The tag layout is described in ``docs/INTERNALS.md`` (all tags under ``gradwatch/``). TensorBoard
+itself is imported only when the first writer is created, so importing gradwatch stays cheap.
+
+Example usage::
+
+    sink = TensorBoardSink(log_dir="runs/exp1")            # our own SummaryWriter
+    sink = TensorBoardSink(writer=logger.experiment)      # an existing one (never closed by us)
+    w = Watch(Config.build(model, opt), sinks=[sink])
+
+Known limitations:
+    - With ``every_n_steps > 1`` the counts written at a logged step cover every step since the
+      previous logged step (nothing is lost between logged steps), and ``overhead_ms`` is their
+      mean per step. Anomaly texts are written at once, whatever the cadence.
+    - The custom-scalars layout is a single summary per run: a layout written by someone else
+      into the same writer replaces ours (or ours replaces theirs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Any
+
+from ..events import SEVERITY, Event, EventKind
+from . import Sink, StepSummary
+
+__all__ = ["ANOMALY_KINDS", "KINDS", "TensorBoardSink", "layout", "rank_log_dir"]
+
+PREFIX = "gradwatch/"
+KINDS: tuple[str, ...] = tuple(k.value for k in EventKind)
+ANOMALY_KINDS: tuple[str, ...] = tuple(k.value for k in EventKind if SEVERITY[k] != "info")
+_COUNT_TAGS = {k: f"{PREFIX}count/{k}" for k in KINDS}
+
+
+def rank_log_dir(log_dir: str, rank: int, world: int) -> str:
+    """Where rank ``rank`` writes its own TensorBoard run (``<log_dir>/rank{R}`` for R > 0)."""
+    return log_dir if rank == 0 or world <= 1 else os.path.join(log_dir, f"rank{rank}")
+
+
+def layout() -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars layout: one "gradwatch" category."""
+    return {
+        "gradwatch": {
+            "anomalies per step": [
+                "Multiline", [f"{PREFIX}anomalies", *(_COUNT_TAGS[k] for k in ANOMALY_KINDS)],
+            ],
+            "events per step": [
+                "Multiline", [_COUNT_TAGS[k] for k in KINDS if k not in ANOMALY_KINDS],
+            ],
+            "update/weight ratio": [
+                "Multiline", [f"{PREFIX}update_ratio/{s}" for s in ("max", "median", "min")],
+            ],
+            "gradwatch overhead (ms per step)": ["Multiline", [f"{PREFIX}overhead_ms"]],
+        }
+    }
+
+
+def anomaly_markdown(event: Event) -> str:
+    """The text written under ``gradwatch/anomaly`` for the first occurrence of an anomaly."""
+    loc = event.location
+    where = f"{loc.filename}:{loc.lineno}" if loc else "unknown location"
+    lines = [
+        f"**{event.kind.value}** ({event.severity}) on `{event.tensor}` at `{where}`",
+        "",
+    ]
+    if loc is not None and loc.code:
+        lines += [f"    {loc.code}", ""]
+    lines.append(event.message)
+    if event.hint:
+        lines += ["", f"*hint:* {event.hint}"]
+    details = [f"op `{event.op}`", f"step {event.step}", f"rank {event.rank}",
+               f"grad mode {event.grad_mode}"]
+    if event.shape is not None:
+        details.append(f"shape {list(event.shape)} {event.dtype or ''}".rstrip())
+    if event.version_before is not None:
+        details.append(f"version {event.version_before} → {event.version_after}")
+    lines += ["", ", ".join(details)]
+    return "\n".join(lines)
+
+
+class TensorBoardSink(Sink):
+    """Write gradwatch's events to TensorBoard, aggregated per step.
+
+    Args:
+        writer: an open ``SummaryWriter`` to write into (rank 0); it is flushed, never closed.
+        log_dir: where to create our own ``SummaryWriter`` when ``writer`` is None; ranks R > 0
+            (with ``world > 1``) always write their own run under ``<log_dir>/rank{R}`` (or under
+            the given writer's directory).
+        rank, world: distributed rank and world size.
+        every_n_steps: write step scalars on steps divisible by this (Lightning:
+            ``trainer.log_every_n_steps``); counts in between are summed, never dropped.
+    """
+
+    def __init__(
+        self,
+        writer: Any = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        rank: int = 0,
+        world: int = 1,
+        every_n_steps: int = 1,
+    ) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
+        self.rank = rank
+        self.world = world
+        self.every_n_steps = every_n_steps
+        self._given = writer
+        self._log_dir = os.fspath(log_dir) if log_dir is not None else None
+        self._writer: Any = None  # created on first use (never raises in __init__)
+        self._owned = False
+        self._closed = False
+        self._layout_written = False
+        # per-window aggregation
+        self._counts: dict[str, int] = {}
+        self._overhead_s = 0.0
+        self._steps = 0
+        self._ratios: tuple[int, dict[str, float]] | None = None
+        self._last_step = 0
+        self._written_step: int | None = None
+        # distinct anomalies seen by this sink: key -> [event, count, first step, last step]
+        self._distinct: dict[tuple[Any, ...], list[Any]] = {}
+        self._summary_dirty = True
+
+    # ------------------------------------------------------------------ the writer
+    @property
+    def log_dir(self) -> str | None:
+        """The directory of the run this sink writes (None if it writes nowhere)."""
+        w = self._writer
+        if w is not None:
+            return _logdir_of(w)
+        if self._uses_own_writer():
+            base = self._base_dir()
+            return rank_log_dir(base, self.rank, self.world) if base is not None else None
+        return _logdir_of(self._given)
+
+    def _uses_own_writer(self) -> bool:
+        return self._given is None or (self.rank > 0 and self.world > 1)
+
+    def _base_dir(self) -> str | None:
+        if self._log_dir is not None:
+            return self._log_dir
+        return _logdir_of(self._given) if self._given is not None else None
+
+    def _get_writer(self) -> Any:
+        if self._writer is not None:
+            return self._writer
+        if self._closed:
+            return None
+        if not self._uses_own_writer():
+            self._writer = self._given
+        else:
+            base = self._base_dir()
+            if base is None:
+                return None
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=rank_log_dir(base, self.rank, self.world))
+            self._owned = True
+        if not self._layout_written:
+            self._layout_written = True
+            self._writer.add_custom_scalars(layout())
+        return self._writer
+
+    # ------------------------------------------------------------------ Sink protocol
+    def anomaly(self, event: Event) -> None:
+        key = event.key
+        entry = self._distinct.get(key)
+        self._summary_dirty = True
+        if entry is not None:
+            entry[1] += 1
+            entry[3] = event.step
+            return
+        self._distinct[key] = [event, 1, event.step, event.step]
+        w = self._get_writer()
+        if w is None:
+            return
+        w.add_text(f"{PREFIX}anomaly", anomaly_markdown(event), event.step)
+        w.add_text(f"{PREFIX}anomaly_json",
+                   json.dumps(event.to_dict(), ensure_ascii=False, default=str), event.step)
+        w.flush()  # an anomaly often precedes a crash: make it durable now
+
+    def step(self, summary: StepSummary) -> None:
+        counts = self._counts
+        for kind, n in summary.counts.items():
+            counts[kind] = counts.get(kind, 0) + n
+        self._overhead_s += summary.overhead_s
+        self._steps += 1
+        if summary.update_ratios:
+            self._ratios = (summary.step, dict(summary.update_ratios))
+        self._last_step = summary.step
+        if summary.step == self._written_step and not self._pending_data():
+            self._reset_window()  # e.g. the summary at close right after a logged step
+        elif summary.step % self.every_n_steps == 0:
+            self._write_window(summary.step)
+
+    def flush(self) -> None:
+        if self._steps and (self._last_step != self._written_step or self._pending_data()):
+            self._write_window(self._last_step)
+        w = self._get_writer() if (self._writer is not None or self._summary_dirty) else None
+        if w is None:
+            return
+        if self._summary_dirty:
+            self._write_summary(w)
+        w.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            w, self._writer = self._writer, None
+            if w is not None and self._owned:
+                w.close()
+
+    # ------------------------------------------------------------------ internals
+    def _pending_data(self) -> bool:
+        return any(self._counts.values()) or self._ratios is not None
+
+    def _reset_window(self) -> None:
+        self._counts = {}
+        self._overhead_s = 0.0
+        self._steps = 0
+
+    def _write_window(self, step: int) -> None:
+        w = self._get_writer()
+        counts, steps, overhead = self._counts, self._steps, self._overhead_s
+        ratios, self._ratios = self._ratios, None
+        self._reset_window()
+        self._written_step = step
+        if w is None:
+            return
+        values: dict[str, float] = {tag: float(counts.get(k, 0)) for k, tag in _COUNT_TAGS.items()}
+        values[f"{PREFIX}anomalies"] = float(sum(counts.get(k, 0) for k in ANOMALY_KINDS))
+        values[f"{PREFIX}overhead_ms"] = 1000.0 * overhead / max(steps, 1)
+        _add_scalars(w, values, step)
+        if ratios is not None:
+            self._write_ratios(w, *ratios)
+
+    def _write_ratios(self, w: Any, step: int, ratios: dict[str, float]) -> None:
+        finite = [v for v in ratios.values() if v == v and abs(v) != float("inf")]
+        values: dict[str, float] = {}
+        if finite:
+            values[f"{PREFIX}update_ratio/max"] = max(finite)
+            values[f"{PREFIX}update_ratio/median"] = statistics.median(finite)
+            values[f"{PREFIX}update_ratio/min"] = min(finite)
+        for name, v in ratios.items():
+            values[f"{PREFIX}param_update_ratio/{name}"] = float(v)
+        _add_scalars(w, values, step)
+        if finite:
+            import numpy as np
+
+            w.add_histogram(f"{PREFIX}update_ratios", np.asarray(finite, dtype=np.float64), step)
+
+    def _write_summary(self, w: Any) -> None:
+        self._summary_dirty = False
+        rows = [
+            {"event": ev.to_dict(), "count": n, "first_step": first, "last_step": last}
+            for ev, n, first, last in self._distinct.values()
+        ]
+        w.add_text(f"{PREFIX}summary_json", json.dumps(rows, ensure_ascii=False, default=str),
+                   self._last_step)
+
+
+def _logdir_of(writer: Any) -> str | None:
+    get = getattr(writer, "get_logdir", None)
+    if get is None:
+        return None
+    try:
+        d = get()
+    except Exception:
+        return None
+    return os.fspath(d) if isinstance(d, (str, os.PathLike)) else None
+
+
+def _add_scalars(w: Any, values: dict[str, float], step: int) -> None:
+    """Write several scalars as one event (one summary with many values) into a torch
+    ``SummaryWriter``; other writers (tensorboardX) get one ``add_scalar`` each."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if isinstance(w, SummaryWriter):
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in values.items()])
+        w._get_file_writer().add_summary(summary, step)
+        return
+    for tag, v in values.items():
+        w.add_scalar(tag, v, step)

@@ -1,0 +1,321 @@
+"""Turn gradwatch's TensorBoard tags into the JSON the GradWatch tab draws.
+
+Reads only through a TensorBoard ``DataProvider`` (``context.data_provider``), so it works with
+the Python loader and with the Rust data server alike. The tag layout is the one written by
+``gradwatch.sinks.tensorboard`` (docs/INTERNALS.md):
+
+- text ``gradwatch/anomaly_json`` (first occurrence of each distinct anomaly, ``Event.to_dict``)
+- text ``gradwatch/summary_json`` (at flush/close: every distinct anomaly with count and steps)
+- scalars ``gradwatch/count/<kind>`` (events of that kind per step)
+- scalars ``gradwatch/param_update_ratio/<param>`` (‖Δ‖/‖w‖ per parameter on statistics steps)
+
+torch's ``SummaryWriter.add_text`` appends ``/text_summary`` to text tags; both spellings are read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from tensorboard.data import provider
+
+from ..events import SEVERITY, EventKind
+
+__all__ = [
+    "EXPLODING_ABOVE",
+    "STALLED_BELOW",
+    "GradWatchData",
+    "ratio_status",
+]
+
+PREFIX = "gradwatch/"
+TEXT_PLUGIN = "text"
+SCALARS_PLUGIN = "scalars"
+ANOMALY_JSON_TAGS = ("gradwatch/anomaly_json", "gradwatch/anomaly_json/text_summary")
+SUMMARY_JSON_TAGS = ("gradwatch/summary_json", "gradwatch/summary_json/text_summary")
+COUNT_PREFIX = "gradwatch/count/"
+PARAM_RATIO_PREFIX = "gradwatch/param_update_ratio/"
+ANOMALY_KINDS = [k.value for k in EventKind if SEVERITY[k] != "info"]
+DOWNSAMPLE = 100_000  # read every stored point (TensorBoard's own reservoir bounds storage)
+
+# An update/weight ratio ‖Δ‖/‖w‖ below this means the parameter stopped training (typical
+# healthy values are around 1e-3); above this, one step moves the weights by a tenth of their
+# norm: the layer is blowing up.
+STALLED_BELOW = 1e-7
+EXPLODING_ABOVE = 1e-1
+
+_RANK_RUN_RE = re.compile(r"(?:^|/)rank(\d+)$")
+
+
+def ratio_status(value: float | None) -> str:
+    """``"nonfinite"``, ``"stalled"``, ``"exploding"`` or ``"ok"`` for one update/weight ratio."""
+    if value is None or not math.isfinite(value):
+        return "nonfinite"
+    if value < STALLED_BELOW:
+        return "stalled"
+    if value > EXPLODING_ABOVE:
+        return "exploding"
+    return "ok"
+
+
+def _finite(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _text(datum: Any) -> str | None:
+    """The string of a text tensor datum (a 0-d or 1-d array of bytes)."""
+    arr = datum.numpy
+    try:
+        item = arr.reshape(-1)[0] if getattr(arr, "size", 1) else None
+    except Exception:
+        item = arr
+    if item is None:
+        return None
+    if isinstance(item, bytes):
+        return item.decode("utf-8", errors="replace")
+    return str(item)
+
+
+def run_rank(run: str) -> int:
+    """Rank of a TensorBoard run: ranks > 0 write under ``<log_dir>/rank{R}``."""
+    m = _RANK_RUN_RE.search(run)
+    return int(m.group(1)) if m else 0
+
+
+class GradWatchData:
+    """gradwatch data of one experiment, read through ``data_provider`` for one request."""
+
+    def __init__(self, data_provider: provider.DataProvider, ctx: Any, experiment_id: str) -> None:
+        self._dp = data_provider
+        self._ctx = ctx
+        self._eid = experiment_id
+
+    # ------------------------------------------------------------------ discovery
+    def has_data(self) -> bool:
+        return bool(self.runs())
+
+    def runs(self) -> list[str]:
+        """Runs with any gradwatch tag, sorted."""
+        found: set[str] = set()
+        for plugin in (SCALARS_PLUGIN, TEXT_PLUGIN):
+            listing = self._list(plugin, None)
+            for run, tags in listing.items():
+                if any(t.startswith(PREFIX) for t in tags):
+                    found.add(run)
+        return sorted(found)
+
+    def _list(self, plugin: str, runs: Iterable[str] | None) -> dict[str, dict[str, Any]]:
+        filt = provider.RunTagFilter(runs=runs) if runs is not None else None
+        lister = self._dp.list_scalars if plugin == SCALARS_PLUGIN else self._dp.list_tensors
+        return lister(self._ctx, experiment_id=self._eid, plugin_name=plugin,
+                      run_tag_filter=filt) or {}
+
+    def _runs_filter(self, run: str | None) -> list[str] | None:
+        return None if run is None else [run]
+
+    # ------------------------------------------------------------------ anomalies
+    def anomalies(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Distinct anomalies of every run (or one), worst first, each with run and rank."""
+        runs = self._runs_filter(run)
+        texts = self._dp.read_tensors(
+            self._ctx, experiment_id=self._eid, plugin_name=TEXT_PLUGIN, downsample=DOWNSAMPLE,
+            run_tag_filter=provider.RunTagFilter(
+                runs=runs, tags=[*ANOMALY_JSON_TAGS, *SUMMARY_JSON_TAGS]),
+        ) or {}
+        out: list[dict[str, Any]] = []
+        for run_name in sorted(texts):
+            out.extend(self._run_anomalies(run_name, texts[run_name]))
+        out.sort(key=lambda a: (-_SEV_RANK[a["severity"]], -a["count"], a["first_step"],
+                                a["run"], a["rank"]))
+        return out
+
+    def _run_anomalies(self, run: str, tags: dict[str, list[Any]]) -> list[dict[str, Any]]:
+        distinct: dict[tuple[Any, ...], dict[str, Any]] = {}
+        latest: tuple[tuple[float, int], list[Any]] | None = None
+        for tag in SUMMARY_JSON_TAGS:
+            for datum in tags.get(tag, []):
+                obj = _loads(_text(datum))
+                if isinstance(obj, list):
+                    order = (datum.wall_time, datum.step)
+                    if latest is None or order >= latest[0]:
+                        latest = (order, obj)
+        if latest is not None:
+            for item in latest[1]:
+                if isinstance(item, dict) and isinstance(item.get("event"), dict):
+                    a = _anomaly(run, item["event"], item.get("count", 1),
+                                 item.get("first_step"), item.get("last_step"))
+                    if a is not None:
+                        distinct.setdefault(a["key"], a)
+        for tag in ANOMALY_JSON_TAGS:  # first occurrences the summary may not hold yet
+            for datum in tags.get(tag, []):
+                obj = _loads(_text(datum))
+                if isinstance(obj, dict):
+                    a = _anomaly(run, obj, 1, None, None)
+                    if a is not None and a["key"] not in distinct:
+                        distinct[a["key"]] = a
+        result = []
+        for a in distinct.values():
+            a["key"] = list(a["key"])
+            result.append(a)
+        return result
+
+    # ------------------------------------------------------------------ timeline
+    def timeline(self, run: str | None = None) -> dict[str, Any]:
+        """Per run and anomaly kind: ``[[step, count], ...]`` for steps with that anomaly."""
+        runs = self._runs_filter(run)
+        tags = [COUNT_PREFIX + k for k in ANOMALY_KINDS]
+        scalars = self._dp.read_scalars(
+            self._ctx, experiment_id=self._eid, plugin_name=SCALARS_PLUGIN,
+            downsample=DOWNSAMPLE, run_tag_filter=provider.RunTagFilter(runs=runs, tags=tags),
+        ) or {}
+        anomalies = self.anomalies(run)
+        ranks: dict[str, int] = {}
+        for a in anomalies:
+            ranks.setdefault(a["run"], a["rank"])
+        series: list[dict[str, Any]] = []
+        max_step = 0
+        covered: set[tuple[str, str]] = set()
+        for run_name in sorted(scalars):
+            for tag, data in sorted(scalars[run_name].items()):
+                kind = tag[len(COUNT_PREFIX):]
+                points = [[d.step, d.value] for d in data if math.isfinite(d.value) and d.value > 0]
+                if data:
+                    max_step = max(max_step, max(d.step for d in data))
+                    covered.add((run_name, kind))
+                if points:
+                    series.append(self._series(run_name, kind, points, ranks))
+        # Runs without count scalars (an older or foreign writer): first and last occurrence.
+        for a in anomalies:
+            max_step = max(max_step, a["last_step"])
+            if (a["run"], a["kind"]) in covered:
+                continue
+            pts = {a["first_step"]: 1, a["last_step"]: 1}
+            existing = next((s for s in series if s["run"] == a["run"] and s["kind"] == a["kind"]),
+                            None)
+            if existing is None:
+                series.append(self._series(a["run"], a["kind"],
+                                           [[s, n] for s, n in sorted(pts.items())], ranks))
+            else:
+                merged = dict(existing["points"])
+                for s, n in pts.items():
+                    merged[s] = merged.get(s, 0) + n
+                existing["points"] = [[s, n] for s, n in sorted(merged.items())]
+        order = {k: i for i, k in enumerate(ANOMALY_KINDS)}
+        series.sort(key=lambda s: (order.get(s["kind"], 99), s["run"]))
+        return {"kinds": ANOMALY_KINDS, "series": series, "max_step": max_step}
+
+    @staticmethod
+    def _series(run: str, kind: str, points: list[list[float]], ranks: dict[str, int]
+                ) -> dict[str, Any]:
+        return {
+            "run": run,
+            "rank": ranks.get(run, run_rank(run)),
+            "kind": kind,
+            "severity": _severity(kind),
+            "points": points,
+            "total": sum(p[1] for p in points),
+        }
+
+    # ------------------------------------------------------------------ update/weight ratios
+    def update_ratios(self, run: str | None = None) -> dict[str, Any]:
+        """Per run and parameter: the update/weight ratio over steps and a status."""
+        listing = self._list(SCALARS_PLUGIN, self._runs_filter(run))
+        tags = sorted({t for tags in listing.values() for t in tags
+                       if t.startswith(PARAM_RATIO_PREFIX)})
+        runs_out: list[dict[str, Any]] = []
+        if tags:
+            scalars = self._dp.read_scalars(
+                self._ctx, experiment_id=self._eid, plugin_name=SCALARS_PLUGIN,
+                downsample=DOWNSAMPLE,
+                run_tag_filter=provider.RunTagFilter(runs=self._runs_filter(run), tags=tags),
+            ) or {}
+            for run_name in sorted(scalars):
+                params = []
+                for tag, data in scalars[run_name].items():
+                    if not data:
+                        continue
+                    values = [_finite(d.value) for d in data]
+                    finite = [v for v in values if v is not None]
+                    last = values[-1]
+                    params.append({
+                        "name": tag[len(PARAM_RATIO_PREFIX):],
+                        "points": [[d.step, v] for d, v in zip(data, values)],
+                        "last": last,
+                        "last_step": data[-1].step,
+                        "min": min(finite) if finite else None,
+                        "max": max(finite) if finite else None,
+                        "status": ratio_status(last),
+                    })
+                flagged = {"nonfinite": 0, "exploding": 1, "stalled": 2, "ok": 3}
+                params.sort(key=lambda p: (flagged[p["status"]], p["name"]))
+                runs_out.append({"run": run_name, "rank": run_rank(run_name), "params": params})
+        return {
+            "thresholds": {"stalled_below": STALLED_BELOW, "exploding_above": EXPLODING_ABOVE},
+            "runs": runs_out,
+        }
+
+
+_SEV_RANK = {"info": 0, "warning": 1, "error": 2}
+
+
+def _severity(kind: str) -> str:
+    try:
+        return SEVERITY[EventKind(kind)]
+    except ValueError:
+        return "warning"
+
+
+def _loads(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _anomaly(run: str, ev: dict[str, Any], count: Any, first: Any, last: Any
+             ) -> dict[str, Any] | None:
+    """One row of the anomaly table, flat and JSON-ready."""
+    kind = ev.get("kind")
+    if not isinstance(kind, str):
+        return None
+    step = _int(ev.get("step"), 0)
+    loc = ev.get("location") if isinstance(ev.get("location"), dict) else None
+    filename = str(loc.get("filename", "")) if loc else ""
+    lineno = _int(loc.get("lineno"), 0) if loc else 0
+    basename = re.split(r"[\\/]", filename)[-1] if filename else ""
+    severity = ev.get("severity") if ev.get("severity") in _SEV_RANK else _severity(kind)
+    rank = _int(ev.get("rank"), run_rank(run))
+    return {
+        "key": (run, rank, kind, ev.get("tensor"), filename, lineno),
+        "run": run,
+        "rank": rank,
+        "kind": kind,
+        "severity": severity,
+        "tensor": str(ev.get("tensor", "")),
+        "op": str(ev.get("op", "")),
+        "file": filename,
+        "basename": basename,
+        "line": lineno,
+        "function": str(loc.get("function", "")) if loc else "",
+        "code": str(loc.get("code", "")) if loc else "",
+        "where": f"{basename}:{lineno}" if loc else "",
+        "count": _int(count, 1),
+        "first_step": _int(first, step),
+        "last_step": _int(last, step),
+        "message": str(ev.get("message", "")),
+        "hint": str(ev.get("hint", "")),
+        "event": ev,
+    }

@@ -1,0 +1,232 @@
+"""Helpers for the CLI and TensorBoard-plugin tests: watched runs with real bugs, a stand-in
+TensorBoard sink that writes exactly the tag layout of docs/INTERNALS.md (used only while
+``gradwatch.sinks.tensorboard`` is absent), a TensorBoard server and a headless Chromium."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+import gradwatch
+from gradwatch.config import Config
+from gradwatch.events import Event, EventKind
+from gradwatch.sinks import Sink, StepSummary
+from gradwatch.sinks.jsonl import JsonlSink
+
+HAVE_TB_SINK = importlib.util.find_spec("gradwatch.sinks.tensorboard") is not None
+TENSORBOARD = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def _markdown(ev: Event) -> str:
+    loc = ev.location
+    where = f"`{loc.filename}:{loc.lineno}`" if loc else "?"
+    code = f"\n\n    {loc.code}" if loc and loc.code else ""
+    return (f"**{ev.kind.value}** ({ev.severity}) on `{ev.tensor}` at {where}{code}\n\n"
+            f"{ev.message}\n\nhint: {ev.hint}")
+
+
+class DocTensorBoardSink(Sink):
+    """Writes the documented gradwatch/ tags with torch's SummaryWriter (test stand-in)."""
+
+    def __init__(self, log_dir: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir)
+        self.distinct: dict[tuple[Any, ...], list[Any]] = {}
+        self.last_step = 0
+        self.closed = False
+
+    def anomaly(self, event: Event) -> None:
+        d = self.distinct.get(event.key)
+        if d is None:
+            self.distinct[event.key] = [event, 1, event.step, event.step]
+            self.writer.add_text("gradwatch/anomaly", _markdown(event), event.step)
+            self.writer.add_text("gradwatch/anomaly_json", json.dumps(event.to_dict()), event.step)
+        else:
+            d[1] += 1
+            d[3] = event.step
+
+    def step(self, summary: StepSummary) -> None:
+        s = summary.step
+        self.last_step = s
+        w = self.writer
+        for kind in EventKind:
+            w.add_scalar(f"gradwatch/count/{kind.value}", summary.counts.get(kind.value, 0), s)
+        anomalies = sum(n for k, n in summary.counts.items() if EventKind(k).severity != "info")
+        w.add_scalar("gradwatch/anomalies", anomalies, s)
+        w.add_scalar("gradwatch/overhead_ms", summary.overhead_s * 1e3, s)
+        ratios = summary.update_ratios
+        if ratios:
+            values = list(ratios.values())
+            w.add_scalar("gradwatch/update_ratio/max", max(values), s)
+            w.add_scalar("gradwatch/update_ratio/median", statistics.median(values), s)
+            w.add_scalar("gradwatch/update_ratio/min", min(values), s)
+            for name, r in ratios.items():
+                w.add_scalar(f"gradwatch/param_update_ratio/{name}", r, s)
+
+    def _summary(self) -> None:
+        items = [{"event": ev.to_dict(), "count": n, "first_step": a, "last_step": b}
+                 for ev, n, a, b in self.distinct.values()]
+        self.writer.add_text("gradwatch/summary_json", json.dumps(items), self.last_step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._summary()
+            self.writer.close()
+
+
+def watched(log_dir: str, model: Any = None, optimizer: Any = None, **options: Any
+            ) -> gradwatch.Watch:
+    """``gradwatch.watch(log_dir=...)`` once the real TensorBoard sink exists; until then the
+    same jsonl sink plus the documented-layout stand-in."""
+    if HAVE_TB_SINK:
+        return gradwatch.watch(model, optimizer, log_dir=log_dir, **options)
+    cfg = Config.build(model, optimizer, **options)
+    return gradwatch.Watch(cfg, sinks=[JsonlSink(log_dir), DocTensorBoardSink(log_dir)])
+
+
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+        torch.nn.Linear(16, 1),
+    )
+
+
+def buggy_run(log_dir: str, steps: int = 6) -> dict[str, Any]:
+    """A real buggy loop: a weight edited in place under no_grad after the forward (backward
+    then raises, caught), and a forgotten zero_grad. Returns the culprit lines."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with watched(log_dir, model, opt, on_anomaly="log", stats_every=1) as w:
+        for step in range(steps):
+            x = torch.randn(32, 4)
+            loss = model(x).pow(2).mean()
+            if step == 3:
+                with torch.no_grad():
+                    model[2].weight.mul_(0.9)  # <- mutate
+                try:
+                    loss.backward()
+                except RuntimeError:
+                    opt.zero_grad()
+                    continue
+            else:
+                loss.backward()  # <- stale (zero_grad is forgotten)
+            opt.step()
+    return {"watch": w, "file": __file__,
+            "mutate": marked_line(__file__, "mutate"), "stale": marked_line(__file__, "stale")}
+
+
+def marked_line(path: str, mark: str) -> int:
+    """Line number of the line ending in ``# <- mark`` (possibly followed by a comment)."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if f"# <- {mark}" in line and "marked_line" not in line:
+                return i
+    raise LookupError(mark)
+
+
+@contextlib.contextmanager
+def tensorboard_server(logdir: str, extra: Sequence[str] = ()) -> Iterator[str]:
+    """A real ``tensorboard`` on loopback; yields its base URL once ``/data/runs`` answers."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [TENSORBOARD, "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port),
+         "--reload_interval", "1", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tensorboard exited: {proc.stderr.read()[-2000:]}")
+            try:
+                get_json(url + "/data/runs", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 5) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read().decode("utf-8"))
+
+
+def wait_json(url: str, ok: Any, timeout: float = 15) -> Any:
+    """Poll ``url`` until ``ok(body)`` (TensorBoard loads event files in the background)."""
+    deadline = time.monotonic() + timeout
+    body = None
+    while time.monotonic() < deadline:
+        body = get_json(url)
+        if ok(body):
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never became ready; last answer: {body!r}")
+
+
+def chromium_binary() -> str | None:
+    for c in CHROMIUM_CANDIDATES:
+        if os.path.exists(c):
+            return c
+    return shutil.which("chromium")
+
+
+@contextlib.contextmanager
+def headless_chromium(width: int = 1400, height: int = 1000) -> Iterator[Any]:
+    """A selenium driver for headless Chromium with a fresh profile."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="gw-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium_binary() or ""
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-quic", "--no-first-run", "--disable-component-update",
+                "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
+                f"--window-size={width},{height}", f"--user-data-dir={profile}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
