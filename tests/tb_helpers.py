@@ -230,3 +230,30 @@ def headless_chromium(width: int = 1400, height: int = 1000) -> Iterator[Any]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def layer_health_run(log_dir: str, steps: int = 12) -> dict[str, Any]:
+    """A loop with a branch that stopped training (its ReLUs are dead: zero gradients, an
+    update/weight ratio of 0), a branch that blows up (learning rate far too high) and a
+    healthy head."""
+    torch.manual_seed(1)
+    model = torch.nn.ModuleDict({
+        "dead": torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU()),
+        "skip": torch.nn.Linear(4, 16),
+        "head": torch.nn.Linear(16, 1),
+    })
+    with torch.no_grad():
+        model["dead"][0].bias.fill_(-50.0)  # every unit dead from the start
+    opt = torch.optim.SGD([
+        {"params": model["dead"].parameters(), "lr": 0.05},
+        {"params": model["skip"].parameters(), "lr": 12.0},
+        {"params": model["head"].parameters(), "lr": 0.01},
+    ])
+    with watched(log_dir, model, opt, on_anomaly="log", stats_every=1) as w:
+        for _ in range(steps):
+            x = torch.randn(32, 4)
+            loss = (model["head"](model["dead"](x) + model["skip"](x)) - 1).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return {"watch": w}

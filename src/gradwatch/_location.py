@@ -84,13 +84,60 @@ def location_of(where: tuple[CodeType, int] | None) -> Location | None:
 
 
 def local_name(frame: FrameType | None, obj: object) -> str | None:
-    """The name a user frame binds ``obj`` to (used on rare paths only: an O(locals) scan)."""
-    if frame is None:
+    """The global name a module-level user frame binds ``obj`` to. Function frames are not
+    scanned: on Python 3.11 reading ``f_locals`` snapshots every local into a dict that lives
+    as long as the frame, which would keep the user's tensors alive."""
+    if frame is None or frame.f_code.co_name != "<module>":
         return None
     try:
-        for name, value in frame.f_locals.items():
+        for name, value in frame.f_globals.items():
             if value is obj and not name.startswith("_"):
                 return name
     except Exception:
         return None
+    return None
+
+
+def call_arg_names(where: tuple[CodeType, int] | None, func_name: str) -> list[str | None]:
+    """Names in the first (list/tuple) argument of a call to ``func_name`` on the source line
+    ``where``: ``watch([G, D], ...)`` gives ``["G", "D"]``. Parses source, touches no frame."""
+    if where is None:
+        return []
+    import ast
+
+    line = linecache.getline(where[0].co_filename, where[1]).strip()
+    for text in (line, line + "\n    pass"):
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", None)
+            if name != func_name:
+                continue
+            first = node.args[0]
+            items = first.elts if isinstance(first, (ast.List, ast.Tuple)) else [first]
+            return [it.id if isinstance(it, ast.Name) else None for it in items]
+    return []
+
+
+def rebound_name(where: tuple[CodeType, int] | None) -> str | None:
+    """``x`` for a source line ``x = <expression using x>`` (a rebinding), else None."""
+    if where is None:
+        return None
+    import ast
+
+    line = linecache.getline(where[0].co_filename, where[1]).strip()
+    try:
+        tree = ast.parse(line)
+    except SyntaxError:
+        return None
+    stmt = tree.body[0] if tree.body else None
+    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+        target = stmt.targets[0].id
+        if any(isinstance(n, ast.Name) and n.id == target for n in ast.walk(stmt.value)):
+            return target
     return None

@@ -10,7 +10,8 @@ Example usage::
 
 Works with the ``lightning.pytorch`` and the ``pytorch_lightning`` Trainer (either accepts the
 other's callbacks). The watch covers ``fit`` only (training, and the validation that runs inside
-it), from ``on_fit_start`` to ``on_fit_end``/``teardown``/``on_exception``.
+it), from ``on_fit_start`` to ``on_train_end`` (or ``on_exception``; ``on_fit_end`` and
+``teardown`` close it too, if it is still open).
 
 Where it writes:
     - TensorBoard: with a ``TensorBoardLogger`` into its ``experiment`` (rank 0), otherwise into a
@@ -278,6 +279,11 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
                           "training continues unwatched", GradWatchWarning, stacklevel=2)
             return
         self.watch = w
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # training (and the validation inside it) is over: stop before Lightning's own teardown
+        # moves the model around (``param.data = ...``), which is not the user's training
+        self._close()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._close()

@@ -20,7 +20,15 @@ import torch
 from ._intercept.hooks import Installed
 from ._intercept.mode import WatchMode
 from ._intercept.ops import Action
-from ._location import caller, is_internal, local_name, location_of, user_frame
+from ._location import (
+    call_arg_names,
+    caller,
+    is_internal,
+    local_name,
+    location_of,
+    rebound_name,
+    user_frame,
+)
 from ._naming import TensorNames, describe, storage_key
 from ._records import Raw, RecordBuffer, build_event
 from .config import Config, iter_named
@@ -96,8 +104,10 @@ def watch(
         check_nonfinite=check_nonfinite,
     )
     if len(cfg.models) > 1:
-        frame = user_frame(1)
-        cfg.model_names = [local_name(frame, m) or f"model{i}" for i, m in enumerate(cfg.models)]
+        names = call_arg_names(caller(), "watch")
+        if len(names) != len(cfg.models):
+            names = []
+        cfg.model_names = [n or f"model{i}" for i, n in enumerate(names or [None] * len(cfg.models))]
     return Watch(cfg)
 
 
@@ -142,6 +152,7 @@ class Watch:
         self._hooked: set[int] = set()
         self._hook_handles: list[Any] = []
         self._backward_where: tuple[CodeType, int] | None = None
+        self._in_backward = False
         self._discover_leaves = 8
         self._user_step_depth = 0
         self._step_state: dict[int, Any] = {}
@@ -705,7 +716,7 @@ class Watch:
         name = self._names.param_name(source)
         frame = user_frame(2)
         where = (frame.f_code, frame.f_lineno) if frame is not None else None
-        var = local_name(frame, source)
+        var = local_name(frame, source) or rebound_name(where)
         cut = Cut(_op_str(func), out, source, name or describe(source), where, self.step, var)
         st = self._acc.get(source)
         cut.trained = bool(st is not None and (st.trained or st.optimized))
@@ -1051,8 +1062,16 @@ class Watch:
 
     # ------------------------------------------------------------------ backward
     def _wrap_backward(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        if self._closed:
+        if self._closed or self._in_backward:
+            # torch.autograd.backward re-dispatches itself through the function mode: once is enough
             return wrapped(*args, **kwargs)
+        self._in_backward = True
+        try:
+            return self._run_backward(wrapped, args, kwargs)
+        finally:
+            self._in_backward = False
+
+    def _run_backward(self, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
         roots = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
         if isinstance(roots, _Tensor):
             roots = (roots,)
@@ -1154,7 +1173,7 @@ class Watch:
                 name = None
                 entry = self._names._params.get(pid)
                 p = entry[1]() if entry else None
-                if p is None or tuple(p.shape) != shape or vb != expected:
+                if p is None or p.numel() != saved_tensor._numel(shape) or vb != expected:
                     continue
                 name = entry[0]
                 return Mutation(name, shape, vb, vb + 1, "optimizer.step", where, step)

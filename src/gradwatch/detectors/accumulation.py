@@ -104,7 +104,8 @@ class AccumulationTracker:
         st.accum += 1
         st.token = token
         if gid != st.grad_id:
-            self.grad_owner.pop(st.grad_id, None)
+            if self.grad_owner.get(st.grad_id) is st:  # ids are reused: drop only our own entry
+                del self.grad_owner[st.grad_id]
             st.grad_id = gid
             self.grad_owner[gid] = st
         st.grad_version = grad._version
@@ -140,7 +141,8 @@ class AccumulationTracker:
         for key, st in list(self.leaves.items()):
             if st.leaf() is None:
                 del self.leaves[key]
-                self.grad_owner.pop(st.grad_id, None)
+                if self.grad_owner.get(st.grad_id) is st:
+                    del self.grad_owner[st.grad_id]
 
     def clear(self) -> None:
         self.leaves.clear()

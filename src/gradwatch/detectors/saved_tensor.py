@@ -169,6 +169,13 @@ class SavedTensorRegistry:
         self.recent.clear()
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _version_error(alias: torch.Tensor, s: _Saved) -> RuntimeError:
     kind = f"{alias.type()}" if alias.device.type != "meta" else "torch.Tensor"
     shape = ", ".join(str(d) for d in alias.shape)

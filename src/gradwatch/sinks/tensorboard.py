@@ -12,7 +12,9 @@ Example usage::
 Known limitations:
     - With ``every_n_steps > 1`` the counts written at a logged step cover every step since the
       previous logged step (nothing is lost between logged steps), and ``overhead_ms`` is their
-      mean per step. Anomaly texts are written at once, whatever the cadence.
+      mean per step; what is left at close is written at the last step. Anomaly texts are
+      written at once, whatever the cadence. A window without any event (no optimizer step, e.g.
+      the summary at close) is not written.
     - The custom-scalars layout is a single summary per run: a layout written by someone else
       into the same writer replaces ours (or ours replaces theirs).
 """
@@ -119,7 +121,6 @@ class TensorBoardSink(Sink):
         self._steps = 0
         self._ratios: tuple[int, dict[str, float]] | None = None
         self._last_step = 0
-        self._written_step: int | None = None
         # distinct anomalies seen by this sink: key -> [event, count, first step, last step]
         self._distinct: dict[tuple[Any, ...], list[Any]] = {}
         self._summary_dirty = True
@@ -191,13 +192,14 @@ class TensorBoardSink(Sink):
         if summary.update_ratios:
             self._ratios = (summary.step, dict(summary.update_ratios))
         self._last_step = summary.step
-        if summary.step == self._written_step and not self._pending_data():
-            self._reset_window()  # e.g. the summary at close right after a logged step
+        if not self._pending_data():
+            # no event at all, so no optimizer step either: the summary at close, nothing to add
+            self._reset_window()
         elif summary.step % self.every_n_steps == 0:
             self._write_window(summary.step)
 
     def flush(self) -> None:
-        if self._steps and (self._last_step != self._written_step or self._pending_data()):
+        if self._pending_data():
             self._write_window(self._last_step)
         w = self._get_writer() if (self._writer is not None or self._summary_dirty) else None
         if w is None:
@@ -231,7 +233,6 @@ class TensorBoardSink(Sink):
         counts, steps, overhead = self._counts, self._steps, self._overhead_s
         ratios, self._ratios = self._ratios, None
         self._reset_window()
-        self._written_step = step
         if w is None:
             return
         values: dict[str, float] = {tag: float(counts.get(k, 0)) for k, tag in _COUNT_TAGS.items()}

@@ -1,0 +1,356 @@
+"""Each anomaly kind is named at its culprit line (kind, severity, tensor, file:line, note), and
+correct loops that look similar stay silent."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from helpers import anomalies, line_of
+
+HERE = __file__
+LEVELS = ["full", "light"]
+
+
+@pytest.fixture(autouse=True)
+def _clean_state():
+    yield
+    from torch.overrides import _get_current_function_mode_stack
+    assert torch.is_grad_enabled()
+    assert _get_current_function_mode_stack() == []
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+# ----------------------------------------------------------------------------- saved_tensor_mutated
+def _gan_step_between_forward_and_backward(level: str, on_anomaly: str = "log"):
+    torch.manual_seed(0)
+    G, D = nn.Linear(4, 4), nn.Linear(4, 1)
+    opt_d = torch.optim.SGD(D.parameters(), lr=0.1)
+    with gradwatch.watch([G, D], on_anomaly=on_anomaly, level=level) as w:
+        fake = G(torch.randn(8, 4))
+        loss_g = -D(fake).mean()
+        loss_d = D(fake.detach()).mean()
+        loss_d.backward()
+        opt_d.step()  # <gan_step>
+        with pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
+            loss_g.backward()
+    return w, info.value
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_gan_optimizer_step_on_saved_weight(level: str) -> None:
+    w, err = _gan_step_between_forward_and_backward(level)
+    line = line_of("gan_step")
+    assert anomalies(w) == [("saved_tensor_mutated", "D.weight", line)]
+    ev = w.anomalies[0]
+    assert ev.severity == "error" and ev.op == "optimizer.step"
+    (note,) = err.__notes__
+    assert note.startswith("gradwatch: `D.weight` was modified in place by optimizer.step")
+    assert f"{HERE}:{line}" in note and "Fix:" in note
+
+
+def test_raise_stops_at_the_mutating_line_before_backward() -> None:
+    a = torch.randn(3, requires_grad=True)
+    w_ = nn.Parameter(torch.randn(3))
+    with gradwatch.watch(on_anomaly="raise") as w:
+        loss = (w_ * a).sum()
+        with pytest.raises(gradwatch.AnomalyError) as info, torch.no_grad():
+            w_ -= 0.1  # <raise_here>
+        assert isinstance(info.value, RuntimeError)
+        ev = info.value.event
+        assert (ev.kind, ev.location.lineno, ev.version_before) == (
+            "saved_tensor_mutated", line_of("raise_here"), 0)
+        assert w_._version == 0  # stopped before the write
+        loss.backward()  # the graph is intact, so this works
+    assert torch.equal(w_.grad, a.detach())
+
+
+@pytest.mark.parametrize("entry", ["tensor.backward", "autograd.backward", "autograd.grad"])
+def test_note_on_every_backward_entry(entry: str) -> None:
+    x = torch.randn(4, 3, requires_grad=True)
+    with gradwatch.watch(on_anomaly="log") as w:
+        y = x.sigmoid()
+        y /= y.norm()  # <norm_inplace>
+        root = y.sum()
+        with pytest.raises(RuntimeError, match="is at version 1; expected version 0") as info:
+            if entry == "tensor.backward":
+                root.backward()
+            elif entry == "autograd.backward":
+                torch.autograd.backward(root)
+            else:
+                torch.autograd.grad(root, x)
+    line = line_of("norm_inplace")
+    assert anomalies(w) == [("saved_tensor_mutated", "tensor float32[4,3]", line)]
+    assert (w.anomalies[0].version_before, w.anomalies[0].version_after) == (0, 1)
+    assert len(info.value.__notes__) == 1 and f":{line} (`y /= y.norm()" in info.value.__notes__[0]
+
+
+def test_data_alias_write_on_saved_weight_is_caught_although_torch_is_silent() -> None:
+    x = torch.randn(2, 3, requires_grad=True)
+    model = nn.Linear(3, 1)
+    with gradwatch.watch(model, on_anomaly="log") as w:
+        out = model(x).sum()  # saves weight (x requires grad)
+        model.weight.data.mul_(2)  # <data_write>
+        out.backward()  # torch raises nothing: the gradient of x silently uses 2*W
+    assert anomalies(w) == [("saved_tensor_mutated", "weight", line_of("data_write"))]
+    assert "silently" in w.anomalies[0].message
+
+
+def test_embedding_max_norm_renorm_of_saved_weight() -> None:
+    emb = nn.Embedding(10, 3, max_norm=0.5)
+    q = torch.randn(3, 1, requires_grad=True)
+    with gradwatch.watch(emb, on_anomaly="log") as w:
+        scores = (emb.weight @ q).sum()
+        looked_up = emb(torch.tensor([1, 2])).sum()  # <renorm>
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (scores + looked_up).backward()
+    assert anomalies(w) == [("saved_tensor_mutated", "weight", line_of("renorm"))]
+    assert w.anomalies[0].op == "embedding_renorm_"
+
+
+def test_retained_graph_used_once_is_not_reported_at_mutation() -> None:
+    p = nn.Parameter(torch.ones(3))
+    x = torch.randn(3, requires_grad=True)
+    with gradwatch.watch(on_anomaly="log") as w:
+        loss = (p * x).sum()
+        loss.backward(retain_graph=True)
+        with torch.no_grad():
+            p.add_(1)  # the graph has been used: only a second backward would fail
+        del loss
+    assert w.anomalies == []
+
+
+# ----------------------------------------------------------------------------- grad_flow_cut
+@pytest.mark.parametrize("level", LEVELS)
+def test_essay_example_1_note_names_the_rebinding_line(level: str) -> None:
+    with gradwatch.watch(on_anomaly="log", level=level) as w:
+        a = torch.tensor([2.0], requires_grad=True)
+        b = torch.tensor([1.0], requires_grad=True)
+        with torch.no_grad():
+            a = a - b  # <rebind>
+        c = a * a
+        with pytest.raises(RuntimeError, match="element 0 of tensors does not require grad") as info:
+            c.backward()
+    line = line_of("rebind")
+    assert anomalies(w) == [("grad_flow_cut", "tensor float32[1]", line)]
+    (note,) = info.value.__notes__
+    assert note.startswith("gradwatch:") and f"{HERE}:{line} (`a = a - b" in note
+    assert "`a`" in note
+
+
+def test_loss_computed_under_no_grad_names_the_block() -> None:
+    model = nn.Linear(3, 1)
+    with gradwatch.watch(model, on_anomaly="log") as w:
+        with torch.no_grad():  # <block>
+            loss = model(torch.randn(4, 3)).pow(2).mean()
+        with pytest.raises(RuntimeError, match="does not require grad") as info:
+            loss.backward()
+    assert anomalies(w) == [("grad_flow_cut", "tensor float32[]", line_of("block"))]
+    assert "no_grad block" in info.value.__notes__[0]
+
+
+def test_manual_sgd_rebinding_silently_stops_training() -> None:
+    x = torch.randn(16, 3)
+    w_ = torch.zeros(3, requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    with gradwatch.watch(on_anomaly="log") as w:
+        for _ in range(3):
+            loss = (x @ w_ + b).pow(2).mean() + b.sum()
+            loss.backward()
+            with torch.no_grad():
+                if w_.grad is not None:
+                    w_ = w_ - 0.1 * w_.grad  # <sgd_rebind>
+                b -= 0.1 * b.grad
+                b.grad.zero_()
+    assert anomalies(w) == [("grad_flow_cut", "tensor float32[3]", line_of("sgd_rebind"))]
+    assert "`w_` was trained but has been replaced" in w.anomalies[0].message
+
+
+def test_target_network_and_teacher_outputs_under_no_grad_are_fine() -> None:
+    online, target = nn.Linear(4, 2), nn.Linear(4, 2)
+    opt = torch.optim.SGD(online.parameters(), lr=0.1)
+    with gradwatch.watch([online, target], opt, on_anomaly="raise") as w:
+        for _ in range(3):
+            s = torch.randn(8, 4)
+            with torch.no_grad():
+                y = target(s).max(1).values
+            loss = (online(s).max(1).values - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert w.anomalies == []
+
+
+# ----------------------------------------------------------------------------- stale accumulation
+@pytest.mark.parametrize("level", LEVELS)
+def test_essay_example_3_stale_at_second_backward(level: str) -> None:
+    with gradwatch.watch(on_anomaly="log", level=level) as w:
+        a = torch.tensor([2.0], requires_grad=True)
+        b = torch.tensor([1.0], requires_grad=True)
+        (a * a).backward()
+        with torch.no_grad():
+            a -= b
+        (a * a).backward()  # <second_backward>
+    assert a.grad.item() == 6.0
+    assert anomalies(w) == [("stale_grad_accumulation", "tensor float32[1]", line_of("second_backward"))]
+    assert w.anomalies[0].severity == "warning"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("level", LEVELS)
+def test_forgotten_zero_grad(level: str, fused: bool) -> None:
+    model = nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    with gradwatch.watch(model, opt, on_anomaly="log", level=level) as w:
+        for _ in range(3):
+            model(torch.randn(4, 3)).pow(2).mean().backward()  # <no_zero>
+            opt.step()
+    line = line_of("no_zero")
+    assert sorted(set(anomalies(w))) == [("stale_grad_accumulation", "bias", line),
+                                         ("stale_grad_accumulation", "weight", line)]
+    assert w.counts["stale_grad_accumulation"] == 4  # 2 params x steps 2 and 3
+
+
+def test_warned_once_per_distinct_anomaly() -> None:
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradwatch.watch(model, opt) as w:
+            for _ in range(5):
+                model(torch.randn(4, 3)).sum().backward()
+                opt.step()
+    ours = [c for c in caught if issubclass(c.category, gradwatch.GradWatchWarning)]
+    assert len(ours) == 2  # weight and bias, once each
+    assert w.counts["stale_grad_accumulation"] == 8
+    assert all(c.filename == HERE for c in ours)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_intended_accumulation_and_gan_discriminator_pickup_are_silent(level: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    G, D = nn.Linear(4, 4), nn.Linear(4, 1)
+    opt_g = torch.optim.Adam(G.parameters())
+    opt_d = torch.optim.Adam(D.parameters())
+    with gradwatch.watch(on_anomaly="raise", level=level) as w:
+        for i in range(8):
+            (model(torch.randn(4, 3)).pow(2).mean() / 4).backward()
+            if i % 4 == 3:
+                opt.step()
+                opt.zero_grad()
+        for _ in range(3):  # correct GAN: recompute after the other network's step
+            fake = G(torch.randn(8, 4))
+            opt_d.zero_grad()
+            D(fake.detach()).mean().backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            (-D(fake).mean()).backward()  # also accumulates into D's .grad: zeroed before use
+            opt_g.step()
+    assert w.anomalies == []
+
+
+# ----------------------------------------------------------------------------- discarded
+@pytest.mark.parametrize("level", LEVELS)
+def test_zero_grad_inside_the_accumulation_window(level: str) -> None:
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, on_anomaly="log", level=level) as w:
+        for i in range(8):
+            opt.zero_grad()  # <zero_in_window>
+            model(torch.randn(4, 3)).pow(2).mean().backward()
+            if i % 4 == 3:
+                opt.step()
+    line = line_of("zero_in_window")
+    assert sorted(set(anomalies(w))) == [("accumulated_grad_discarded", "bias.grad", line),
+                                         ("accumulated_grad_discarded", "weight.grad", line)]
+    assert w.counts["accumulated_grad_discarded"] == 2 * 6  # i = 1, 2, 3 and 5, 6, 7
+    assert w.anomalies[0].op == "zero_grad"
+
+
+def test_manual_grad_none_and_zero_are_seen() -> None:
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    with gradwatch.watch(optimizer=opt, on_anomaly="log") as w:
+        (p * 2).sum().backward()
+        p.grad = None  # <set_none>
+        (p * 2).sum().backward()
+        with torch.no_grad():
+            p.grad.zero_()  # <zero>
+    assert [(a.kind.value, a.location.lineno) for a in w.anomalies] == [
+        ("accumulated_grad_discarded", line_of("set_none")),
+        ("accumulated_grad_discarded", line_of("zero")),
+    ]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_skipped_nonfinite_step_and_manual_sgd_and_ema_are_silent(level: str) -> None:
+    model = nn.Linear(3, 1)
+    ema = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w_ = torch.randn(3, requires_grad=True)
+    with gradwatch.watch(on_anomaly="raise", level=level) as w:
+        for i in range(4):
+            scale = float("inf") if i == 1 else 1.0  # an AMP-style overflow on step 1
+            (model(torch.randn(4, 3)).sum() * scale).backward()
+            if all(torch.isfinite(p.grad).all() for p in model.parameters()):
+                opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.mul_(0.9).add_(p, alpha=0.1)
+                for p in model.parameters():
+                    p.clamp_(-1, 1)  # weight clipping after step()
+            (torch.randn(5, 3) @ w_).pow(2).mean().backward()
+            with torch.no_grad():
+                w_ -= 0.1 * w_.grad
+                w_.grad.zero_()
+    assert w.anomalies == []
+
+
+# ----------------------------------------------------------------------------- nonfinite
+def test_custom_optimizer_zero_over_zero() -> None:
+    class NormalizedSGD(torch.optim.Optimizer):
+        def __init__(self, params) -> None:
+            super().__init__(params, {})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.sub_(p.grad / p.grad.norm())  # <zero_div>
+
+    model = nn.Linear(2, 1)
+    opt = NormalizedSGD(model.parameters())
+    with gradwatch.watch(model, opt, on_anomaly="log") as w:
+        for _ in range(3):
+            opt.zero_grad()
+            (model(torch.randn(4, 2)) * 0).sum().backward()  # zero gradients
+            opt.step()
+    line = line_of("zero_div")
+    assert sorted(anomalies(w)) == [("nonfinite_introduced", "bias", line),
+                                    ("nonfinite_introduced", "weight", line)]
+    ev = w.anomalies[0]
+    assert ev.severity == "error" and ev.op == "sub_" and ev.step == 0
+
+
+def test_projection_dividing_by_zero_norm_reports_first_line_only() -> None:
+    model = nn.Linear(3, 3)
+    with torch.no_grad():
+        model.weight.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch.watch(model, opt, on_anomaly="log") as w:
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(2, 3)).sum().backward()
+            opt.step()
+            with torch.no_grad():
+                model.weight /= model.weight.norm()  # <project>
+                model.weight.mul_(2)  # already NaN: not a new introduction
+    assert anomalies(w) == [("nonfinite_introduced", "weight", line_of("project"))]
+    assert w.counts["nonfinite_introduced"] == 1

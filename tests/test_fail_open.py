@@ -1,0 +1,294 @@
+"""Fail-open: an internal error in any layer of gradwatch (function mode, hooks, detectors,
+sinks) is caught, warned about once (naming the part that stopped), and the training run
+completes bit-identical to an unwatched run. The user's own exceptions pass through unchanged."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch.detectors.accumulation import AccumulationTracker
+from gradwatch.detectors.saved_tensor import SavedTensorRegistry
+from gradwatch.sinks.jsonl import JsonlSink
+from gradwatch.watch import Watch
+
+STEPS = 4
+
+
+class Injected(ZeroDivisionError):
+    """The fault we inject (an unusual type, so it cannot be confused with anything real)."""
+
+
+def _boom(*args, **kwargs):
+    raise Injected("injected fault")
+
+
+def _train(watched: bool, level: str = "full", log_dir: str | None = None):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses: list[torch.Tensor] = []
+
+    def body() -> None:
+        for _ in range(STEPS):
+            x = torch.randn(5, 4, generator=g)
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model[0].weight.mul_(0.99)  # a user edit: exercises the mode's in-place path
+            losses.append(loss.detach())
+
+    w = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if watched:
+            with gradwatch.watch(model, opt, level=level, log_dir=log_dir) as w:
+                body()
+        else:
+            body()
+    ours = [str(c.message) for c in caught if issubclass(c.category, gradwatch.GradWatchWarning)]
+    return model, losses, ours, w
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model, losses, _, _ = _train(False)
+    return [p.detach().clone() for p in model.parameters()], losses
+
+
+def _assert_identical(reference, model, losses) -> None:
+    ref_params, ref_losses = reference
+    assert len(losses) == len(ref_losses) == STEPS
+    for a, b in zip(ref_params, model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(ref_losses, losses):
+        assert torch.equal(a, b)
+
+
+# (owner, attribute, part named in the warning, levels where that layer runs, needs log_dir)
+GUARDED = [
+    (Watch, "_before_write", "mode", ("full", "light"), False),
+    (Watch, "_after_write", "mode", ("full", "light"), False),
+    (AccumulationTracker, "accumulated", "accumulation", ("full", "light"), False),
+    (Watch, "_zero_grad_check", "accumulation", ("full", "light"), False),
+    (SavedTensorRegistry, "pack", "saved tensors", ("full",), False),
+    (Watch, "_before_backward", "backward", ("full", "light"), False),
+    (Watch, "_after_update", "optimizer hooks", ("full", "light"), False),
+    (Watch, "_step_boundary", "flush", ("full", "light"), False),
+    (JsonlSink, "write", "sink JsonlSink", ("full",), True),
+    (JsonlSink, "step", "sink JsonlSink", ("full",), True),
+    (JsonlSink, "flush", "sink JsonlSink", ("full",), True),
+]
+
+
+def _cases(table):
+    return [
+        pytest.param(owner, attr, part, level, needs_dir, id=f"{owner.__name__}.{attr}-{level}")
+        for owner, attr, part, levels, needs_dir in table
+        for level in levels
+    ]
+
+
+def _check_fail_open(monkeypatch, tmp_path, reference, clean, owner, attr, part, level, needs_dir):
+    monkeypatch.setattr(owner, attr, _boom)
+    log_dir = str(tmp_path / "run") if needs_dir else None
+    model, losses, ours, _ = _train(True, level=level, log_dir=log_dir)
+    _assert_identical(reference, model, losses)
+    assert len(ours) == 1, ours
+    assert ours[0].startswith(f"gradwatch: internal error in {part} (Injected: injected fault)")
+    assert "switched off" in ours[0]
+    assert clean() == {}
+
+
+@pytest.mark.parametrize(("owner", "attr", "part", "level", "needs_dir"), _cases(GUARDED))
+def test_fault_in_layer_is_contained(monkeypatch, tmp_path, reference, clean, owner, attr, part,
+                                     level, needs_dir) -> None:
+    _check_fail_open(monkeypatch, tmp_path, reference, clean, owner, attr, part, level, needs_dir)
+
+
+# The callables torch (or the mode) calls directly. A fault in them must not escape either: the
+# brief's "a hook, e.g. Watch._on_accumulated / _on_step_pre".
+BOUNDARY = [
+    (Watch, "_on_accumulated", "accumulation", ("full", "light"), False),
+    (Watch, "_on_step_pre", "optimizer hooks", ("full", "light"), False),
+    (Watch, "_on_step_post", "optimizer hooks", ("full", "light"), False),
+    (Watch, "_on_module_call", "naming", ("full", "light"), False),
+    (Watch, "_wrap_backward", "backward", ("full", "light"), False),
+    (Watch, "_wrap_zero_grad", "accumulation", ("full", "light"), False),
+    (Watch, "on_action", "mode", ("full", "light"), False),
+    (Watch, "on_no_grad_op", "mode", ("light",), False),
+    (Watch, "_unpack", "saved tensors", ("full",), False),
+]
+
+
+@pytest.mark.xfail(
+    reason="core bug: hook/mode entry points are not guarded at the boundary; an exception "
+    "escaping Watch._on_accumulated, _on_step_pre/_post, _on_module_call, _wrap_backward, "
+    "_wrap_zero_grad, on_action, on_no_grad_op or _unpack propagates into the training loop",
+    raises=Injected,
+    strict=True,
+)
+@pytest.mark.parametrize(("owner", "attr", "part", "level", "needs_dir"), _cases(BOUNDARY))
+def test_fault_at_hook_boundary_is_contained(monkeypatch, tmp_path, reference, clean, owner, attr,
+                                             part, level, needs_dir) -> None:
+    _check_fail_open(monkeypatch, tmp_path, reference, clean, owner, attr, part, level, needs_dir)
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_sink_anomaly_fault_keeps_anomaly_in_memory(monkeypatch, tmp_path, clean, level) -> None:
+    """A sink failing on anomaly() is switched off; the anomaly itself is still recorded."""
+    monkeypatch.setattr(JsonlSink, "anomaly", _boom)
+    p = nn.Parameter(torch.ones(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradwatch.watch(log_dir=str(tmp_path), level=level) as w:
+            with torch.no_grad():
+                p.div_(0)
+            (p * 2).sum().backward()
+    ours = [str(c.message) for c in caught if issubclass(c.category, gradwatch.GradWatchWarning)]
+    assert [a.kind for a in w.anomalies] == ["nonfinite_introduced"]
+    internal = [m for m in ours if "internal error" in m]
+    assert internal == [
+        "gradwatch: internal error in sink JsonlSink (Injected: injected fault); sink JsonlSink is "
+        "switched off for the rest of this run, training continues unchanged"
+    ]
+    assert clean() == {}
+
+
+@pytest.mark.xfail(
+    reason="core bug: when the optimizer-hook layer fails, the accumulation detector keeps "
+    "running without step information and reports a false accumulated_grad_discarded at every "
+    "zero_grad (and the optimizer's own writes as user inplace_no_grad edits)",
+    raises=AssertionError,
+    strict=True,
+)
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_failed_optimizer_layer_causes_no_false_anomalies(monkeypatch, reference, level) -> None:
+    monkeypatch.setattr(Watch, "_about_to_update", _boom)
+    model, losses, ours, w = _train(True, level=level)
+    _assert_identical(reference, model, losses)
+    assert w.anomalies == []
+    assert len(ours) == 1 and "internal error in optimizer hooks" in ours[0]
+
+
+@pytest.mark.xfail(
+    reason="core bug: in level='light' an exception inside the mode while no_grad exits "
+    "(torch._C._set_grad_enabled(True) runs under gradwatch's pushed mode) escapes and leaves "
+    "grad mode globally disabled after the watch",
+    raises=AssertionError,
+    strict=True,
+)
+def test_fault_while_leaving_no_grad_keeps_grad_mode(monkeypatch, clean) -> None:
+    monkeypatch.setattr(Watch, "on_no_grad_op", _boom)
+    p = nn.Parameter(torch.ones(3))
+    escaped = None
+    try:
+        with gradwatch.watch(level="light"):
+            with torch.no_grad():
+                p.mul_(2)
+    except Injected as exc:
+        escaped = exc
+    assert torch.is_grad_enabled() is True  # fails today: grad mode is left off
+    assert clean() == {}
+    assert escaped is None
+
+
+# ----------------------------------------------------------------------------- user exceptions
+class UserError(Exception):
+    pass
+
+
+def _raise_in_forward(model, opt):
+    def hook(module, args):
+        raise UserError("from a forward pre-hook")
+
+    model[0].register_forward_pre_hook(hook)
+    model(torch.randn(2, 4))
+
+
+def _raise_in_closure(model, opt):
+    def closure():
+        opt.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        raise UserError("from the closure")
+
+    opt.step(closure)
+
+
+class _BadBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, g):
+        raise UserError("from a custom backward")
+
+
+def _raise_in_backward(model, opt):
+    _BadBackward.apply(model(torch.randn(2, 4))).sum().backward()
+
+
+def _raise_under_no_grad(model, opt):
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)
+        raise UserError("under no_grad")
+
+
+def _raise_in_grad_hook(model, opt):
+    model[0].weight.register_hook(lambda g: (_ for _ in ()).throw(UserError("from a grad hook")))
+    model(torch.randn(2, 4)).sum().backward()
+
+
+def _torch_shape_error(model, opt):
+    model(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+@pytest.mark.parametrize(
+    "fn",
+    [_raise_in_forward, _raise_in_closure, _raise_in_backward, _raise_under_no_grad,
+     _raise_in_grad_hook, _torch_shape_error],
+)
+def test_user_exception_passes_through_unchanged(fn, level, clean) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected_type = RuntimeError if fn is _torch_shape_error else UserError
+    # the message torch gives without gradwatch
+    torch.manual_seed(0)
+    ref_model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(expected_type) as ref:
+        fn(ref_model, torch.optim.SGD(ref_model.parameters(), lr=0.1))
+    with pytest.raises(expected_type) as got:
+        with gradwatch.watch(model, opt, level=level):
+            fn(model, opt)
+    assert type(got.value) is type(ref.value)
+    assert str(got.value) == str(ref.value)
+    for note in getattr(got.value, "__notes__", []):
+        assert note.startswith("gradwatch:")
+    assert clean() == {}
+
+
+def test_jsonl_written_before_a_user_crash(tmp_path: Path, clean) -> None:
+    """Flushes on an exception: the anomaly seen before the crash is on disk."""
+    p = nn.Parameter(torch.ones(3))
+    with pytest.raises(UserError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gradwatch.watch(log_dir=str(tmp_path)):
+            (p * 2).sum().backward()
+            with torch.no_grad():
+                p.div_(0)
+            (p * 2).sum().backward()
+            raise UserError("crash")
+    lines = (tmp_path / "gradwatch.jsonl").read_text().splitlines()
+    assert any('"nonfinite_introduced"' in line for line in lines)
+    assert clean() == {}
