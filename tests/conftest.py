@@ -71,3 +71,14 @@ def clean() -> Iterator[Callable[[], dict[str, Any]]]:
     finally:
         if diff():
             _force_clean()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Intra-op threads spin badly on this 2-core machine when other suites run beside us."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -244,10 +244,10 @@ def layer_health_run(log_dir: str, steps: int = 12) -> dict[str, Any]:
     })
     with torch.no_grad():
         model["dead"][0].bias.fill_(-50.0)  # every unit dead from the start
-    opt = torch.optim.SGD([
-        {"params": model["dead"].parameters(), "lr": 0.05},
-        {"params": model["skip"].parameters(), "lr": 12.0},
-        {"params": model["head"].parameters(), "lr": 0.01},
+    opt = torch.optim.Adam([
+        {"params": model["dead"].parameters(), "lr": 1e-3},
+        {"params": model["skip"].parameters(), "lr": 0.5},  # far too high
+        {"params": model["head"].parameters(), "lr": 1e-3},
     ])
     with watched(log_dir, model, opt, on_anomaly="log", stats_every=1) as w:
         for _ in range(steps):

@@ -11,6 +11,7 @@ from torch import nn
 
 import gradwatch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 12  # crosses two statistics steps with stats_every=10 (and every step with 1)
 
 OPTIMIZERS = {

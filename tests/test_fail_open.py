@@ -17,6 +17,7 @@ from gradwatch.detectors.saved_tensor import SavedTensorRegistry
 from gradwatch.sinks.jsonl import JsonlSink
 from gradwatch.watch import Watch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 4
 
 
