@@ -26,6 +26,7 @@ from ._location import (
     is_internal,
     local_name,
     location_of,
+    op_caller,
     rebound_name,
     user_frame,
 )
@@ -368,12 +369,17 @@ class Watch:
             self._pop_light_mode()
 
     # ------------------------------------------------------------------ fail-open
+    # Parts that cannot work without another: the step bracketing tells the mode which writes are
+    # the optimizer's and tells the accumulation detector when gradients were consumed.
+    _DEPENDENTS = {"optimizer hooks": ("mode", "accumulation")}
+
     def _fail(self, part: str, exc: BaseException) -> None:
         if isinstance(exc, AnomalyError):
             raise exc
         if part in self._failed:
             return
         self._failed.add(part)
+        self._failed.update(self._DEPENDENTS.get(part, ()))
         warnings.warn(
             f"gradwatch: internal error in {part} ({type(exc).__name__}: {exc}); {part} is "
             "switched off for the rest of this run, training continues unchanged",
@@ -458,103 +464,99 @@ class Watch:
             self._acc.prune()
 
     # ------------------------------------------------------------------ the function mode's calls
-    def on_action(self, action: int, func: Any, args: tuple, kwargs: dict) -> Any:
-        if action == Action.INPLACE:
-            if args and isinstance(args[0], _Tensor):
-                return self._write(func, (args[0],), args, kwargs)
-            return func(*args, **kwargs)
-        if action == Action.FOREACH:
-            targets = args[0] if args else kwargs.get("self")
-            if isinstance(targets, (list, tuple)):
-                return self._write(func, tuple(targets), args, kwargs)
-            return func(*args, **kwargs)
-        if action == Action.INIT:
-            t = kwargs.get("tensor", args[0] if args else None)
-            if isinstance(t, _Tensor):
-                return self._write(func, (t,), args, kwargs, grad_mode="no_grad")
-            return func(*args, **kwargs)
-        if action == Action.GRAD_GET:
-            if args and not self._acc_off:
-                self._guard("accumulation", self._grad_read, args[0])
-            return func(*args, **kwargs)
-        if action == Action.GRAD_SET:
-            if len(args) >= 2:
-                self._guard("accumulation", self._grad_replaced, args[0], args[1])
-            return func(*args, **kwargs)
-        if action == Action.DATA_SET:
-            return self._data_set(func, args, kwargs)
-        if action == Action.EMBEDDING:
-            if kwargs.get("max_norm") is not None and len(args) > 1 and isinstance(args[1], _Tensor):
-                return self._write(torch.embedding_renorm_, (args[1],), args, kwargs,
-                                   grad_mode="no_grad", run=func)
-            return func(*args, **kwargs)
-        if action == Action.DETACH:
-            out = func(*args, **kwargs)
-            if args and isinstance(args[0], _Tensor) and args[0].requires_grad:
-                self._guard("grad flow", self._detached, func, args[0], out)
-            return out
-        return func(*args, **kwargs)
+    def before(self, action: int, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Work before an interesting op runs; returns what :meth:`after` needs (or None)."""
+        if "mode" in self._failed:
+            return None
+        t0 = time.perf_counter()
+        pre = self._before(action, func, args, kwargs)
+        self._busy += time.perf_counter() - t0
+        return pre
 
-    def on_out_or_inplace_kwarg(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        if kwargs.get("inplace") is True:
-            if args and isinstance(args[0], _Tensor):
-                return self._write(func, (args[0],), args, kwargs)
-            return func(*args, **kwargs)
-        out = kwargs.get("out")
-        if isinstance(out, _Tensor):
-            return self._write(func, (out,), args, kwargs)
-        if isinstance(out, (tuple, list)):
-            return self._write(func, tuple(t for t in out if isinstance(t, _Tensor)), args, kwargs)
-        return func(*args, **kwargs)
+    def after(self, pre: Any, out: Any) -> None:
+        t0 = time.perf_counter()
+        what = pre[0]
+        if what == "write":
+            self._after_write(pre[1], pre[2])
+        elif what == "cut":
+            self._after_no_grad_op(pre[1], pre[2], out)
+        elif what == "detach":
+            self._guard("grad flow", self._detached, pre[1], pre[2], out)
+        elif what == "data_set":
+            self._after_data_set(*pre[1:])
+        self._busy += time.perf_counter() - t0
+
+    def mode_failed(self, exc: BaseException) -> None:
+        self._fail("mode", exc)
+
+    def _before(self, action: int, func: Any, args: tuple, kwargs: dict) -> Any:
+        A = Action
+        first = args[0] if args else None
+        if action == A.NO_GRAD_OP:
+            if "grad flow" in self._failed:
+                return None
+            for a in args:
+                if isinstance(a, _Tensor) and a.requires_grad:
+                    return ("cut", func, a) if a.is_leaf else None
+            return None
+        targets: tuple = ()
+        op = func
+        grad_mode = None
+        if action == A.INPLACE:
+            targets = (first,)
+        elif action == A.FOREACH:
+            seq = first if first is not None else kwargs.get("self")
+            if isinstance(seq, (list, tuple)):
+                targets = tuple(seq)
+        elif action == A.KWARG_WRITE:
+            if kwargs.get("inplace") is True:
+                targets = (first,)
+            else:
+                out = kwargs.get("out")
+                targets = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        elif action == A.INIT:
+            targets = (kwargs.get("tensor", first),)
+            grad_mode = "no_grad"
+        elif action == A.EMBEDDING:
+            if kwargs.get("max_norm") is None or len(args) < 2:
+                return None
+            targets, op, grad_mode = (args[1],), torch.embedding_renorm_, "no_grad"
+        elif action == A.GRAD_GET:
+            if isinstance(first, _Tensor) and not self._acc_off:
+                self._guard("accumulation", self._grad_read, first)
+            return None
+        elif action == A.GRAD_SET:
+            if len(args) >= 2:
+                self._guard("accumulation", self._grad_replaced, first, args[1])
+            return None
+        elif action == A.DATA_SET:
+            return self._before_data_set(first)
+        elif action == A.DETACH:
+            if isinstance(first, _Tensor) and first.requires_grad:
+                return ("detach", func, first)
+            return None
+        targets = tuple(t for t in targets if isinstance(t, _Tensor))
+        if not targets:
+            return None
+        pre = self._before_write(op, targets, grad_mode)
+        return None if pre is None else ("write", op, pre)
 
     def on_no_grad_entered(self) -> None:
         if "grad flow" not in self._failed:
             try:
-                self._no_grad_regions.append((caller(2), self.step))
+                self._no_grad_regions.append((caller(), self.step))
             except Exception as exc:
                 self._fail("grad flow", exc)
 
-    def on_no_grad_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        out = func(*args, **kwargs)
-        if isinstance(out, _Tensor) and "grad flow" not in self._failed:
-            for a in args:
-                if isinstance(a, _Tensor) and a.requires_grad and a.is_leaf:
-                    if a.shape == out.shape and not out.requires_grad:
-                        self._guard("grad flow", self._cut, func, a, out)
-                    break
-        return out
+    def _after_no_grad_op(self, func: Any, source: torch.Tensor, out: Any) -> None:
+        if isinstance(out, _Tensor) and source.shape == out.shape and not out.requires_grad:
+            self._guard("grad flow", self._cut, func, source, out)
 
     @property
     def _acc_off(self) -> bool:
         return "accumulation" in self._failed
 
     # ------------------------------------------------------------------ in-place writes
-    def _write(self, func: Any, targets: tuple, args: tuple, kwargs: dict,
-               grad_mode: str | None = None, run: Any = None) -> Any:
-        """Observe an in-place write by ``func`` (the op run is ``run`` if given): checks before,
-        the op, records after."""
-        pre = None
-        if "mode" not in self._failed:
-            t0 = time.perf_counter()
-            try:
-                pre = self._before_write(func, targets, grad_mode)
-            except AnomalyError:
-                raise
-            except Exception as exc:
-                self._fail("mode", exc)
-            self._busy += time.perf_counter() - t0
-        out = (run or func)(*args, **kwargs)
-        if pre is not None:
-            t0 = time.perf_counter()
-            try:
-                self._after_write(func, pre)
-            except AnomalyError:
-                raise
-            except Exception as exc:
-                self._fail("mode", exc)
-            self._busy += time.perf_counter() - t0
-        return out
-
     def _before_write(self, func: Any, targets: tuple, grad_mode: str | None) -> Any:
         grad_on = _grad_enabled() if grad_mode is None else grad_mode == "enabled"
         if grad_mode is None:
@@ -573,7 +575,7 @@ class Watch:
                 s = saved.pending(key)
                 if s is not None:
                     if where is None:
-                        where = caller(3)
+                        where = caller()
                     hits.append((t, s))
                     if self.config.on_anomaly == "raise":
                         self._saved_mutation(func, t, s, key, where, grad_mode, after=False)
@@ -592,7 +594,7 @@ class Watch:
                     continue
             if st is not None and func in _ZEROING:
                 if where is None:
-                    where = caller(3)
+                    where = caller()
                 self._grad_zeroing(st, t, where, func)
             try:
                 version = t._version
@@ -602,7 +604,7 @@ class Watch:
         if not tracked and not hits:
             return None
         if where is None:
-            where = caller(3)
+            where = caller()
         stats_step = self.step % self.config.stats_every == 0
         checks = [e[0] for e in tracked if self.config.check_nonfinite and checkable(e[0])]
         before_flags = max_abs(checks) if checks else []
@@ -687,29 +689,23 @@ class Watch:
                 grad_mode, None, where, self.step, msg, saved_tensor.HINT),
         )
 
-    def _data_set(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        t = args[0] if args else None
-        if not isinstance(t, _Tensor) or "mode" in self._failed:
-            return func(*args, **kwargs)
+    def _before_data_set(self, t: Any) -> Any:
+        if not isinstance(t, _Tensor):
+            return None
         name = self._names.param_name(t)
-        tracked = name is not None or t.requires_grad
-        try:
-            vb = t._version
-        except Exception:
-            vb = None
-        out = func(*args, **kwargs)
-        if tracked and self._user_step_depth == 0:
-            try:
-                va = t._version
-            except Exception:
-                va = None
-            mode = "inference_mode" if _inference_enabled() else (
-                "enabled" if _grad_enabled() else "no_grad")
-            self._record(Raw(K.INPLACE_NO_GRAD, "data.__set__", name, tuple(t.shape), t.dtype,
-                             t.device, vb, va, mode, None, caller(2), self.step))
-            if name is not None:
-                self._names._add(name, t, param=True)
-        return out
+        if name is None and not t.requires_grad:
+            return None
+        return ("data_set", t, name, _version(t), caller())
+
+    def _after_data_set(self, t: torch.Tensor, name: str | None, vb: int | None, where: Any) -> None:
+        if self._user_step_depth:
+            return
+        mode = "inference_mode" if _inference_enabled() else (
+            "enabled" if _grad_enabled() else "no_grad")
+        self._record(Raw(K.INPLACE_NO_GRAD, "data.__set__", name, tuple(t.shape), t.dtype,
+                         t.device, vb, _version(t), mode, None, where, self.step))
+        if name is not None:
+            self._names._add(name, t, param=True)
 
     # ------------------------------------------------------------------ grad flow
     def _cut(self, func: Any, source: torch.Tensor, out: torch.Tensor) -> None:
@@ -723,9 +719,7 @@ class Watch:
         self._cuts.add(cut, source, watch_source=True)
 
     def _detached(self, func: Any, source: torch.Tensor, out: Any) -> None:
-        import sys as _sys
-
-        frame = _sys._getframe(3)
+        frame = op_caller()
         if frame is None or is_internal(frame.f_code):
             return
         if isinstance(out, _Tensor):
@@ -804,9 +798,7 @@ class Watch:
         st = self._acc.leaves.get(id(p))
         if st is None or st.accum == 0 or st.read:
             return
-        frame = sys._getframe(3)
-        while frame is not None and frame.f_code.co_filename == __file__:
-            frame = frame.f_back
+        frame = op_caller()
         if frame is not None and not is_internal(frame.f_code):
             self._acc.grad_read(p)
 
@@ -819,7 +811,7 @@ class Watch:
         old = p.grad
         if old is None or value is old:
             return
-        self._grad_zeroing(st, old, caller(3), "grad = None" if value is None else "grad =")
+        self._grad_zeroing(st, old, caller(), "grad = None" if value is None else "grad =")
 
     def _grad_zeroing(self, st: acc_mod.LeafState, grad: torch.Tensor, where: Any, op: Any) -> None:
         if not self._acc.resetting(st) or self._acc_off:
@@ -864,7 +856,7 @@ class Watch:
             if st is None or st.leaf() is not p or p.grad is None:
                 continue
             if where is None:
-                where = caller(4)
+                where = caller()
             self._grad_zeroing(st, p.grad, where, "zero_grad")
 
     # ------------------------------------------------------------------ module discovery
@@ -913,7 +905,7 @@ class Watch:
             with torch._C.DisableTorchFunction():
                 self.suspended = False
                 info = self._optimizer_info(opt)
-                where = caller(2)
+                where = caller()
                 state = {"where": where, "info": info, "samples": None, "updated": False}
                 self._step_state[id(opt)] = state
                 closure = args[1] if len(args) > 1 else kwargs.get("closure")
@@ -1089,7 +1081,7 @@ class Watch:
         t0 = time.perf_counter()
         self.suspended = False
         self._user_step_depth = 0
-        self._backward_where = caller(3)
+        self._backward_where = caller()
         if self._discover_leaves > 0 and roots:
             with torch._C.DisableTorchFunction():
                 new = self._discover(roots)

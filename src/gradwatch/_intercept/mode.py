@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ..errors import AnomalyError
 from .ops import ACTIONS, Action, classify
 
 if TYPE_CHECKING:
@@ -26,7 +27,9 @@ except Exception:  # pragma: no cover - older torch
 
 
 class WatchMode(TorchFunctionMode):
-    """Sees every torch call while active; forwards in-place writes and cuts to the session."""
+    """Sees every torch call while active. Calls ``func`` exactly once; around the rare
+    interesting call it asks the session for ``before`` work and hands the result to ``after``.
+    A failure in either is the session's to report: the user's op always runs."""
 
     def __init__(self, session: Watch) -> None:
         super().__init__()
@@ -43,12 +46,28 @@ class WatchMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if action is _PASS:
             if kwargs and ("out" in kwargs or kwargs.get("inplace") is True):
-                return s.on_out_or_inplace_kwarg(func, args, kwargs)
-            if func is _set_grad_enabled:
+                action = Action.KWARG_WRITE
+            elif func is _set_grad_enabled:
                 if args and args[0] is False:
                     s.on_no_grad_entered()
                 return func(*args, **kwargs)
-            if not _grad_enabled():
-                return s.on_no_grad_op(func, args, kwargs)
-            return func(*args, **kwargs)
-        return s.on_action(action, func, args, kwargs)
+            elif not _grad_enabled():
+                action = Action.NO_GRAD_OP
+            else:
+                return func(*args, **kwargs)
+        try:
+            pre = s.before(action, func, args, kwargs)
+        except AnomalyError:
+            raise
+        except Exception as exc:
+            s.mode_failed(exc)
+            pre = None
+        out = func(*args, **kwargs)
+        if pre is not None:
+            try:
+                s.after(pre, out)
+            except AnomalyError:
+                raise
+            except Exception as exc:
+                s.mode_failed(exc)
+        return out

@@ -21,6 +21,8 @@ class Action:
     DATA_SET = 6  # p.data = ...
     DETACH = 7  # .detach() / .data read: a tensor cut from the graph
     EMBEDDING = 8  # F.embedding(max_norm=...) renormalises args[1] in place under no_grad
+    KWARG_WRITE = 9  # out=... or inplace=True (decided per call, never memoised)
+    NO_GRAD_OP = 10  # an out-of-place op with grad off (decided per call, never memoised)
 
 
 _INPLACE_DUNDERS = frozenset(
