@@ -1,16 +1,13 @@
-"""Helpers for the CLI and TensorBoard-plugin tests: watched runs with real bugs, a stand-in
-TensorBoard sink that writes exactly the tag layout of docs/INTERNALS.md (used only while
-``gradwatch.sinks.tensorboard`` is absent), a TensorBoard server and a headless Chromium."""
+"""Helpers for the CLI and TensorBoard-plugin tests: watched runs with real bugs, a real
+``tensorboard`` server on loopback and a headless Chromium driven by selenium."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,87 +19,17 @@ from typing import Any
 import torch
 
 import gradwatch
-from gradwatch.config import Config
-from gradwatch.events import Event, EventKind
-from gradwatch.sinks import Sink, StepSummary
-from gradwatch.sinks.jsonl import JsonlSink
 
-HAVE_TB_SINK = importlib.util.find_spec("gradwatch.sinks.tensorboard") is not None
 TENSORBOARD = os.path.join(os.path.dirname(sys.executable), "tensorboard")
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
-def _markdown(ev: Event) -> str:
-    loc = ev.location
-    where = f"`{loc.filename}:{loc.lineno}`" if loc else "?"
-    code = f"\n\n    {loc.code}" if loc and loc.code else ""
-    return (f"**{ev.kind.value}** ({ev.severity}) on `{ev.tensor}` at {where}{code}\n\n"
-            f"{ev.message}\n\nhint: {ev.hint}")
-
-
-class DocTensorBoardSink(Sink):
-    """Writes the documented gradwatch/ tags with torch's SummaryWriter (test stand-in)."""
-
-    def __init__(self, log_dir: str) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir)
-        self.distinct: dict[tuple[Any, ...], list[Any]] = {}
-        self.last_step = 0
-        self.closed = False
-
-    def anomaly(self, event: Event) -> None:
-        d = self.distinct.get(event.key)
-        if d is None:
-            self.distinct[event.key] = [event, 1, event.step, event.step]
-            self.writer.add_text("gradwatch/anomaly", _markdown(event), event.step)
-            self.writer.add_text("gradwatch/anomaly_json", json.dumps(event.to_dict()), event.step)
-        else:
-            d[1] += 1
-            d[3] = event.step
-
-    def step(self, summary: StepSummary) -> None:
-        s = summary.step
-        self.last_step = s
-        w = self.writer
-        for kind in EventKind:
-            w.add_scalar(f"gradwatch/count/{kind.value}", summary.counts.get(kind.value, 0), s)
-        anomalies = sum(n for k, n in summary.counts.items() if EventKind(k).severity != "info")
-        w.add_scalar("gradwatch/anomalies", anomalies, s)
-        w.add_scalar("gradwatch/overhead_ms", summary.overhead_s * 1e3, s)
-        ratios = summary.update_ratios
-        if ratios:
-            values = list(ratios.values())
-            w.add_scalar("gradwatch/update_ratio/max", max(values), s)
-            w.add_scalar("gradwatch/update_ratio/median", statistics.median(values), s)
-            w.add_scalar("gradwatch/update_ratio/min", min(values), s)
-            for name, r in ratios.items():
-                w.add_scalar(f"gradwatch/param_update_ratio/{name}", r, s)
-
-    def _summary(self) -> None:
-        items = [{"event": ev.to_dict(), "count": n, "first_step": a, "last_step": b}
-                 for ev, n, a, b in self.distinct.values()]
-        self.writer.add_text("gradwatch/summary_json", json.dumps(items), self.last_step)
-
-    def flush(self) -> None:
-        self.writer.flush()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._summary()
-            self.writer.close()
-
-
 def watched(log_dir: str, model: Any = None, optimizer: Any = None, **options: Any
             ) -> gradwatch.Watch:
-    """``gradwatch.watch(log_dir=...)`` once the real TensorBoard sink exists; until then the
-    same jsonl sink plus the documented-layout stand-in."""
-    if HAVE_TB_SINK:
-        return gradwatch.watch(model, optimizer, log_dir=log_dir, **options)
-    cfg = Config.build(model, optimizer, **options)
-    return gradwatch.Watch(cfg, sinks=[JsonlSink(log_dir), DocTensorBoardSink(log_dir)])
+    """``gradwatch.watch(log_dir=...)``: jsonl plus TensorBoard event files through the real
+    sinks (``gradwatch.sinks.jsonl``, ``gradwatch.sinks.tensorboard``)."""
+    return gradwatch.watch(model, optimizer, log_dir=log_dir, **options)
 
 
 def _mlp() -> torch.nn.Module:

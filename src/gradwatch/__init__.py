@@ -1,8 +1,12 @@
-"""gradwatch: name the line that silently corrupts your gradients."""
+"""gradwatch: name the line that silently corrupts your gradients.
 
-from .errors import AnomalyError, GradWatchWarning
-from .events import Change, Event, EventKind, Location
-from .watch import Watch, watch
+Names are imported lazily so that loading the TensorBoard plugin or the CLI does not import
+torch until it is needed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "AnomalyError",
@@ -16,3 +20,34 @@ __all__ = [
     "watch",
 ]
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "AnomalyError": "errors",
+    "GradWatchWarning": "errors",
+    "Change": "events",
+    "Event": "events",
+    "EventKind": "events",
+    "Location": "events",
+    "Watch": "watch",
+    "watch": "watch",
+}
+
+if TYPE_CHECKING:
+    from .errors import AnomalyError, GradWatchWarning
+    from .events import Change, Event, EventKind, Location
+    from .watch import Watch, watch
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -431,13 +431,14 @@ class Watch:
     def _flush_records(self) -> list[Raw]:
         return self._guard("flush", self._buffer.take_unflushed) or []
 
-    def _step_boundary(self, final: bool = False) -> None:
+    def _step_boundary(self, final: bool = False, step: int | None = None) -> None:
         t0 = time.perf_counter()
         if self._nonfinite.pending:
             self._nonfinite.resolve(self._report_nonfinite)
         self._raise_replaced()
         new = self._buffer.take_unflushed()
-        step = self.step
+        if step is None:
+            step = self.step
         if self._sinks:
             events = [build_event(r, self.rank) for r in new if r.kind.severity == "info"]
             counts = self._buffer.counts
@@ -605,12 +606,17 @@ class Watch:
             return None
         if where is None:
             where = caller()
-        stats_step = self.step % self.config.stats_every == 0
-        checks = [e[0] for e in tracked if self.config.check_nonfinite and checkable(e[0])]
-        before_flags = max_abs(checks) if checks else []
+        # Values are checked only for writes made by user code (your loop, your optimizer): torch's
+        # own utilities (clip_grad_norm_, zero_grad, ...) do not create NaN from finite values.
+        checks: list[torch.Tensor] = []
+        before_flags: list[torch.Tensor] = []
         samples = None
-        if self.config.change_stats and stats_step and not in_step:
-            samples = [_sample(e[0]) for e in tracked]
+        if tracked and (in_step or _user_code_called_op()):
+            if self.config.check_nonfinite:
+                checks = [e[0] for e in tracked if checkable(e[0])]
+                before_flags = max_abs(checks) if checks else []
+            if self.config.change_stats and not in_step and self.step % self.config.stats_every == 0:
+                samples = [_sample(e[0]) for e in tracked]
         return (tracked, hits, where, grad_mode, in_step, checks, before_flags, samples)
 
     def _after_write(self, func: Any, pre: Any) -> None:
@@ -645,9 +651,7 @@ class Watch:
                       grad_mode, change, where, step)
             if not in_step:
                 self._record(raw)
-            self._recent.recent.append(
-                Mutation(name or describe(t), tuple(t.shape), vb, va, _op_str(func), where, step)
-            )
+            self._recent.recent.append(raw)
             j = flag_of.get(id(t))
             if j is not None:
                 infos.append((j, raw))
@@ -800,7 +804,7 @@ class Watch:
             return
         frame = op_caller()
         if frame is not None and not is_internal(frame.f_code):
-            self._acc.grad_read(p)
+            self._acc.grad_read(p, (frame.f_code, frame.f_lineno))
 
     def _grad_replaced(self, p: Any, value: Any) -> None:
         if not isinstance(p, _Tensor):
@@ -814,7 +818,7 @@ class Watch:
         self._grad_zeroing(st, old, caller(), "grad = None" if value is None else "grad =")
 
     def _grad_zeroing(self, st: acc_mod.LeafState, grad: torch.Tensor, where: Any, op: Any) -> None:
-        if not self._acc.resetting(st) or self._acc_off:
+        if not self._acc.resetting(st, where) or self._acc_off:
             return
         if not finite_nonzero(grad):
             return
@@ -981,6 +985,7 @@ class Watch:
         self.suspended = False
         if state is None or info is None:
             return
+        step_before = self.step  # the step the events being flushed belong to
         try:
             with torch._C.DisableTorchFunction():
                 self._after_update(opt, info, state)
@@ -989,7 +994,7 @@ class Watch:
         except Exception as exc:
             self._fail("optimizer hooks", exc)
         self._busy += time.perf_counter() - t0
-        self._guard("flush", self._step_boundary)
+        self._guard("flush", self._step_boundary, step=step_before)
 
     def _after_update(self, opt: Any, info: _OptimizerInfo, state: dict) -> None:
         params = state.get("params") or []
@@ -1200,6 +1205,11 @@ def _op_str(func: Any) -> str:
 def _code(where: Any) -> str:
     loc = location_of(where)
     return loc.code if loc else ""
+
+
+def _user_code_called_op() -> bool:
+    frame = op_caller()
+    return frame is not None and not is_internal(frame.f_code)
 
 
 def _version(t: torch.Tensor) -> int | None:

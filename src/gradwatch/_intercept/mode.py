@@ -20,10 +20,7 @@ _PASS = Action.PASS
 _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
 
-try:
-    from torch._dynamo.external_utils import is_compiling as _is_compiling
-except Exception:  # pragma: no cover - older torch
-    _is_compiling = torch.compiler.is_compiling
+_is_compiling = torch.compiler.is_compiling  # a flag read; importing dynamo costs seconds
 
 
 class WatchMode(TorchFunctionMode):

@@ -33,13 +33,15 @@ HINT_DISCARDED = (
 
 class LeafState:
     __slots__ = ("accum", "consumed", "grad_id", "grad_version", "leaf", "name_hint", "optimized",
-                 "read", "reset", "stale_where", "steps", "token", "trained", "window_start")
+                 "read", "read_where", "reset", "stale_where", "steps", "token", "trained",
+                 "window_start")
 
     def __init__(self, leaf: torch.Tensor) -> None:
         self.leaf = weakref.ref(leaf)
         self.accum = 0
         self.consumed = False
         self.read = False
+        self.read_where: tuple[CodeType, int] | None = None
         self.reset = False
         self.grad_id = 0
         self.grad_version = -1
@@ -121,15 +123,18 @@ class AccumulationTracker:
             st.consumed = True
         return due
 
-    def grad_read(self, leaf: torch.Tensor) -> None:
+    def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None) -> None:
         st = self.get(leaf)
         if st is not None and st.accum > 0:
             st.read = True
+            st.read_where = where
 
-    def resetting(self, st: LeafState) -> bool:
-        """The leaf's gradient is about to be zeroed or dropped. True if that discards a window
-        worth checking (accumulated, unconsumed, unread, leaf trained by an optimizer)."""
-        candidate = st.accum > 0 and not st.consumed and not st.read and not st.reset and st.optimized
+    def resetting(self, st: LeafState, where: tuple[CodeType, int] | None = None) -> bool:
+        """The leaf's gradient is about to be zeroed or dropped at ``where``. True if that discards
+        a window worth checking (accumulated, unconsumed, unread, leaf trained by an optimizer).
+        A read on the zeroing line itself (``p.grad.zero_()``) is not a use."""
+        read = st.read and st.read_where != where
+        candidate = st.accum > 0 and not st.consumed and not read and not st.reset and st.optimized
         st.reset = True
         st.stale_where = None
         return candidate

@@ -78,7 +78,8 @@ class SavedTensorRegistry:
 
     def __init__(self, recent: int = 256) -> None:
         self._by_storage: dict[int, set[_Ref]] = {}
-        self.recent: deque[Mutation] = deque(maxlen=recent)
+        # Mutation or raw inplace records (converted only when an error needs explaining)
+        self.recent: deque[Any] = deque(maxlen=recent)
         # The autograd engine re-creates exceptions raised in hooks: remember the culprit here.
         self.last_failure: Mutation | None = None
 
@@ -154,9 +155,11 @@ class SavedTensorRegistry:
         if parsed is None:
             return None
         shape, _now, expected = parsed
+        numel = _numel(shape)
         best = None
-        for m in reversed(self.recent):
-            if m.shape != shape:
+        for entry in reversed(self.recent):
+            m = entry if isinstance(entry, Mutation) else _from_raw(entry)
+            if _numel(m.shape) != numel:  # the saved tensor may be a view (weight.t())
                 continue
             if m.version_before is not None and m.version_before == expected:
                 return m
@@ -167,6 +170,13 @@ class SavedTensorRegistry:
     def clear(self) -> None:
         self._by_storage.clear()
         self.recent.clear()
+
+
+def _from_raw(r: Any) -> Mutation:
+    from .._records import _op, describe_shape
+
+    return Mutation(r.name or describe_shape(r.shape, r.dtype), r.shape, r.version_before,
+                    r.version_after, _op(r.op), r.where, r.step)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -68,7 +68,12 @@ tr.gw-row.selected { background: #e8f0fe; }
 .gw-status.stalled { color: #1967d2; }
 .gw-status.exploding, .gw-status.nonfinite { color: #c5221f; }
 .gw-status.ok { color: #137333; }
-.gw-run-title { font-weight: 500; margin: 10px 0 4px; }
+.gw-run-title { font-weight: 500; margin: 14px 0 4px; }
+table.gw-ratios { table-layout: fixed; }
+table.gw-ratios td { vertical-align: middle; padding: 3px 8px; }
+table.gw-ratios col.name { width: 280px; }
+table.gw-ratios col.spark { width: 250px; }
+table.gw-ratios col.num { width: 100px; }
 svg text { font: 11px Roboto, Arial, sans-serif; fill: #5f6368; }
 `;
 
@@ -231,7 +236,7 @@ function drawTimeline(card) {
   card.appendChild(el('div', {class: 'gw-legend'}, [
     el('span', null, [el('span', {class: 'gw-dot', style: `background:${COLORS.error}`}), 'error']),
     el('span', null, [el('span', {class: 'gw-dot', style: `background:${COLORS.warning}`}), 'warning']),
-    el('span', null, 'dot size: occurrences in that step · x: optimizer step'),
+    el('span', null, 'dot size: occurrences · x: TensorBoard step of the gradwatch/count scalars'),
   ]));
 }
 
@@ -342,7 +347,7 @@ function drawRatios(card) {
     for (const p of run.params) {
       tbody.appendChild(el('tr', {class: 'gw-param', 'data-status': p.status}, [
         el('td', {class: 'mono'}, p.name),
-        el('td', null, sparkline(p.points, th)),
+        el('td', null, sparkline(p.points, th, p.status)),
         el('td', {class: 'num mono'}, fmt(p.last)),
         el('td', {class: 'num mono'}, fmt(p.min)),
         el('td', {class: 'num mono'}, fmt(p.max)),
@@ -350,6 +355,8 @@ function drawRatios(card) {
       ]));
     }
     card.appendChild(el('table', {class: 'gw-ratios'}, [
+      el('colgroup', null, ['name', 'spark', 'num', 'num', 'num', 'status'].map(
+        (c) => el('col', {class: c}))),
       el('thead', null, el('tr', null, [
         el('th', null, 'Parameter'), el('th', null, 'Ratio over steps'), el('th', {class: 'num'}, 'Last'),
         el('th', {class: 'num'}, 'Min'), el('th', {class: 'num'}, 'Max'), el('th', null, 'Status'),
@@ -359,7 +366,8 @@ function drawRatios(card) {
   }
 }
 
-function sparkline(points, th) {
+function sparkline(points, th, status) {
+  const stroke = {stalled: '#1967d2', exploding: COLORS.error, nonfinite: COLORS.error}[status] || '#137333';
   const w = 220;
   const h = 30;
   const lo = -9;
@@ -380,9 +388,9 @@ function sparkline(points, th) {
   const good = points.filter((p) => p[1] != null);
   if (good.length) {
     const d = good.map((p, i) => `${i ? 'L' : 'M'}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(' ');
-    svg.appendChild(svgEl('path', {d, fill: 'none', stroke: '#1a73e8', 'stroke-width': 1.5}));
+    svg.appendChild(svgEl('path', {d, fill: 'none', stroke, 'stroke-width': 1.5}));
     const [ls, lv] = good[good.length - 1];
-    svg.appendChild(svgEl('circle', {cx: sx(ls), cy: sy(lv), r: 2.5, fill: '#1a73e8'}));
+    svg.appendChild(svgEl('circle', {cx: sx(ls), cy: sy(lv), r: 2.5, fill: stroke}));
   }
   for (const p of points) {
     if (p[1] == null) svg.appendChild(svgEl('circle', {cx: sx(p[0]), cy: 4, r: 2.5, fill: COLORS.error}));

@@ -1,0 +1,201 @@
+"""The GradWatch TensorBoard tab (issue 5): data read back through TensorBoard's own data
+provider, a real ``tensorboard`` server, and the tab rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.parse
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tensorboard import context as tb_context
+from tensorboard.backend.event_processing import data_provider as tb_data_provider
+from tensorboard.backend.event_processing import plugin_event_multiplexer
+from tensorboard.plugins import base_plugin
+
+import tb_helpers
+from gradwatch.tb_plugin.data import GradWatchData, ratio_status
+from gradwatch.tb_plugin.plugin import GradWatchPlugin
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOTS = REPO / "docs" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two real watched runs: ``buggy`` (saved tensor mutated + forgotten zero_grad) and
+    ``layers`` (a dead branch that stopped training, a branch that blows up)."""
+    root = tmp_path_factory.mktemp("tb")
+    buggy = tb_helpers.buggy_run(str(root / "buggy"))
+    tb_helpers.layer_health_run(str(root / "layers"))
+    return {"root": str(root), **buggy}
+
+
+def _provider(root: str) -> tb_data_provider.MultiplexerDataProvider:
+    mux = plugin_event_multiplexer.EventMultiplexer(tensor_size_guidance={"scalars": 0})
+    mux.AddRunsFromDirectory(root)
+    mux.Reload()
+    return tb_data_provider.MultiplexerDataProvider(mux, root)
+
+
+@pytest.fixture(scope="module")
+def data(logdir) -> GradWatchData:
+    return GradWatchData(_provider(logdir["root"]), tb_context.RequestContext(), "")
+
+
+# ------------------------------------------------------------------------------ plugin object
+def test_plugin_metadata_routes_and_is_active(logdir, tmp_path) -> None:
+    plugin = GradWatchPlugin(base_plugin.TBContext(data_provider=_provider(logdir["root"])))
+    assert plugin.plugin_name == "gradwatch"
+    assert plugin.frontend_metadata().es_module_path == "/index.js"
+    assert {"/index.js", "/anomalies", "/timeline", "/update_ratios", "/runs"} <= set(
+        plugin.get_plugin_apps()
+    )
+    assert plugin.is_active() is True
+    (tmp_path / "empty").mkdir()
+    empty = GradWatchPlugin(base_plugin.TBContext(data_provider=_provider(str(tmp_path))))
+    assert empty.is_active() is False
+
+
+def test_anomalies_of_all_runs_match_the_watch(data, logdir) -> None:
+    anomalies = data.anomalies()
+    expected = sorted(
+        (d["event"].kind.value, d["event"].tensor, d["event"].location.lineno, d["count"],
+         d["first_step"], d["last_step"])
+        for d in logdir["watch"].distinct_anomalies()
+    )
+    got = sorted((a["kind"], a["tensor"], a["line"], a["count"], a["first_step"], a["last_step"])
+                 for a in anomalies)
+    assert got == expected
+    assert {(a["run"], a["rank"]) for a in anomalies} == {("buggy", 0)}
+    top = anomalies[0]  # worst first
+    assert (top["kind"], top["severity"], top["tensor"]) == ("saved_tensor_mutated", "error",
+                                                              "2.weight")
+    assert top["where"] == f"tb_helpers.py:{logdir['mutate']}"
+    assert top["file"] == tb_helpers.__file__
+    assert top["code"] == "model[2].weight.mul_(0.9)  # <- mutate"
+    assert top["hint"].startswith("compute the loss again")
+    assert top["event"]["version_before"] + 1 == top["event"]["version_after"]
+    assert data.anomalies("layers") == []
+    assert len(data.anomalies("buggy")) == len(anomalies)
+
+
+def test_timeline_counts_per_kind_and_step(data, logdir) -> None:
+    tl = data.timeline()
+    totals = {s["kind"]: s["total"] for s in tl["series"] if s["run"] == "buggy"}
+    counts = logdir["watch"].counts
+    assert totals == {k: counts[k] for k in ("saved_tensor_mutated", "stale_grad_accumulation")}
+    assert all(s["run"] != "layers" for s in tl["series"])
+    assert tl["max_step"] >= 5
+
+
+def test_update_ratios_flag_stalled_and_exploding_layers(data) -> None:
+    (run,) = [r for r in data.update_ratios()["runs"] if r["run"] == "layers"]
+    status = {p["name"]: p["status"] for p in run["params"]}
+    assert status == {
+        "dead.0.weight": "stalled", "dead.0.bias": "stalled",
+        "skip.weight": "exploding", "skip.bias": "exploding",
+        "head.weight": "ok", "head.bias": "ok",
+    }
+    dead = next(p for p in run["params"] if p["name"] == "dead.0.weight")
+    assert dead["last"] == 0.0 and len(dead["points"]) == 12
+    assert [p["status"] for p in run["params"]][:4] == ["exploding"] * 2 + ["stalled"] * 2
+
+
+def test_ratio_status_thresholds() -> None:
+    assert ratio_status(0.0) == "stalled"
+    assert ratio_status(1e-3) == "ok"
+    assert ratio_status(0.5) == "exploding"
+    assert ratio_status(float("nan")) == "nonfinite"
+    assert ratio_status(None) == "nonfinite"
+
+
+def test_index_js_ships_in_the_wheel(tmp_path) -> None:
+    builders = pytest.importorskip("hatchling.builders.wheel")
+    wheel = builders.WheelBuilder(str(REPO)).build_standard(str(tmp_path))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "gradwatch/tb_plugin/static/index.js" in names
+
+
+# ------------------------------------------------------------------ real server + real browser
+def _browser_available() -> bool:
+    return tb_helpers.chromium_binary() is not None and os.path.exists(tb_helpers.CHROMEDRIVER)
+
+
+def test_tab_in_a_real_tensorboard_and_headless_chromium(logdir, tmp_path) -> None:
+    if not _browser_available():
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium "
+                    "chromium-driver)")
+    pytest.importorskip("selenium")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    where = f"tb_helpers.py:{logdir['mutate']}"
+    t0 = time.monotonic()
+    with tb_helpers.tensorboard_server(logdir["root"]) as url:
+        listing = tb_helpers.get_json(url + "/data/plugins_listing")
+        assert listing["gradwatch"]["enabled"] is True
+        assert listing["gradwatch"]["loading_mechanism"] == {
+            "type": "IFRAME", "module_path": "/data/plugin/gradwatch/index.js"}
+        base = url + "/data/plugin/gradwatch/"
+        anomalies = tb_helpers.wait_json(base + "anomalies", lambda b: len(b) == 7)
+        top = anomalies[0]
+        assert (top["run"], top["rank"], top["kind"], top["where"]) == (
+            "buggy", 0, "saved_tensor_mutated", where)
+        assert tb_helpers.get_json(base + "anomalies?" + urllib.parse.urlencode(
+            {"run": "layers"})) == []
+        ratios = tb_helpers.get_json(base + "update_ratios?run=layers")
+        assert [r["run"] for r in ratios["runs"]] == ["layers"]
+        assert {p["status"] for p in ratios["runs"][0]["params"]} == {
+            "stalled", "exploding", "ok"}
+
+        with tb_helpers.headless_chromium(1400, 1000) as driver:
+            driver.get(url + "/#gradwatch")
+            frame = WebDriverWait(driver, 20).until(
+                lambda d: d.find_element(By.TAG_NAME, "iframe"))
+            driver.switch_to.frame(frame)
+            WebDriverWait(driver, 20).until(
+                lambda d: d.find_element(By.CSS_SELECTOR, "#gw-root[data-ready=true]"))
+            rows = driver.find_elements(By.CSS_SELECTOR, "#gw-anomaly-table tr.gw-row")
+            assert len(rows) == 7
+            assert rows[0].get_attribute("data-where") == where
+            assert where in rows[0].text
+            assert "model[2].weight.mul_(0.9)" in rows[0].text
+            assert where in driver.find_element(By.TAG_NAME, "body").text
+            rows[0].click()
+            detail = driver.find_element(By.CSS_SELECTOR, "tr.gw-details")
+            assert f"{tb_helpers.__file__}:{logdir['mutate']} in buggy_run()" in detail.text
+            flagged = driver.find_elements(By.CSS_SELECTOR, "tr.gw-param[data-status=stalled]")
+            assert {r.text.split()[0] for r in flagged} == {"dead.0.weight", "dead.0.bias"}
+            assert driver.find_elements(By.CSS_SELECTOR, "#gw-timeline circle")
+            # filters: one kind only
+            from selenium.webdriver.support.select import Select
+
+            Select(driver.find_element(By.ID, "gw-filter-kind")).select_by_value(
+                "saved_tensor_mutated")
+            assert len(driver.find_elements(By.CSS_SELECTOR, "tr.gw-row")) == 1
+            Select(driver.find_element(By.ID, "gw-filter-kind")).select_by_value("")
+            driver.find_elements(By.CSS_SELECTOR, "tr.gw-row")[0].click()
+            _screenshots(driver, tmp_path)
+    assert time.monotonic() - t0 < 60
+
+
+def _screenshots(driver: Any, tmp_path: Path) -> None:
+    """Tab screenshots into tmp_path; also into docs/screenshots with GRADWATCH_SCREENSHOTS=1."""
+    driver.switch_to.default_content()
+    driver.save_screenshot(str(tmp_path / "gradwatch_tab.png"))
+    frame = driver.find_element("tag name", "iframe")
+    driver.switch_to.frame(frame)
+    driver.execute_script(
+        "document.getElementById('gw-ratios-card').scrollIntoView({block: 'start'})")
+    driver.switch_to.default_content()
+    driver.save_screenshot(str(tmp_path / "gradwatch_tab_ratios.png"))
+    for name in ("gradwatch_tab.png", "gradwatch_tab_ratios.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+        if os.environ.get("GRADWATCH_SCREENSHOTS") == "1":
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tmp_path / name, SCREENSHOTS / name)
