@@ -28,14 +28,14 @@ _EXPORTS = {
     "Event": "events",
     "EventKind": "events",
     "Location": "events",
-    "Watch": "watch",
-    "watch": "watch",
+    "Watch": "session",
+    "watch": "session",
 }
 
 if TYPE_CHECKING:
     from .errors import AnomalyError, GradWatchWarning
     from .events import Change, Event, EventKind, Location
-    from .watch import Watch, watch
+    from .session import Watch, watch
 
 
 def __getattr__(name: str) -> Any:

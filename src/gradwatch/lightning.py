@@ -36,13 +36,15 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .config import Config
 from .errors import GradWatchWarning
 from .events import Event
 from .report import format_report
 from .sinks.jsonl import JsonlSink, jsonl_name
 from .sinks.tensorboard import TensorBoardSink
-from .watch import Watch
+from .session import Watch
 
 if TYPE_CHECKING:
     from .sinks import Sink
@@ -182,12 +184,14 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
             return
         mine = [cb for cb in trainer.callbacks if isinstance(cb, GradWatchCallback)]
         if len(mine) > 1:
-            raise MisconfigurationException(
+            raise _misconfigured(
+                trainer,
                 f"Trainer has {len(mine)} GradWatchCallback instances; gradwatch watches one "
                 "training loop at a time. Pass a single GradWatchCallback(...) in callbacks=[...]."
             )
         if _active_watch() is not None:
-            raise MisconfigurationException(
+            raise _misconfigured(
+                trainer,
                 "a gradwatch.watch() is already active around trainer.fit(); it and "
                 "GradWatchCallback would watch the same loop twice. Remove the `with "
                 "gradwatch.watch(...)` block (the callback has the same options) or the callback."
@@ -196,7 +200,8 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
             try:
                 Config(writer=self.writer).validate()
             except (TypeError, ValueError) as exc:
-                raise MisconfigurationException(
+                raise _misconfigured(
+                    trainer,
                     f"GradWatchCallback(writer=...): {exc}. Pass an open "
                     "torch.utils.tensorboard.SummaryWriter, or leave writer=None to use the "
                     "trainer's TensorBoardLogger (or a writer of our own in trainer.log_dir)."
@@ -211,7 +216,8 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
         else:
             out = os.path.join(trainer.default_root_dir, "gradwatch")
         if out is None:
-            raise MisconfigurationException(
+            raise _misconfigured(
+                trainer,
                 "GradWatchCallback could not find a log directory (the logger has none); pass "
                 "GradWatchCallback(log_dir=...)."
             )
@@ -219,7 +225,8 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
         try:
             Config(log_dir=out).validate()
         except (TypeError, ValueError) as exc:
-            raise MisconfigurationException(
+            raise _misconfigured(
+                trainer,
                 f"GradWatchCallback: {exc}. Pass GradWatchCallback(log_dir=...) with a writable "
                 "directory, or fix the trainer's logger/default_root_dir."
             ) from None
@@ -248,7 +255,7 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.watch is not None and not self.watch._closed:
-            self._close()
+            self.watch.close()  # a previous fit's, still open
         if self.output_dir is None:  # setup() not run for fit (should not happen)
             self.setup(trainer, pl_module, "fit")
         rank, world = trainer.global_rank, trainer.world_size
@@ -263,11 +270,14 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
             writer=self._tb_writer, log_dir=self.output_dir, rank=rank, world=world,
             every_n_steps=max(1, int(trainer.log_every_n_steps or 1)),
         ))
-        cfg = Config.build(trainer.lightning_module, list(trainer.optimizers), **self._options)
-        w = Watch(cfg, sinks=sinks)
+        # the trainer's optimizers name parameters; wrappers that are no torch Optimizer
+        # (some strategies') are left out: global optimizer hooks still see every step
+        optimizers = [o for o in trainer.optimizers if isinstance(o, torch.optim.Optimizer)]
         ref = weakref.ref(trainer)
-        w._step_override = lambda: ref().global_step  # type: ignore[union-attr]
         try:
+            w = Watch(Config.build(trainer.lightning_module, optimizers, **self._options),
+                      sinks=sinks)
+            w._step_override = lambda: ref().global_step  # type: ignore[union-attr]
             w.__enter__()
         except Exception as exc:
             for sink in sinks:
@@ -297,9 +307,20 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
         self._close()
 
     def _close(self) -> None:
+        self._tb_writer = None  # the logger's; not ours to keep
         w = self.watch
         if w is not None and not w._closed:
             w.close()
+
+
+def _misconfigured(trainer: Any, message: str) -> Exception:
+    """``MisconfigurationException`` of the trainer's own package (the two packages' classes
+    differ; users catch the one of the Trainer they use)."""
+    package = "pytorch_lightning" if type(trainer).__module__.startswith("pytorch_lightning") else (
+        "lightning.pytorch")
+    module = sys.modules.get(f"{package}.utilities.exceptions")
+    cls = getattr(module, "MisconfigurationException", MisconfigurationException)
+    return cls(message)
 
 
 def _active_watch() -> Watch | None:

@@ -12,7 +12,7 @@ from ..errors import AnomalyError
 from .ops import ACTIONS, Action, classify
 
 if TYPE_CHECKING:
-    from ..watch import Watch
+    from ..session import Watch
 
 __all__ = ["WatchMode"]
 

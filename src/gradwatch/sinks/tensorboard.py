@@ -184,6 +184,9 @@ class TensorBoardSink(Sink):
         w.flush()  # an anomaly often precedes a crash: make it durable now
 
     def step(self, summary: StepSummary) -> None:
+        if not any(summary.counts.values()) and not summary.update_ratios:
+            # no event at all, so no optimizer step either (e.g. the summary at close)
+            return
         counts = self._counts
         for kind, n in summary.counts.items():
             counts[kind] = counts.get(kind, 0) + n
@@ -192,10 +195,7 @@ class TensorBoardSink(Sink):
         if summary.update_ratios:
             self._ratios = (summary.step, dict(summary.update_ratios))
         self._last_step = summary.step
-        if not self._pending_data():
-            # no event at all, so no optimizer step either: the summary at close, nothing to add
-            self._reset_window()
-        elif summary.step % self.every_n_steps == 0:
+        if summary.step % self.every_n_steps == 0:
             self._write_window(summary.step)
 
     def flush(self) -> None:
@@ -215,7 +215,7 @@ class TensorBoardSink(Sink):
             self.flush()
         finally:
             self._closed = True
-            w, self._writer = self._writer, None
+            w, self._writer, self._given = self._writer, None, None
             if w is not None and self._owned:
                 w.close()
 
