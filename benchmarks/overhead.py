@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import itertools
 import json
 import logging
 import math
@@ -55,6 +56,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import gradwatch
+from gradwatch.errors import GradWatchWarning
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(HERE, "README.md")
@@ -245,7 +247,7 @@ def _gpt(vocab: int, d: int, layers: int, heads: int, seq: int, bs: int, dev: to
 def build_gpt(quick: bool, dev: torch.device) -> tuple:
     if quick:
         return _gpt(512, 64, 1, 4, 32, 2, dev)
-    return _gpt(4096, 256, 4, 4, 128, 8, dev)
+    return _gpt(256, 256, 4, 4, 128, 8, dev)
 
 
 def build_gpt2s(quick: bool, dev: torch.device) -> tuple:
@@ -257,7 +259,7 @@ def build_gpt2s(quick: bool, dev: torch.device) -> tuple:
 def build_resnet18(quick: bool, dev: torch.device) -> tuple:
     model = ResNet18(width=16 if quick else 64).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    n, r = (2, 32) if quick else (16, 64)
+    n, r = (2, 32) if quick else (8, 64)
     batch = (torch.randn(n, 3, r, r, device=dev), torch.randint(0, 100, (n,), device=dev))
     return model, opt, batch, _classify_step
 
@@ -266,11 +268,11 @@ SPECS: dict[str, Spec] = {
     s.name: s
     for s in [
         Spec("mlp", "MLP 3×256, batch 64, SGD momentum", build_mlp, steps=60, warmup=10),
-        Spec("cnn", "CNN 2 conv+BN, 32×32, batch 64, SGD momentum", build_cnn, steps=20, warmup=3),
-        Spec("gpt", "GPT 4 layers d=256, seq 128, batch 8, vocab 4096, AdamW", build_gpt,
-             steps=6, warmup=2),
-        Spec("resnet18", "ResNet-18 (11.2 M params), 64×64, batch 16, SGD momentum+wd",
-             build_resnet18, steps=5, warmup=2),
+        Spec("cnn", "CNN 2 conv+BN, 32×32, batch 64, SGD momentum", build_cnn, steps=12, warmup=3),
+        Spec("gpt", "GPT 4 layers d=256, seq 128, batch 8, vocab 256, AdamW (for-loop)", build_gpt,
+             steps=5, warmup=2),
+        Spec("resnet18", "ResNet-18 (11.2 M params), 64×64, batch 8, SGD momentum+wd",
+             build_resnet18, steps=4, warmup=2),
         Spec("lightning", "Lightning Trainer.fit: MLP 3×256, batch 64, SGD momentum, "
              "gradient_clip_val=1", build_mlp, steps=40, warmup=10, lightning=True),
         Spec("gpt2s", "GPT-2-small blocks (d=768, 12 heads) ×2, seq 128, batch 2, vocab 8192, "
@@ -321,6 +323,15 @@ def count_gradwatch_mode() -> Iterator[list[int]]:
         WatchMode.__torch_function__ = original  # type: ignore[method-assign]
 
 
+def _watch_fn() -> Callable[..., Any]:
+    """``gradwatch.watch``, taken from its module: after ``import gradwatch.lightning`` (or any
+    ``gradwatch.watch`` submodule import) the package attribute ``gradwatch.watch`` is the
+    submodule, not the function (lazy ``__getattr__`` exports; reported as a core bug)."""
+    import importlib
+
+    return importlib.import_module("gradwatch.session").watch
+
+
 def _lightning_callback() -> type | None:
     try:
         from gradwatch.lightning import GradWatchCallback
@@ -352,7 +363,7 @@ def variant_context(variant: str, model: nn.Module | None, opt: Any, session: Se
     if variant == "empty_mode":
         return empty_mode()
     if variant in ("full", "light"):
-        w = gradwatch.watch(model, opt, level=variant, on_anomaly="log")
+        w = _watch_fn()(model, opt, level=variant, on_anomaly="log")
         session.watch = w
         return w
     if variant == "anomaly":
@@ -452,9 +463,26 @@ class LightningRunner:
                 _sync(dev)
                 stamps.append(time.perf_counter())
 
+        class AnomalyOn(pl.Callback):
+            """Lightning runs fit under set_detect_anomaly(trainer.detect_anomaly): a context
+            around fit would be switched off, so anomaly mode is set inside the fit loop."""
+
+            def __init__(self, check_nan: bool) -> None:
+                self.check_nan = check_nan
+                self.prev = (False, True)
+
+            def on_train_start(self, trainer: Any, module: Any) -> None:
+                self.prev = (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled())
+                torch.set_anomaly_enabled(True, self.check_nan)
+
+            def on_train_end(self, trainer: Any, module: Any) -> None:
+                torch.set_anomaly_enabled(*self.prev)
+
         callbacks: list[Any] = [Clock()]
         ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if variant in ("full", "light") and self.callback_cls is not None:
+        if variant in ("anomaly", "anomaly_nan"):
+            callbacks.append(AnomalyOn(check_nan=variant == "anomaly_nan"))
+        elif variant in ("full", "light") and self.callback_cls is not None:
             session.callback = self.callback_cls(level=variant, on_anomaly="log")
             callbacks.append(session.callback)
         else:
@@ -469,7 +497,7 @@ class LightningRunner:
             trainer.fit(self.module, loader)
         if on_step is not None:
             on_step(total)
-        deltas = [b - a for a, b in zip(stamps, stamps[1:])]
+        deltas = [b - a for a, b in itertools.pairwise(stamps)]
         return deltas[warmup:]
 
 
@@ -593,9 +621,10 @@ def _problems(variant: str, session: Session, caught: list[Any]) -> list[str]:
     """Anything gradwatch reported on a clean loop: an anomaly is a false positive."""
     problems = []
     for ev in session.anomalies():
-        problems.append(f"false anomaly under {variant}: {getattr(ev, 'describe', lambda: ev)()}")
+        text = ev.describe() if hasattr(ev, "describe") else str(ev)
+        problems.append(f"false anomaly under {variant}: {text}")
     for w in caught:
-        if issubclass(w.category, gradwatch.GradWatchWarning) or "gradwatch" in str(w.message):
+        if issubclass(w.category, GradWatchWarning) or "gradwatch" in str(w.message):
             problems.append(f"warning under {variant}: {w.category.__name__}: {w.message}")
     return problems
 
@@ -702,6 +731,7 @@ def machine_info(dev: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "gradwatch": gradwatch.__version__,
         "device": str(dev),
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
         "lightning_callback": _lightning_callback() is not None,
     }
     try:
@@ -795,7 +825,8 @@ def target_table(results: dict[str, Any]) -> str:
 def machine_line(info: dict[str, Any]) -> str:
     dev = info.get("gpu") or "CPU"
     return (f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} "
-            f"({info['torch_threads']} threads), Python {info['python']}, "
+            f"({info['torch_threads']} threads; load avg {info['load_avg_1m_at_start']} at start), "
+            f"Python {info['python']}, "
             f"pytorch_lightning {info.get('pytorch_lightning', '–')}, device: {dev}, "
             f"gradwatch {info['gradwatch']} @ {info.get('git', '?')}")
 
@@ -811,9 +842,10 @@ def render(results: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any]) -
              "Targets (issue 6):",
              "",
              target_table(results)]
+    parts.append("")
     for name, res in results.items():
         if not res.get("error"):
-            parts.append(f"\n- `{name}`: {res['title']}; {res['param_bytes'] / 2**20:.1f} MB "
+            parts.append(f"- `{name}`: {res['title']}; {res['param_bytes'] / 2**20:.1f} MB "
                          f"of parameters; {res.get('torch_calls_per_step')} torch calls/step")
     problems = [p for res in results.values() for p in res.get("problems", [])]
     if problems:
@@ -845,7 +877,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 7)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a few steps (smoke test)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch.set_num_threads (default 2, the issue's protocol; on a shared, "
+                    "busy machine use 1: two OpenMP threads that lose a core stall 5-20x)")
     ap.add_argument("--json", dest="json_path", default=None, help="write all results here")
     ap.add_argument("--update-readme", action="store_true",
                     help="replace the results block of benchmarks/README.md (cpu or cuda)")
@@ -879,11 +913,15 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(dev)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"machine: {machine_line(info)}")
+    load = os.getloadavg()[0]
+    if dev.type == "cpu" and torch.get_num_threads() > 1 and load > 0.5:
+        log(f"WARNING: load average {load:.1f} with {torch.get_num_threads()} torch threads: other "
+            "processes compete for the cores and OpenMP steps stall; consider --threads 1")
     results: dict[str, Any] = {}
     t_start = time.perf_counter()
     for name in models:
         spec = SPECS[name]
-        steps = args.steps or (3 if args.quick else spec.steps)
+        steps = args.steps or (2 if args.quick else spec.steps)
         warmup = args.warmup if args.warmup is not None else (1 if args.quick else spec.warmup)
         log(f"{name}: {spec.title} — {reps} reps × {len(variants)} variants × "
             f"({warmup} warmup + {steps} steps)")

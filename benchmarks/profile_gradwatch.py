@@ -24,8 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import gradwatch  # noqa: E402
-from overhead import SPECS  # noqa: E402
+from overhead import SPECS
+
+import gradwatch
 
 GW_DIR = os.path.dirname(os.path.abspath(gradwatch.__file__))
 
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
         ctx = contextlib.nullcontext()
     else:
-        ctx = gradwatch.watch(model, opt, level=args.level, on_anomaly="log")
+        from gradwatch.session import watch
+
+        ctx = watch(model, opt, level=args.level, on_anomaly="log")
     prof = cProfile.Profile()
     with ctx:
         for _ in range(args.warmup):
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     st = pstats.Stats(prof)
     n = args.steps
     rows = []
-    for (filename, line, func), (cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
         ours = filename.startswith(GW_DIR) or "wrapt" in filename
         if not ours and not args.all:
             continue

@@ -5,10 +5,10 @@ Run: python examples/discarded_accumulation.py
 """
 
 import torch
+from _show import show
 from torch import nn
 
 import gradwatch
-from _show import show
 
 torch.manual_seed(0)
 model = nn.Linear(10, 1)

@@ -5,9 +5,9 @@ Run: python examples/grad_flow_manual_sgd.py
 """
 
 import torch
+from _show import show
 
 import gradwatch
-from _show import show
 
 torch.manual_seed(0)
 x = torch.randn(64, 3)

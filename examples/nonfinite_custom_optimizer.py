@@ -5,10 +5,10 @@ Run: python examples/nonfinite_custom_optimizer.py
 """
 
 import torch
+from _show import show
 from torch import nn
 
 import gradwatch
-from _show import show
 
 
 class NormalizedSGD(torch.optim.Optimizer):

@@ -6,10 +6,10 @@ Run: python examples/saved_tensor_gan.py
 """
 
 import torch
+from _show import show
 from torch import nn
 
 import gradwatch
-from _show import show
 
 torch.manual_seed(0)
 G = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))

@@ -5,10 +5,10 @@ Run: python examples/stale_forgotten_zero_grad.py
 """
 
 import torch
+from _show import show
 from torch import nn
 
 import gradwatch
-from _show import show
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))

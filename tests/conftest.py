@@ -12,6 +12,9 @@ import torch
 import torch.nn.modules.module as _module
 from torch.optim import optimizer as _optimizer
 
+import gradwatch  # noqa: F401
+
+
 def global_state() -> dict[str, Any]:
     """Everything gradwatch touches outside its own objects (compare with :func:`same_state`)."""
     from torch.overrides import _get_current_function_mode_stack
@@ -40,7 +43,7 @@ def _force_clean() -> None:
     """Undo a watch a core bug left installed (so that later tests start clean)."""
     from gradwatch._intercept.mode import WatchMode
 
-    wm = sys.modules["gradwatch.watch"]
+    wm = sys.modules["gradwatch.session"]
     active = getattr(wm, "_active", None)
     if active is not None:
         try:

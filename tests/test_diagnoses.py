@@ -56,7 +56,7 @@ def test_gan_optimizer_step_on_saved_weight(level: str) -> None:
 def test_raise_stops_at_the_mutating_line_before_backward() -> None:
     a = torch.randn(3, requires_grad=True)
     w_ = nn.Parameter(torch.randn(3))
-    with gradwatch.watch(on_anomaly="raise") as w:
+    with gradwatch.watch(on_anomaly="raise"):
         loss = (w_ * a).sum()
         with pytest.raises(gradwatch.AnomalyError) as info, torch.no_grad():
             w_ -= 0.1  # <raise_here>

@@ -25,9 +25,8 @@ def _only(w: gradwatch.Watch) -> gradwatch.Event:
 
 def test_augmented_sub_under_no_grad_is_one_event_with_versions_and_line() -> None:
     a = torch.tensor([2.0], requires_grad=True)
-    with gradwatch.watch(on_anomaly="raise") as w:
-        with torch.no_grad():
-            a -= 1.0  # <sub>
+    with gradwatch.watch(on_anomaly="raise") as w, torch.no_grad():
+        a -= 1.0  # <sub>
     ev = _only(w)
     assert ev.kind == gradwatch.EventKind.INPLACE_NO_GRAD == "inplace_no_grad"
     assert ev.severity == "info"

@@ -15,9 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch
+from gradwatch import Watch, watch
 from gradwatch.config import Config
 from gradwatch.sinks.tensorboard import ANOMALY_KINDS, KINDS, TensorBoardSink
-from gradwatch.watch import Watch
 
 HERE = os.path.abspath(__file__)
 COUNT_TAGS = {f"gradwatch/count/{k}" for k in KINDS}
@@ -70,7 +70,7 @@ def test_tag_layout_of_a_watched_loop(tmp_path):
     d = str(tmp_path)
     m = net()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    with gradwatch.watch(m, opt, log_dir=d, on_anomaly="log", stats_every=2) as w:
+    with watch(m, opt, log_dir=d, on_anomaly="log", stats_every=2) as w:
         train(m, opt, steps=5, bug_at=3)
     assert [(a.kind, a.tensor, a.location.lineno) for a in w.anomalies] == [
         ("saved_tensor_mutated", "2.weight", line_of("BUG-SILENT"))
@@ -87,21 +87,21 @@ def test_tag_layout_of_a_watched_loop(tmp_path):
         "custom_scalars__config__", "gradwatch/anomaly/text_summary",
         "gradwatch/anomaly_json/text_summary", "gradwatch/summary_json/text_summary",
     }
-    # per step counts: the plain watch reports step k's events at step k + 1 (steps completed)
-    assert scalars(ea, "gradwatch/count/optimizer_update") == [(s, 1.0) for s in range(1, 6)]
-    assert scalars(ea, "gradwatch/count/grad_accumulated") == [(s, 4.0) for s in range(1, 6)]
-    assert scalars(ea, "gradwatch/anomalies") == [(1, 0), (2, 0), (3, 0), (4, 1.0), (5, 0)]
-    assert scalars(ea, "gradwatch/count/saved_tensor_mutated") == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 0)]
+    # per step counts, at the step the events belong to (0-based, as the events' own step)
+    assert scalars(ea, "gradwatch/count/optimizer_update") == [(s, 1.0) for s in range(5)]
+    assert scalars(ea, "gradwatch/count/grad_accumulated") == [(s, 4.0) for s in range(5)]
+    assert scalars(ea, "gradwatch/anomalies") == [(0, 0), (1, 0), (2, 0), (3, 1.0), (4, 0)]
+    assert scalars(ea, "gradwatch/count/saved_tensor_mutated") == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 0)]
     for kind in set(ANOMALY_KINDS) - {"saved_tensor_mutated"}:
-        assert scalars(ea, f"gradwatch/count/{kind}") == [(s, 0.0) for s in range(1, 6)]
+        assert scalars(ea, f"gradwatch/count/{kind}") == [(s, 0.0) for s in range(5)]
     assert all(v >= 0 for _, v in scalars(ea, "gradwatch/overhead_ms"))
-    # statistics steps 0, 2, 4 (stats_every=2) are reported after they complete
-    assert [s for s, _ in scalars(ea, "gradwatch/update_ratio/max")] == [1, 3, 5]
+    # statistics steps 0, 2, 4 (stats_every=2)
+    assert [s for s, _ in scalars(ea, "gradwatch/update_ratio/max")] == [0, 2, 4]
     for s, mx in scalars(ea, "gradwatch/update_ratio/max"):
         per_param = [dict(scalars(ea, f"gradwatch/param_update_ratio/{p}"))[s] for p in PARAMS]
         assert mx == pytest.approx(max(per_param))
         assert dict(scalars(ea, "gradwatch/update_ratio/min"))[s] == pytest.approx(min(per_param))
-    assert [h.step for h in ea.Histograms("gradwatch/update_ratios")] == [1, 3, 5]
+    assert [h.step for h in ea.Histograms("gradwatch/update_ratios")] == [0, 2, 4]
     assert ea.Histograms("gradwatch/update_ratios")[0].histogram_value.num == len(PARAMS)
     # the anomaly as markdown and as JSON, at the anomaly's step
     (step, md), = texts(ea, "gradwatch/anomaly")
@@ -135,23 +135,34 @@ def test_every_n_steps_sums_counts_between_logged_steps(tmp_path):
     with Watch(Config.build(m, opt, on_anomaly="log"), sinks=[sink]):
         train(m, opt, steps=7)
     ea = read(d)
-    # steps 1..7 completed: written at 3 and 6, the rest (step 7) at close; nothing is lost
-    assert scalars(ea, "gradwatch/count/optimizer_update") == [(3, 3.0), (6, 3.0), (7, 1.0)]
-    assert scalars(ea, "gradwatch/count/grad_accumulated") == [(3, 12.0), (6, 12.0), (7, 4.0)]
-    assert scalars(ea, "gradwatch/anomalies") == [(3, 0.0), (6, 0.0), (7, 0.0)]
+    # steps 0..6: written at 0, 3 (steps 1-3) and 6 (steps 4-6); nothing is lost in between
+    assert scalars(ea, "gradwatch/count/optimizer_update") == [(0, 1.0), (3, 3.0), (6, 3.0)]
+    assert scalars(ea, "gradwatch/count/grad_accumulated") == [(0, 4.0), (3, 12.0), (6, 12.0)]
+    assert scalars(ea, "gradwatch/anomalies") == [(0, 0.0), (3, 0.0), (6, 0.0)]
+
+
+def test_every_n_steps_writes_the_rest_at_close(tmp_path):
+    d = str(tmp_path)
+    m = net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    sink = TensorBoardSink(log_dir=d, every_n_steps=3)
+    with Watch(Config.build(m, opt, on_anomaly="log"), sinks=[sink]):
+        train(m, opt, steps=5)
+    # steps 0..4: 0 and 3 are logged steps; step 4 is written at close, at its own step
+    assert scalars(read(d), "gradwatch/count/optimizer_update") == [(0, 1.0), (3, 3.0), (4, 1.0)]
 
 
 def test_given_writer_is_used_flushed_and_not_closed(tmp_path):
     writer = SummaryWriter(log_dir=str(tmp_path))
     m = net()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    with gradwatch.watch(m, opt, writer=writer, on_anomaly="log"):
+    with watch(m, opt, writer=writer, on_anomaly="log"):
         train(m, opt, steps=2)
     assert writer.file_writer is not None  # still open: the caller owns it
     writer.add_scalar("user/after", 1.0, 5)
     writer.flush()
     ea = read(str(tmp_path))
-    assert scalars(ea, "gradwatch/count/optimizer_update") == [(1, 1.0), (2, 1.0)]
+    assert scalars(ea, "gradwatch/count/optimizer_update") == [(0, 1.0), (1, 1.0)]
     assert scalars(ea, "user/after") == [(5, 1.0)]
     assert os.listdir(tmp_path) == [os.path.basename(writer.file_writer.event_writer._file_name)]
     writer.close()
@@ -168,7 +179,7 @@ def test_anomaly_is_on_disk_before_the_watch_closes(tmp_path):
         if i == 2:
             seen.append([(s, json.loads(t)["kind"]) for s, t in texts(read(d), "gradwatch/anomaly_json")])
 
-    with gradwatch.watch(m, opt, log_dir=d, on_anomaly="log"):
+    with watch(m, opt, log_dir=d, on_anomaly="log"):
         train(m, opt, steps=3, bug_at=1, on_step=peek)
         assert seen == [[(1, "saved_tensor_mutated")]]
 
@@ -182,7 +193,7 @@ def test_rank_runs(tmp_path, rank, world, subdir):
     with Watch(Config.build(m, opt), sinks=[sink]):
         train(m, opt, steps=2)
     ea = read(os.path.join(str(tmp_path), subdir))
-    assert scalars(ea, "gradwatch/count/optimizer_update") == [(1, 1.0), (2, 1.0)]
+    assert scalars(ea, "gradwatch/count/optimizer_update") == [(0, 1.0), (1, 1.0)]
     if subdir:  # rank R > 0 never writes into rank 0's run
         assert not [f for f in os.listdir(tmp_path) if f.startswith("events.")]
 
@@ -196,7 +207,7 @@ def test_rank_above_zero_with_a_writer_gets_its_own_run(tmp_path):
     with Watch(Config.build(m, opt), sinks=[sink]):
         train(m, opt, steps=1)
     writer.close()
-    assert scalars(read(os.path.join(str(tmp_path), "rank1")), "gradwatch/anomalies") == [(1, 0.0)]
+    assert scalars(read(os.path.join(str(tmp_path), "rank1")), "gradwatch/anomalies") == [(0, 0.0)]
     assert "gradwatch/anomalies" not in read(str(tmp_path)).Tags()["scalars"]
 
 
@@ -227,7 +238,7 @@ def test_vanished_log_dir_does_not_break_training(tmp_path):
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with gradwatch.watch(m, opt, log_dir=d, on_anomaly="log") as w:
+        with watch(m, opt, log_dir=d, on_anomaly="log") as w:
             train(m, opt, steps=6, bug_at=4, on_step=vanish)
     messages = [str(c.message) for c in caught if issubclass(c.category, gradwatch.GradWatchWarning)]
     assert any("internal error in sink TensorBoardSink" in msg for msg in messages), messages
@@ -240,13 +251,23 @@ def test_vanished_log_dir_does_not_break_training(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))
 
 
-def test_importing_gradwatch_imports_neither_tensorboard_nor_lightning():
+def test_imports_stay_lazy_and_follow_the_imported_lightning():
+    """Importing gradwatch (and this sink) imports neither TensorBoard nor Lightning; with only
+    pytorch_lightning imported, gradwatch.lightning subclasses its Callback and does not import
+    lightning.pytorch. One subprocess (a fresh interpreter) for both."""
     code = (
-        "import sys, gradwatch, gradwatch.sinks.tensorboard\n"
+        "import importlib.util, sys, gradwatch, gradwatch.sinks.tensorboard\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('tensorboard', 'tensorboardX', 'lightning', 'pytorch_lightning')"
         " or m.startswith('torch.utils.tensorboard')]\n"
         "print(bad)\n"
+        "if importlib.util.find_spec('pytorch_lightning') is not None:\n"
+        "    import pytorch_lightning as pl\n"
+        "    from gradwatch.lightning import GradWatchCallback\n"
+        "    print(issubclass(GradWatchCallback, pl.Callback), 'lightning.pytorch' in sys.modules)\n"
+        "else:\n"
+        "    print('True False')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "True False"]

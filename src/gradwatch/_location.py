@@ -32,6 +32,8 @@ def _package_dirs() -> tuple[str, ...]:
 
 
 _INTERNAL_DIRS = _package_dirs()
+# A user's TorchFunctionMode/TorchDispatchMode handler forwards ops; the line is its caller's.
+_HANDLERS = frozenset({"__torch_function__", "__torch_dispatch__"})
 _internal: dict[CodeType, bool] = {}
 
 
@@ -40,7 +42,8 @@ def is_internal(code: CodeType) -> bool:
     flag = _internal.get(code)
     if flag is None:
         filename = code.co_filename
-        flag = filename.startswith(_INTERNAL_DIRS) or filename.startswith("<frozen")
+        flag = (filename.startswith(_INTERNAL_DIRS) or filename.startswith("<frozen")
+                or code.co_name in _HANDLERS)
         if not flag and not os.path.isabs(filename) and not filename.startswith("<"):
             flag = os.path.abspath(filename).startswith(_INTERNAL_DIRS)
         _internal[code] = flag

@@ -68,9 +68,13 @@ class TensorNames:
         return new
 
     def add_leaf(self, t: torch.Tensor) -> None:
-        """Remember a plain leaf tensor (no name) so its ``.grad`` can be recognised."""
+        """Remember a plain leaf tensor (no name): writes through its aliases are then tracked."""
         if id(t) not in self._params:
-            self._params[id(t)] = (None, weakref.ref(t))  # type: ignore[assignment]
+            ref = weakref.ref(t)
+            self._params[id(t)] = (None, ref)  # type: ignore[assignment]
+            key = storage_key(t)
+            if key is not None and key not in self._by_storage:
+                self._by_storage[key] = (None, ref)  # type: ignore[assignment]
 
     def add_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         for p, state in list(optimizer.state.items()):
@@ -105,6 +109,21 @@ class TensorNames:
             return entry[0]
         return None
 
+    def lookup(self, t: torch.Tensor, key: int | None = None) -> str | None:
+        """The qualified name of ``t`` or of the named tensor its storage belongs to (views,
+        ``.data``); None when unnamed. Dictionary lookups only."""
+        name = self.param_name(t)
+        if name is not None:
+            return name
+        if key is None:
+            key = storage_key(t)
+        entry = self._by_storage.get(key) if key is not None else None
+        if entry is not None:
+            owner = entry[1]()
+            if owner is not None:
+                return entry[0]
+        return None
+
     def name_of(self, t: torch.Tensor, key: int | None = None) -> str:
         """Qualified name of ``t`` (or of the tensor whose storage it aliases), else a description."""
         name = self.param_name(t)
@@ -117,7 +136,7 @@ class TensorNames:
             if entry is not None:
                 owner = entry[1]()
                 if owner is not None and storage_key(owner) == key:
-                    return entry[0]
+                    return entry[0] or describe(t)
                 del self._by_storage[key]
             grad_name = self._grad_name(key)
             if grad_name is not None:

@@ -56,7 +56,7 @@ def build_event(r: Raw, rank: int) -> Event:
     if name is None:
         name = describe_shape(r.shape, r.dtype)
     change = r.change
-    if isinstance(change, (list, tuple)):
+    if isinstance(change, (list, tuple)) and len(change) == 4:
         change = Change(float(change[0]), float(change[1]), float(change[2]), bool(change[3]))
     elif change is not None and not isinstance(change, Change):
         change = None
@@ -135,22 +135,32 @@ class RecordBuffer:
             for r in resolved:
                 if isinstance(r.ratios, tuple):
                     names, _ = r.ratios
-                    r = r._replace(ratios=dict(zip(names, next(it))))
+                    values = next(it)
+                    r = r._replace(ratios=None if values is None else dict(zip(names, values)))
                 new.append(r)
         self.records.extend(new)
         return new
 
 
-def _to_lists(tensors: list[torch.Tensor]) -> list[list[float]]:
-    """One device-to-host copy for all small tensors (grouped by device)."""
-    flat = [t.detach().reshape(-1).to(torch.float64) for t in tensors]
-    sizes = [t.numel() for t in flat]
-    try:
-        joined = torch.cat(flat).tolist()
-    except RuntimeError:
-        joined = [v for t in flat for v in t.tolist()]
+def _to_lists(tensors: list[torch.Tensor]) -> list[list[float] | None]:
+    """One device-to-host copy for all small tensors; a tensor that cannot be read (meta, fake)
+    gives None instead of failing the flush."""
+    with torch._C.DisableTorchFunction():
+        try:
+            flat = [t.detach().reshape(-1).to(torch.float64) for t in tensors]
+            joined = torch.cat(flat).tolist()
+        except Exception:
+            return [_one_list(t) for t in tensors]
     out, i = [], 0
-    for n in sizes:
+    for t in flat:
+        n = t.numel()
         out.append(joined[i:i + n])
         i += n
     return out
+
+
+def _one_list(t: torch.Tensor) -> list[float] | None:
+    try:
+        return t.detach().reshape(-1).to(torch.float64).tolist()
+    except Exception:
+        return None

@@ -42,9 +42,9 @@ from .config import Config
 from .errors import GradWatchWarning
 from .events import Event
 from .report import format_report
+from .session import Watch
 from .sinks.jsonl import JsonlSink, jsonl_name
 from .sinks.tensorboard import TensorBoardSink
-from .session import Watch
 
 if TYPE_CHECKING:
     from .sinks import Sink

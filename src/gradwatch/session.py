@@ -43,6 +43,9 @@ from .errors import AnomalyError, GradWatchWarning
 from .events import Event, EventKind
 from .sinks import Sink, StepSummary
 
+_is_compiling = torch.compiler.is_compiling
+_GRAD_MODE_FILE = torch.autograd.grad_mode.__file__
+
 __all__ = ["Watch", "watch"]
 
 K = EventKind
@@ -147,6 +150,7 @@ class Watch:
         self._installed = Installed()
         self._mode: WatchMode | None = None
         self._light_mode_pushed = False
+        self._mode_paused = False
         self._optimizers: weakref.WeakKeyDictionary[torch.optim.Optimizer, _OptimizerInfo] = (
             weakref.WeakKeyDictionary()
         )
@@ -154,6 +158,7 @@ class Watch:
         self._hook_handles: list[Any] = []
         self._backward_where: tuple[CodeType, int] | None = None
         self._in_backward = False
+        self._accumulated_hook = self._hook("accumulation", self._on_accumulated)
         self._discover_leaves = 8
         self._user_step_depth = 0
         self._step_state: dict[int, Any] = {}
@@ -211,6 +216,8 @@ class Watch:
 
     def __enter__(self) -> Watch:
         global _active
+        if self._entered or self._closed:
+            raise RuntimeError("this Watch was already used; call gradwatch.watch(...) again for a new one")
         with _active_lock:
             if _active is not None:
                 raise RuntimeError(
@@ -262,21 +269,26 @@ class Watch:
         for opt in cfg.optimizers:
             self._optimizer_info(opt)
         inst = self._installed
-        inst.optimizer_hooks(self._on_step_pre, self._on_step_post)
-        inst.module_forward_pre_hook(self._on_module_call)
-        inst.wrap_attribute(torch.autograd, "backward", self._wrap_backward)
-        inst.wrap_attribute(torch.autograd, "grad", self._wrap_backward)
-        inst.wrap_attribute(torch.optim.Optimizer, "zero_grad", self._wrap_zero_grad)
-        inst.wrap_attribute(torch.nn.Module, "zero_grad", self._wrap_zero_grad)
+        inst.optimizer_hooks(self._hook("optimizer hooks", self._on_step_pre),
+                             self._hook("optimizer hooks", self._on_step_post))
+        inst.module_forward_pre_hook(self._hook("naming", self._on_module_call))
+        backward = self._wrapper("backward", self._wrap_backward)
+        inst.wrap_attribute(torch.autograd, "backward", backward)
+        inst.wrap_attribute(torch.autograd, "grad", backward)
+        zero_grad = self._wrapper("accumulation", self._wrap_zero_grad)
+        inst.wrap_attribute(torch.optim.Optimizer, "zero_grad", zero_grad)
+        inst.wrap_attribute(torch.nn.Module, "zero_grad", zero_grad)
         self._mode = WatchMode(self)
         if cfg.level == "full":
-            if inst.saved_tensors_hooks(self._pack, self._unpack):
+            if inst.saved_tensors_hooks(self._hook("saved tensors", self._pack, fallback=_identity),
+                                        self._hook("saved tensors", self._unpack, fallback=_unpacked)):
                 self._saved = SavedTensorRegistry()
             self._mode.__enter__()
             inst.add(self._exit_mode)
         else:
-            original = torch._C._set_grad_enabled
-            inst.replace_attribute(torch._C, "_set_grad_enabled", self._light_grad_switch(original))
+            _LIGHT_TARGET[0] = weakref.ref(self)
+            inst.add(lambda: _LIGHT_TARGET.__setitem__(0, None))
+            inst.replace_attribute(torch._C, "_set_grad_enabled", _light_set_grad_enabled)
             inst.add(self._exit_light_mode)
             if not torch.is_grad_enabled():
                 self._push_light_mode()
@@ -299,9 +311,30 @@ class Watch:
         self._installed.undo()
         self._saved = None
 
+    def _pause_mode(self) -> None:
+        """Take the mode off the stack while a library optimizer steps (its ops are checked by
+        their effect): saves the dispatch cost of every op inside the step."""
+        if self.config.level != "full" or self._mode is None or self._mode_paused:
+            return
+        from torch.overrides import _get_current_function_mode_stack
+
+        stack = _get_current_function_mode_stack()
+        if stack and stack[-1] is self._mode:
+            self._mode.__exit__(None, None, None)
+            self._mode_paused = True
+
+    def _resume_mode(self) -> bool:
+        """Put the paused mode back (after the step, or if the step raised: at the next hook)."""
+        if not self._mode_paused:
+            return False
+        self._mode_paused = False
+        if self._mode is not None and not self._closed:
+            self._mode.__enter__()
+        return True
+
     def _exit_mode(self) -> None:
         mode = self._mode
-        if mode is None:
+        if mode is None or self._mode_paused:
             return
         from torch.overrides import _get_current_function_mode_stack
 
@@ -334,22 +367,18 @@ class Watch:
                 )
 
     # ------------------------------------------------------------------ light level
-    def _light_grad_switch(self, original: Callable[[bool], None]) -> Callable[[bool], None]:
-        def _set_grad_enabled(mode: bool) -> None:
-            original(mode)
-            if self.suspended and not self._light_mode_pushed:
-                return
-            try:
-                if not mode:
-                    if not self._light_mode_pushed:
-                        self.on_no_grad_entered()
-                        self._push_light_mode()
-                elif self._light_mode_pushed:
-                    self._pop_light_mode()
-            except Exception as exc:
-                self._fail("light mode switch", exc)
-
-        return _set_grad_enabled
+    def _on_grad_mode(self, mode: bool) -> None:
+        if self.suspended and not self._light_mode_pushed:
+            return
+        try:
+            if not mode:
+                if not self._light_mode_pushed:
+                    self.on_no_grad_entered()
+                    self._push_light_mode()
+            elif self._light_mode_pushed:
+                self._pop_light_mode()
+        except Exception as exc:
+            self._fail("light mode switch", exc)
 
     def _push_light_mode(self) -> None:
         if self._mode is not None and threading.get_ident() == self._thread:
@@ -369,6 +398,50 @@ class Watch:
             self._pop_light_mode()
 
     # ------------------------------------------------------------------ fail-open
+    def _hook(self, part: str, fn: Callable[..., Any], fallback: Callable[..., Any] | None = None
+              ) -> Callable[..., Any]:
+        """``fn`` guarded at the boundary: an internal error is reported once, ``part`` switched
+        off, and ``fallback(*args)`` (or None) returned. AnomalyError and torch's version error
+        (raised on purpose by the saved-tensor check) pass through."""
+
+        def hook(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except AnomalyError:
+                raise
+            except Exception as exc:
+                if saved_tensor.is_version_error(exc):
+                    raise
+                self._fail(part, exc)
+                return fallback(*args) if fallback is not None else None
+
+        return hook
+
+    def _wrapper(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """A wrapt wrapper guarded at the boundary: if ``fn`` fails before it called the wrapped
+        function, that part is switched off and the wrapped function is called (exactly once);
+        an exception from the wrapped function itself (the user's, torch's) passes through."""
+
+        def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+            called = False
+
+            def call(*a: Any, **k: Any) -> Any:
+                nonlocal called
+                called = True
+                return wrapped(*a, **k)
+
+            try:
+                return fn(call, instance, args, kwargs)
+            except AnomalyError:
+                raise
+            except BaseException as exc:
+                if called or not isinstance(exc, Exception):
+                    raise
+                self._fail(part, exc)
+                return wrapped(*args, **kwargs)
+
+        return wrapper
+
     # Parts that cannot work without another: the step bracketing tells the mode which writes are
     # the optimizer's and tells the accumulation detector when gradients were consumed.
     _DEPENDENTS = {"optimizer hooks": ("mode", "accumulation")}
@@ -432,8 +505,15 @@ class Watch:
         return self._guard("flush", self._buffer.take_unflushed) or []
 
     def _step_boundary(self, final: bool = False, step: int | None = None) -> None:
+        with torch._C.DisableTorchFunction():
+            self._flush_step(final, step)
+
+    def _flush_step(self, final: bool, step: int | None) -> None:
         t0 = time.perf_counter()
-        if self._nonfinite.pending:
+        pending = self._nonfinite.pending
+        # One read of the queued NaN probes (a sync on GPU) per statistics step, not per step.
+        if pending and (final or self.step % self.config.stats_every == 0
+                        or len(pending) > self._nonfinite.limit // 2):
             self._nonfinite.resolve(self._report_nonfinite)
         self._raise_replaced()
         new = self._buffer.take_unflushed()
@@ -498,7 +578,10 @@ class Watch:
                 return None
             for a in args:
                 if isinstance(a, _Tensor) and a.requires_grad:
-                    return ("cut", func, a) if a.is_leaf else None
+                    try:
+                        return ("cut", func, a) if a.is_leaf else None
+                    except RuntimeError:  # e.g. a view made under no_grad: no is_leaf
+                        return None
             return None
         targets: tuple = ()
         op = func
@@ -523,7 +606,8 @@ class Watch:
                 return None
             targets, op, grad_mode = (args[1],), torch.embedding_renorm_, "no_grad"
         elif action == A.GRAD_GET:
-            if isinstance(first, _Tensor) and not self._acc_off:
+            st = self._acc.leaves.get(id(first))
+            if st is not None and st.accum and not st.read and not self._acc_off:
                 self._guard("accumulation", self._grad_read, first)
             return None
         elif action == A.GRAD_SET:
@@ -543,14 +627,27 @@ class Watch:
         return None if pre is None else ("write", op, pre)
 
     def on_no_grad_entered(self) -> None:
-        if "grad flow" not in self._failed:
-            try:
-                self._no_grad_regions.append((caller(), self.step))
-            except Exception as exc:
-                self._fail("grad flow", exc)
+        """Remember ``with torch.no_grad():`` blocks written in user code (not decorated torch
+        utilities) for the "does not require grad" note."""
+        if "grad flow" in self._failed:
+            return
+        try:
+            frame = op_caller()
+            while frame is not None and frame.f_code.co_filename == _GRAD_MODE_FILE:
+                frame = frame.f_back
+            if frame is not None and not is_internal(frame.f_code):
+                self._no_grad_regions.append(((frame.f_code, frame.f_lineno), self.step))
+        except Exception as exc:
+            self._fail("grad flow", exc)
 
     def _after_no_grad_op(self, func: Any, source: torch.Tensor, out: Any) -> None:
-        if isinstance(out, _Tensor) and source.shape == out.shape and not out.requires_grad:
+        if not isinstance(out, _Tensor):
+            return
+        try:
+            same = type(out) is type(source) and not out.is_nested and source.shape == out.shape
+        except Exception:  # odd tensors (nested, symbolic shapes): no provenance for them
+            return
+        if same and not out.requires_grad:
             self._guard("grad flow", self._cut, func, source, out)
 
     @property
@@ -568,40 +665,45 @@ class Watch:
         hits: list[tuple[Any, Any]] = []
         where = None
         for t in targets:
-            if not isinstance(t, _Tensor):
-                continue
-            key = None
-            if saved:
-                key = storage_key(t)
-                s = saved.pending(key)
-                if s is not None:
+            try:
+                if not isinstance(t, _Tensor):
+                    continue
+                key = None
+                if saved:
+                    key = storage_key(t)
+                    s = saved.pending(key)
+                    if s is not None:
+                        if where is None:
+                            where = caller()
+                        hits.append((t, s))
+                        if self.config.on_anomaly == "raise":
+                            self._saved_mutation(func, t, s, key, where, grad_mode, after=False)
+                requires = t.requires_grad
+                if grad_on and requires:
+                    continue  # autograd records this one
+                st = self._acc.grad_owner.get(id(t))
+                if st is not None:
+                    leaf = st.leaf()
+                    if leaf is None or leaf.grad is not t:
+                        st = None
+                if not requires and st is None:
+                    if key is None:
+                        key = storage_key(t)
+                    if not self._names.has_storage(key) and not in_step:
+                        continue
+                if st is not None and func in _ZEROING:
                     if where is None:
                         where = caller()
-                    hits.append((t, s))
-                    if self.config.on_anomaly == "raise":
-                        self._saved_mutation(func, t, s, key, where, grad_mode, after=False)
-            requires = t.requires_grad
-            if grad_on and requires:
-                continue  # autograd records this one
-            st = self._acc.grad_owner.get(id(t))
-            if st is not None:
-                leaf = st.leaf()
-                if leaf is None or leaf.grad is not t:
-                    st = None
-            if not requires and st is None:
-                if key is None:
-                    key = storage_key(t)
-                if not self._names.has_storage(key) and not in_step:
-                    continue
-            if st is not None and func in _ZEROING:
-                if where is None:
-                    where = caller()
-                self._grad_zeroing(st, t, where, func)
-            try:
-                version = t._version
-            except Exception:
-                version = None
-            tracked.append([t, key, version, st])
+                    self._grad_zeroing(st, t, where, func)
+                try:
+                    version = t._version
+                except Exception:
+                    version = None
+                tracked.append([t, key, version, st])
+            except AnomalyError:
+                raise
+            except Exception:  # an odd tensor (nested, fake, ...): skip it, keep watching
+                continue
         if not tracked and not hits:
             return None
         if where is None:
@@ -635,15 +737,12 @@ class Watch:
                 va = t._version
             except Exception:
                 va = None
-            name = self._names.param_name(t)
-            if name is None and (key is not None or _st is not None):
-                name = self._names.name_of(t, key) if _st is None else None
-                if _st is not None:
-                    leaf = _st.leaf()
-                    pname = self._names.param_name(leaf) if leaf is not None else None
-                    name = f"{pname}.grad" if pname else None
-                if name is not None and name.startswith("tensor "):
-                    name = None
+            if _st is not None:
+                leaf = _st.leaf()
+                pname = self._names.param_name(leaf) if leaf is not None else None
+                name = f"{pname}.grad" if pname else None
+            else:
+                name = self._names.lookup(t, key)
             change = None
             if samples is not None:
                 change = _change(samples[i], t)
@@ -751,7 +850,7 @@ class Watch:
         if id(p) in self._hooked or not p.requires_grad or not p.is_leaf:
             return
         try:
-            h = p.register_post_accumulate_grad_hook(self._on_accumulated)
+            h = p.register_post_accumulate_grad_hook(self._accumulated_hook)
         except Exception:
             return
         self._hooked.add(id(p))
@@ -761,7 +860,7 @@ class Watch:
         weakref.finalize(p, self._hooked.discard, id(p))
 
     def _on_accumulated(self, p: torch.Tensor) -> None:
-        if (self.suspended and self._closed) or "accumulation" in self._failed:
+        if self._closed or "accumulation" in self._failed or _is_compiling():
             return
         t0 = time.perf_counter()
         try:
@@ -834,7 +933,7 @@ class Watch:
         ))
 
     def _wrap_zero_grad(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        if not self.suspended and not self._acc_off and instance is not None:
+        if not self.suspended and not self._acc_off and instance is not None and not _is_compiling():
             t0 = time.perf_counter()
             try:
                 with torch._C.DisableTorchFunction():
@@ -853,8 +952,14 @@ class Watch:
             params = list(owner.parameters())
         else:
             return
-        where = None
         leaves = self._acc.leaves
+        if not self._acc.unconsumed:  # the usual case right after a step: only mark the resets
+            for p in params:
+                st = leaves.get(id(p))
+                if st is not None:
+                    st.reset = True
+            return
+        where = None
         for p in params:
             st = leaves.get(id(p))
             if st is None or st.leaf() is not p or p.grad is None:
@@ -865,9 +970,11 @@ class Watch:
 
     # ------------------------------------------------------------------ module discovery
     def _on_module_call(self, module: torch.nn.Module, args: Any) -> None:
-        if self.suspended or self._names.knows_module(module):
+        if _is_compiling():  # traced by dynamo: stay out of the graph
             return
         try:
+            if self.suspended or self._names.knows_module(module):
+                return
             prefix = ""
             if self._names.has_roots():  # a second model: prefix it by the user's variable name
                 var = local_name(user_frame(2), module)
@@ -901,11 +1008,12 @@ class Watch:
         return info
 
     def _on_step_pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
-        if self._closed:
+        if self._closed or _is_compiling() or "optimizer hooks" in self._failed:
             return None
         t0 = time.perf_counter()
         result = None
         try:
+            self._resume_mode()
             with torch._C.DisableTorchFunction():
                 self.suspended = False
                 info = self._optimizer_info(opt)
@@ -925,6 +1033,7 @@ class Watch:
             return None
         if info.foreign:
             self.suspended = True
+            self._pause_mode()
         else:
             self._user_step_depth += 1
         self._busy += time.perf_counter() - t0
@@ -937,10 +1046,13 @@ class Watch:
             suspended, depth = session.suspended, session._user_step_depth
             session.suspended = False
             session._user_step_depth = 0
+            paused = session._resume_mode()
             try:
                 out = closure(*a, **k)
             finally:
                 session.suspended, session._user_step_depth = suspended, depth
+                if paused:
+                    session._pause_mode()
             if not state["updated"]:
                 with torch._C.DisableTorchFunction():
                     session._guard("optimizer hooks", session._about_to_update, opt, state)
@@ -975,15 +1087,20 @@ class Watch:
             state["samples"] = [_sample(p) for p in params]
 
     def _on_step_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if self._closed:
+        if self._closed or _is_compiling():
             return
         t0 = time.perf_counter()
-        state = self._step_state.pop(id(opt), None)
-        info = self._optimizers.get(opt)
-        if info is not None and not info.foreign:
-            self._user_step_depth = max(0, self._user_step_depth - 1)
+        try:
+            state = self._step_state.pop(id(opt), None)
+            info = self._optimizers.get(opt)
+            if info is not None and not info.foreign:
+                self._user_step_depth = max(0, self._user_step_depth - 1)
+        except Exception as exc:
+            self._fail("optimizer hooks", exc)
+            state = info = None
         self.suspended = False
-        if state is None or info is None:
+        self._resume_mode()
+        if state is None or info is None or "optimizer hooks" in self._failed:
             return
         step_before = self.step  # the step the events being flushed belong to
         try:
@@ -1050,16 +1167,22 @@ class Watch:
             return t
 
     def _unpack(self, s: Any) -> torch.Tensor:
+        if isinstance(s, _Tensor):
+            return s
         saved = self._saved
-        if saved is None:
-            if isinstance(s, _Tensor):
-                return s
-            return s.alias  # closed while a graph was pending: hand back the tensor
-        return saved.unpack(s)
+        if saved is None or "saved tensors" in self._failed:
+            return s.alias  # closed (or failed) while a graph was pending: hand back the tensor
+        try:
+            return saved.unpack(s)
+        except RuntimeError as exc:
+            if saved_tensor.is_version_error(exc):
+                raise
+            self._fail("saved tensors", exc)
+            return s.alias
 
     # ------------------------------------------------------------------ backward
     def _wrap_backward(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        if self._closed or self._in_backward:
+        if self._closed or self._in_backward or "backward" in self._failed or _is_compiling():
             # torch.autograd.backward re-dispatches itself through the function mode: once is enough
             return wrapped(*args, **kwargs)
         self._in_backward = True
@@ -1067,12 +1190,17 @@ class Watch:
             return self._run_backward(wrapped, args, kwargs)
         finally:
             self._in_backward = False
+        self._accumulated_hook = self._hook("accumulation", self._on_accumulated)
 
     def _run_backward(self, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
-        roots = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
-        if isinstance(roots, _Tensor):
-            roots = (roots,)
-        roots = tuple(r for r in (roots or ()) if isinstance(r, _Tensor))
+        try:
+            roots = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
+            if isinstance(roots, _Tensor):
+                roots = (roots,)
+            roots = tuple(r for r in (roots or ()) if isinstance(r, _Tensor))
+        except Exception as exc:
+            self._fail("backward", exc)
+            return wrapped(*args, **kwargs)
         self._guard("backward", self._before_backward, roots)
         try:
             return wrapped(*args, **kwargs)
@@ -1085,14 +1213,13 @@ class Watch:
     def _before_backward(self, roots: tuple) -> None:
         t0 = time.perf_counter()
         self.suspended = False
+        self._resume_mode()
         self._user_step_depth = 0
         self._backward_where = caller()
         if self._discover_leaves > 0 and roots:
             with torch._C.DisableTorchFunction():
                 new = self._discover(roots)
             self._discover_leaves = 8 if new else self._discover_leaves - 1
-        if self._nonfinite.pending:
-            self._nonfinite.resolve(self._report_nonfinite)
         self._raise_replaced()
         self._busy += time.perf_counter() - t0
 
@@ -1190,6 +1317,30 @@ class Watch:
         ))
 
 
+_LIGHT_TARGET: list[weakref.ref[Watch] | None] = [None]
+_original_set_grad_enabled = torch._C._set_grad_enabled
+
+
+def _light_set_grad_enabled(mode: bool) -> None:
+    """Stands in for ``torch._C._set_grad_enabled`` during a light watch: push the function mode
+    while grad is off. One module-level function (memoised once), holding the watch weakly."""
+    _original_set_grad_enabled(mode)
+    if _is_compiling():
+        return
+    ref = _LIGHT_TARGET[0]
+    session = ref() if ref is not None else None
+    if session is not None:
+        session._on_grad_mode(mode)
+
+
+def _identity(t: Any) -> Any:
+    return t
+
+
+def _unpacked(s: Any) -> Any:
+    return s if isinstance(s, torch.Tensor) else getattr(s, "alias", s)
+
+
 def describe_raw(raw: Raw) -> str:
     from ._records import describe_shape
 
@@ -1219,8 +1370,11 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def _sample(t: torch.Tensor) -> torch.Tensor:
-    """A copy of at most ``_SAMPLE`` evenly strided elements of ``t`` (the whole tensor if small)."""
+def _sample(t: torch.Tensor) -> torch.Tensor | None:
+    """A copy of at most ``_SAMPLE`` evenly strided elements of ``t`` (the whole tensor if small);
+    None for tensors whose values cannot be sampled cheaply (sparse, nested, meta, subclasses)."""
+    if not checkable(t):
+        return None
     flat = t.detach().reshape(-1)
     n = flat.numel()
     if n > _SAMPLE:
@@ -1228,8 +1382,8 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
     return flat.clone()
 
 
-def _change(before: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
-    if not (t.is_floating_point() or t.is_complex()) or before.numel() == 0:
+def _change(before: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor | None:
+    if before is None or not checkable(t):
         return None
     after = _sample(t)
     if after.shape != before.shape:

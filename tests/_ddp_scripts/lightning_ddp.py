@@ -40,7 +40,8 @@ class Net(L.LightningModule):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self(x), y)
         if self.global_rank == BUGGY_RANK and self.global_step == BUGGY_STEP:
-            self.l2.weight.data.mul_(0.5)  # BUG: edits a saved weight before backward
+            # edits a weight that the pending graph saved: silent, backward uses new values
+            self.l2.weight.data.mul_(0.5)  # BUG
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -54,7 +54,8 @@ def worker(rank: int, world: int, log_dir: str, port: int, mode: str) -> None:
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), y)
             if rank == BUGGY_RANK and step == 2:
-                net.l2.weight.data.mul_(0.5)  # BUG: edits a saved weight before backward
+                # edits a weight that the pending graph saved: silent, backward uses new values
+                net.l2.weight.data.mul_(0.5)  # BUG
             loss.backward()  # DDP averages gradients across ranks here
             opt.step()
     result = {

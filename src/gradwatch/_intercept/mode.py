@@ -35,12 +35,12 @@ class WatchMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         if kwargs is None:
             kwargs = {}
+        s = self.session
+        if s.suspended or _is_compiling():  # first: dynamo must trace nothing of ours
+            return func(*args, **kwargs)
         action = ACTIONS.get(func)
         if action is None:
             action = classify(func)
-        s = self.session
-        if s.suspended or _is_compiling():
-            return func(*args, **kwargs)
         if action is _PASS:
             if kwargs and ("out" in kwargs or kwargs.get("inplace") is True):
                 action = Action.KWARG_WRITE

@@ -60,6 +60,8 @@ class AccumulationTracker:
     def __init__(self) -> None:
         self.leaves: dict[int, LeafState] = {}
         self.grad_owner: dict[int, LeafState] = {}  # id(p.grad) -> state of p
+        # leaves whose window holds gradients no step has used yet (zero_grad checks only these)
+        self.unconsumed: set[int] = set()
 
     def state(self, leaf: torch.Tensor) -> LeafState:
         st = self.leaves.get(id(leaf))
@@ -88,7 +90,9 @@ class AccumulationTracker:
             leaf_version = -1
         token = (leaf_version, st.steps)
         gid = id(grad)
-        same_sum = (st.accum > 0 and not st.reset and gid == st.grad_id)
+        # A fresh .grad (after set_to_none) is a new tensor at version 0; ids alone are reused.
+        same_sum = (st.accum > 0 and not st.reset and gid == st.grad_id
+                    and grad._version > st.grad_version)
         finding = None
         if same_sum and st.token != token:
             if st.consumed:
@@ -104,6 +108,8 @@ class AccumulationTracker:
             st.window_start = where
         st.reset = False
         st.accum += 1
+        if not st.consumed:
+            self.unconsumed.add(id(leaf))
         st.token = token
         if gid != st.grad_id:
             if self.grad_owner.get(st.grad_id) is st:  # ids are reused: drop only our own entry
@@ -121,6 +127,7 @@ class AccumulationTracker:
         due = st if (st.stale_where is not None and st.accum > 0 and not st.reset) else None
         if st.accum > 0:
             st.consumed = True
+        self.unconsumed.discard(id(leaf))
         return due
 
     def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None) -> None:
@@ -136,6 +143,9 @@ class AccumulationTracker:
         read = st.read and st.read_where != where
         candidate = st.accum > 0 and not st.consumed and not read and not st.reset and st.optimized
         st.reset = True
+        leaf = st.leaf()
+        if leaf is not None:
+            self.unconsumed.discard(id(leaf))
         st.stale_where = None
         return candidate
 
@@ -146,12 +156,14 @@ class AccumulationTracker:
         for key, st in list(self.leaves.items()):
             if st.leaf() is None:
                 del self.leaves[key]
+                self.unconsumed.discard(key)
                 if self.grad_owner.get(st.grad_id) is st:
                     del self.grad_owner[st.grad_id]
 
     def clear(self) -> None:
         self.leaves.clear()
         self.grad_owner.clear()
+        self.unconsumed.clear()
 
 
 def finite_nonzero(grad: torch.Tensor) -> bool:

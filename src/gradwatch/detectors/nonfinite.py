@@ -21,18 +21,24 @@ HINT = (
 
 
 def max_abs(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """0-d ``max |x|`` per tensor (NaN-propagating, inf for inf), without a sync."""
+    """A 0-d finiteness probe per tensor, without a sync: the L2 norm (one fused kernel; NaN and
+    Inf propagate; ~45x cheaper on CPU than the inf-norm). Finite values above ~1e19 overflow it
+    in float32, which only matters for weights that have already blown up."""
     if not tensors:
         return []
     try:
-        return list(torch._foreach_norm(list(tensors), float("inf")))
+        return list(torch._foreach_norm(list(tensors)))
     except Exception:
-        return [torch.linalg.vector_norm(t.detach(), float("inf")) for t in tensors]
+        return [torch.linalg.vector_norm(t.detach()) for t in tensors]
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def checkable(t: torch.Tensor) -> bool:
-    return (t.is_floating_point() or t.is_complex()) and t.numel() > 0 and t.layout == torch.strided \
-        and t.device.type != "meta"
+    return ((t.is_floating_point() or t.is_complex()) and t.layout == torch.strided
+            and not t.is_nested and t.device.type != "meta" and t.numel() > 0
+            and type(t) in _PLAIN)
 
 
 class NonfiniteTracker:

@@ -192,7 +192,8 @@ def _version_error(alias: torch.Tensor, s: _Saved) -> RuntimeError:
     err = RuntimeError(
         "one of the variables needed for gradient computation has been modified by an inplace "
         f"operation: [{kind} [{shape}]], is at version {alias._version}; expected version "
-        f"{s.version} instead. Hint: the gradwatch note below names the line that modified it."
+        f"{s.version} instead. Hint: enable anomaly detection to find the operation that failed "
+        "to compute its gradient, with torch.autograd.set_detect_anomaly(True)."
     )
     return err
 

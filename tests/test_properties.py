@@ -1,0 +1,172 @@
+"""Property: for generated programs of tensor ops (in-place and not, grad on and off, views,
+backward) on a few leaves that require grad and plain tensors, gradwatch reports every in-place
+change of a tensor that requires grad made under no_grad exactly once, as inplace_no_grad with
+the right op, tensor, versions and line, and reports nothing else as inplace_no_grad. Ground
+truth comes from running the same program without gradwatch."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gradwatch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HERE = __file__
+
+INPLACE = ["add_", "mul_", "sub_", "iadd", "isub", "zero_", "fill_", "copy_", "clamp_",
+           "setitem", "foreach", "out"]
+OP_NAME = {"iadd": "add_", "isub": "sub_", "setitem": "__setitem__", "foreach": "_foreach_add_",
+           "out": "add"}
+
+
+def _line(marker: str) -> int:
+    with open(HERE) as f:
+        hits = [i for i, line in enumerate(f, 1) if line.rstrip().endswith(f"# <{marker}>")]
+    assert len(hits) == 1, marker
+    return hits[0]
+
+
+def _inplace(t: torch.Tensor, op: str) -> None:
+    if op == "add_":
+        t.add_(1.5)  # <add_>
+    elif op == "mul_":
+        t.mul_(0.5)  # <mul_>
+    elif op == "sub_":
+        t.sub_(0.25)  # <sub_>
+    elif op == "iadd":
+        t += 2  # <iadd>
+    elif op == "isub":
+        t -= 2  # <isub>
+    elif op == "zero_":
+        t.zero_()  # <zero_>
+    elif op == "fill_":
+        t.fill_(3.0)  # <fill_>
+    elif op == "copy_":
+        t.copy_(torch.full_like(t, 7.0))  # <copy_>
+    elif op == "clamp_":
+        t.clamp_(-1.0, 1.0)  # <clamp_>
+    elif op == "setitem":
+        t[...] = 4.0  # <setitem>
+    elif op == "foreach":
+        torch._foreach_add_([t], 1.0)  # <foreach>
+    elif op == "out":
+        torch.add(t.detach().clone(), 1.0, out=t)  # <out>
+    else:  # pragma: no cover
+        raise AssertionError(op)
+
+
+def _view(t: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "slice" and t.dim() > 0 and t.shape[0] > 1:
+        return t[1:]
+    if kind == "flat" and t.is_contiguous():
+        return t.view(-1)
+    return t.unsqueeze(0)
+
+
+step = st.one_of(
+    st.tuples(st.just("inplace"), st.integers(0, 50), st.sampled_from(INPLACE), st.booleans()),
+    st.tuples(st.just("view"), st.integers(0, 50), st.sampled_from(["slice", "flat", "unsq"]),
+              st.booleans()),
+    st.tuples(st.just("derive"), st.integers(0, 50), st.just(""), st.booleans()),
+    st.tuples(st.just("backward"), st.integers(0, 50), st.just(""), st.just(True)),
+)
+
+
+def _run(program, watch_level: str | None):
+    """Run ``program``; return (per in-place op: expected event or None, errors, watch)."""
+    torch.manual_seed(0)
+    pool = [torch.randn(4, requires_grad=True), torch.randn(2, 3, requires_grad=True),
+            torch.randn(4)]
+    expected: list[tuple] = []
+    errors: list[tuple] = []
+
+    # views made under no_grad are only ever used under no_grad again: torch forbids (and
+    # raises on any later access to) such a view once grad mode and its base's edits mix
+    nograd_view = [False, False, False]
+
+    def body() -> None:
+        for kind, i, arg, grad_on in program:
+            t = pool[i % len(pool)]
+            frozen = nograd_view[i % len(pool)]
+            grad_on = grad_on and not frozen
+            if frozen and kind in ("view", "derive"):
+                continue  # see test_reusing_a_no_grad_view_keeps_the_mode_on
+            with torch.set_grad_enabled(grad_on):
+                if kind == "view":
+                    pool.append(_view(t, arg))
+                    nograd_view.append(frozen or (not grad_on and t.requires_grad))
+                elif kind == "derive":
+                    pool.append(t * 2)
+                    nograd_view.append(frozen)
+                elif kind == "backward":
+                    if any(nograd_view):
+                        continue  # a backward would touch those views with grad on
+                    leaves = [x for x in pool[:2] if x.requires_grad]
+                    for x in leaves:
+                        x.grad = None  # no stale accumulation: this property is about edits
+                    sum((x * 3).sum() for x in leaves).backward()
+                else:
+                    with torch._C.DisableTorchFunction():  # our bookkeeping: not the program
+                        tracked = t.requires_grad and not grad_on
+                        vb = t._version
+                    try:
+                        _inplace(t, arg)
+                    except RuntimeError as exc:
+                        errors.append((type(exc), str(exc)))
+                        continue
+                    if tracked:
+                        with torch._C.DisableTorchFunction():
+                            shape = ",".join(str(s) for s in t.shape)
+                            va = t._version
+                        expected.append((OP_NAME.get(arg, arg), f"tensor float32[{shape}]",
+                                         vb, va, "no_grad", HERE, _line(arg)))
+
+    if watch_level is None:
+        body()
+        return expected, errors, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradwatch.GradWatchWarning)  # no anomaly, no fault
+        with gradwatch.watch(level=watch_level, on_anomaly="log") as w:
+            body()
+    return expected, errors, w
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=st.lists(step, min_size=1, max_size=12))
+def test_every_tracked_inplace_under_no_grad_reported_once(level: str, program) -> None:
+    truth, ref_errors, _ = _run(program, None)
+    expected, errors, w = _run(program, level)
+    assert expected == truth  # gradwatch changed nothing the program can observe
+    assert errors == ref_errors  # torch's own errors pass through unchanged
+    got = [(e.op, e.tensor, e.version_before, e.version_after, e.grad_mode,
+            e.location.filename if e.location else None,
+            e.location.lineno if e.location else None)
+           for e in w.events if e.kind == "inplace_no_grad"]
+    assert got == truth
+    assert w.counts.get("inplace_no_grad", 0) == len(truth)
+    assert w.anomalies == []
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_reusing_a_no_grad_view_keeps_the_mode_on(level: str) -> None:
+    leaf = torch.randn(4, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradwatch.watch(level=level) as w:
+            with torch.no_grad():
+                v = leaf[1:]  # e.g. a weight slice kept for a later manual update
+            with torch.no_grad():
+                v.add_(1.5)  # <nv-add>
+                y = v * 2  # an ordinary op on the view
+                leaf.mul_(2)  # <nv-mul>
+    assert torch.equal(y, (leaf[1:] / 2 * 2).detach())
+    assert [str(c.message)[:40] for c in caught] == []
+    assert [(e.op, e.version_before, e.version_after, e.location.lineno)
+            for e in w.events if e.kind == "inplace_no_grad"] == [
+        ("add_", 0, 1, _line("nv-add")), ("mul_", 1, 2, _line("nv-mul"))]
