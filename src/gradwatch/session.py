@@ -1124,8 +1124,12 @@ class Watch:
         change = None
         ratios = None
         samples = state.get("samples")
+        if samples is not None:  # keep the parameters whose values can be sampled
+            kept = [(p, b, vb) for p, b, vb in zip(params, samples, versions) if b is not None]
+            params = [k[0] for k in kept]
+            versions = [k[2] for k in kept]
+            before = [k[1] for k in kept]
         if samples is not None and params:
-            before = [s for s in samples]
             after = [_sample(p) for p in params]
             deltas = torch._foreach_sub(after, before)
             dn = torch.stack([d.float() for d in torch._foreach_norm(deltas)])
@@ -1141,19 +1145,20 @@ class Watch:
             change = torch.stack([total_delta, total_delta / total_w.clamp_min(1e-12),
                                   dn.max(), nonfin.float()])
             if self.config.check_nonfinite:
-                flags = max_abs([p.detach() for p in params if checkable(p)])
-                before_flags = max_abs([s for s, p in zip(before, params) if checkable(p)])
+                flags = max_abs([p.detach() for p in params])
+                before_flags = max_abs(before)
                 raws = [
                     Raw(K.NONFINITE_INTRODUCED, "optimizer.step", self._names.param_name(p),
                         tuple(p.shape), p.dtype, p.device, vb, _version(p), "no_grad", None,
                         where, step)
-                    for p, vb in zip(params, versions) if checkable(p)
+                    for p, vb in zip(params, versions)
                 ]
                 self._nonfinite.queue(before_flags, flags, raws)
         self._step += 1
         self._record(Raw(K.OPTIMIZER_UPDATE, "optimizer.step", f"{info.name}{info.index}", None,
                          None, None, None, None, "no_grad", change, where, step,
-                         f"{info.name} updated {len(params)} parameter(s)", "", ratios))
+                         f"{info.name} updated {len(state.get('params') or [])} parameter(s)", "",
+                         ratios))
 
     # ------------------------------------------------------------------ saved tensors hooks
     def _pack(self, t: torch.Tensor) -> Any:
