@@ -461,13 +461,6 @@ def test_compiled_optimizer_step_full() -> None:
 
 
 @pytest.mark.slow  # ~10 s of dynamo tracing
-@pytest.mark.xfail(
-    reason="core bug: in a torch.compile'd optimizer step gradwatch's optimizer hooks are traced "
-    "by dynamo: graph breaks on time.perf_counter/str.endswith/tolist split the step into "
-    "~16 graphs instead of 1 (several times slower); they should be skipped while compiling",
-    raises=AssertionError,
-    strict=True,
-)
 def test_compiled_optimizer_step_light_no_graph_storm() -> None:
     ref, ref_stats, _, _ = _compile_run("eager", False, True, None)
     got, stats, recompiles, _ = _compile_run("eager", False, True, "light")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from types import CodeType
 from typing import Any, NamedTuple
@@ -103,6 +104,20 @@ def _default_message(r: Raw, name: str) -> str:
     return f"{r.kind.value} on `{name}`"
 
 
+class _Accumulated(NamedTuple):
+    leaf: Any  # weakref
+    where: tuple[CodeType, int] | None
+    step: int
+    name: str | None
+
+    def raw(self) -> Raw:
+        p = self.leaf()
+        shape = tuple(p.shape) if p is not None else None
+        return Raw(EventKind.GRAD_ACCUMULATED, "backward", self.name, shape,
+                   p.dtype if p is not None else None, p.device if p is not None else None,
+                   None, None, "enabled", None, self.where, self.step)
+
+
 class RecordBuffer:
     """Bounded buffer of raw records plus exact counts; new records wait for the next flush."""
 
@@ -116,11 +131,19 @@ class RecordBuffer:
         key = r.kind.value
         self.counts[key] = self.counts.get(key, 0) + 1
 
+    def add_accumulated(self, leaf: Any, where: tuple[CodeType, int] | None, step: int,
+                        name: str | None) -> None:
+        """A grad_accumulated record, built at the next flush (this runs once per leaf and
+        backward pass, inside the autograd engine). Holds the leaf only weakly."""
+        self.unflushed.append(_Accumulated(weakref.ref(leaf), where, step, name))
+        self.counts["grad_accumulated"] = self.counts.get("grad_accumulated", 0) + 1
+
     def take_unflushed(self) -> list[Raw]:
         """Resolve pending small tensors (one sync) and move records into the bounded buffer."""
         new, self.unflushed = self.unflushed, []
         if not new:
             return new
+        new = [r if type(r) is Raw else r.raw() for r in new]
         tensors = [r.change for r in new if isinstance(r.change, torch.Tensor)]
         tensors += [r.ratios[1] for r in new if isinstance(r.ratios, tuple)]
         if tensors:

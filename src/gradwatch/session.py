@@ -45,6 +45,8 @@ from .sinks import Sink, StepSummary
 
 _is_compiling = torch.compiler.is_compiling
 _GRAD_MODE_FILE = torch.autograd.grad_mode.__file__
+_CONTEXTLIB_FILE = torch.utils._contextlib.__file__
+_SKIP_FILES = frozenset({_GRAD_MODE_FILE, __file__})
 
 __all__ = ["Watch", "watch"]
 
@@ -158,6 +160,7 @@ class Watch:
         self._hook_handles: list[Any] = []
         self._backward_where: tuple[CodeType, int] | None = None
         self._in_backward = False
+        self._op_frame: Any = None
         self._accumulated_hook = self._hook("accumulation", self._on_accumulated)
         self._discover_leaves = 8
         self._user_step_depth = 0
@@ -372,13 +375,29 @@ class Watch:
             return
         try:
             if not mode:
-                if not self._light_mode_pushed:
+                if not self._light_mode_pushed and (self._user_step_depth or self._user_no_grad()):
                     self.on_no_grad_entered()
                     self._push_light_mode()
             elif self._light_mode_pushed:
                 self._pop_light_mode()
         except Exception as exc:
             self._fail("light mode switch", exc)
+
+    def _user_no_grad(self) -> bool:
+        """Whether grad mode is being switched off by user code (a ``with torch.no_grad():``
+        block, or a user function decorated with ``@torch.no_grad()``) rather than inside torch
+        (``clip_grad_norm_``, optimizer internals): light watches only the former."""
+        frame = sys._getframe(3)
+        while frame is not None and frame.f_code.co_filename in _SKIP_FILES:
+            frame = frame.f_back
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "decorate_context" and code.co_filename == _CONTEXTLIB_FILE:
+            func = frame.f_locals.get("func")  # the decorated function
+            inner = getattr(inspect.unwrap(func), "__code__", None) if func is not None else None
+            return inner is not None and not is_internal(inner)
+        return not is_internal(code)
 
     def _push_light_mode(self) -> None:
         if self._mode is not None and threading.get_ident() == self._thread:
@@ -550,12 +569,29 @@ class Watch:
         if "mode" in self._failed:
             return None
         t0 = time.perf_counter()
-        pre = self._before(action, func, args, kwargs)
+        # The frame that called the op (before <- __torch_function__ <- caller): read by the rare
+        # paths that ask "is this the user's own code?"; held only while the op runs.
+        self._op_frame = sys._getframe(2)
+        pre = None
+        try:
+            pre = self._before(action, func, args, kwargs)
+        finally:
+            if pre is None:
+                self._op_frame = None
+        if pre is None:
+            self._op_frame = None
         self._busy += time.perf_counter() - t0
         return pre
 
     def after(self, pre: Any, out: Any) -> None:
         t0 = time.perf_counter()
+        try:
+            self._after(pre, out)
+        finally:
+            self._op_frame = None
+        self._busy += time.perf_counter() - t0
+
+    def _after(self, pre: Any, out: Any) -> None:
         what = pre[0]
         if what == "write":
             self._after_write(pre[1], pre[2])
@@ -565,7 +601,6 @@ class Watch:
             self._guard("grad flow", self._detached, pre[1], pre[2], out)
         elif what == "data_set":
             self._after_data_set(*pre[1:])
-        self._busy += time.perf_counter() - t0
 
     def mode_failed(self, exc: BaseException) -> None:
         self._fail("mode", exc)
@@ -607,7 +642,8 @@ class Watch:
             targets, op, grad_mode = (args[1],), torch.embedding_renorm_, "no_grad"
         elif action == A.GRAD_GET:
             st = self._acc.leaves.get(id(first))
-            if st is not None and st.accum and not st.read and not self._acc_off:
+            if (st is not None and st.accum and not st.read and not self._acc_off
+                    and not is_internal(self._op_frame.f_code)):  # torch reading it is no use
                 self._guard("accumulation", self._grad_read, first)
             return None
         elif action == A.GRAD_SET:
@@ -649,6 +685,10 @@ class Watch:
             return
         if same and not out.requires_grad:
             self._guard("grad flow", self._cut, func, source, out)
+
+    def _user_code_called_op(self) -> bool:
+        frame = self._op_frame
+        return frame is not None and not is_internal(frame.f_code)
 
     @property
     def _acc_off(self) -> bool:
@@ -713,7 +753,7 @@ class Watch:
         checks: list[torch.Tensor] = []
         before_flags: list[torch.Tensor] = []
         samples = None
-        if tracked and (in_step or _user_code_called_op()):
+        if tracked and (in_step or self._user_code_called_op()):
             if self.config.check_nonfinite:
                 checks = [e[0] for e in tracked if checkable(e[0])]
                 before_flags = max_abs(checks) if checks else []
@@ -822,7 +862,7 @@ class Watch:
         self._cuts.add(cut, source, watch_source=True)
 
     def _detached(self, func: Any, source: torch.Tensor, out: Any) -> None:
-        frame = op_caller()
+        frame = self._op_frame
         if frame is None or is_internal(frame.f_code):
             return
         if isinstance(out, _Tensor):
@@ -862,20 +902,16 @@ class Watch:
     def _on_accumulated(self, p: torch.Tensor) -> None:
         if self._closed or "accumulation" in self._failed or _is_compiling():
             return
+        # Runs inside the autograd engine, where function modes are not active.
         t0 = time.perf_counter()
-        try:
-            with torch._C.DisableTorchFunction():
-                finding = self._acc.accumulated(p, self._backward_where)
-                self._cuts.source_trained(p)
-                self._record(Raw(K.GRAD_ACCUMULATED, "backward", self._names.param_name(p),
-                                 tuple(p.shape), p.dtype, p.device, None, None, "enabled", None,
-                                 self._backward_where, self.step))
-                if finding is not None:
-                    self._stale(finding[1], self._backward_where, p)
-        except AnomalyError:
-            raise
-        except Exception as exc:
-            self._fail("accumulation", exc)
+        where = self._backward_where
+        finding = self._acc.accumulated(p, where)
+        if self._cuts._watching:
+            self._cuts.source_trained(p)
+        self._buffer.add_accumulated(p, where, self._step if self._step_override is None
+                                     else self.step, self._names.param_name(p))
+        if finding is not None:
+            self._stale(finding[1], where, p)
         self._busy += time.perf_counter() - t0
 
     def _leaf_name(self, p: torch.Tensor | None) -> str:
@@ -901,7 +937,7 @@ class Watch:
         st = self._acc.leaves.get(id(p))
         if st is None or st.accum == 0 or st.read:
             return
-        frame = op_caller()
+        frame = self._op_frame
         if frame is not None and not is_internal(frame.f_code):
             self._acc.grad_read(p, (frame.f_code, frame.f_lineno))
 
@@ -1361,11 +1397,6 @@ def _op_str(func: Any) -> str:
 def _code(where: Any) -> str:
     loc = location_of(where)
     return loc.code if loc else ""
-
-
-def _user_code_called_op() -> bool:
-    frame = op_caller()
-    return frame is not None and not is_internal(frame.f_code)
 
 
 def _version(t: torch.Tensor) -> int | None:
