@@ -44,6 +44,7 @@ from .events import Event, EventKind
 from .sinks import Sink, StepSummary
 
 _is_compiling = torch.compiler.is_compiling
+_GRAD_GET = Action.GRAD_GET
 _GRAD_MODE_FILE = torch.autograd.grad_mode.__file__
 _CONTEXTLIB_FILE = torch.utils._contextlib.__file__
 _SKIP_FILES = frozenset({_GRAD_MODE_FILE, __file__})
@@ -566,9 +567,15 @@ class Watch:
     # ------------------------------------------------------------------ the function mode's calls
     def before(self, action: int, func: Any, args: tuple, kwargs: dict) -> Any:
         """Work before an interesting op runs; returns what :meth:`after` needs (or None)."""
+        if action == _GRAD_GET:  # the most frequent: every p.grad read, mostly by torch itself
+            st = self._acc.leaves.get(id(args[0])) if args else None
+            if st is not None and st.accum and not st.read and "accumulation" not in self._failed:
+                frame = sys._getframe(2)  # before <- __torch_function__ <- the reader
+                if not is_internal(frame.f_code):  # torch reading it (clip, step) is no use
+                    self._guard("accumulation", self._grad_read, args[0], frame)
+            return None
         if "mode" in self._failed:
             return None
-        t0 = time.perf_counter()
         # The frame that called the op (before <- __torch_function__ <- caller): read by the rare
         # paths that ask "is this the user's own code?"; held only while the op runs.
         self._op_frame = sys._getframe(2)
@@ -578,18 +585,13 @@ class Watch:
         finally:
             if pre is None:
                 self._op_frame = None
-        if pre is None:
-            self._op_frame = None
-        self._busy += time.perf_counter() - t0
         return pre
 
     def after(self, pre: Any, out: Any) -> None:
-        t0 = time.perf_counter()
         try:
             self._after(pre, out)
         finally:
             self._op_frame = None
-        self._busy += time.perf_counter() - t0
 
     def _after(self, pre: Any, out: Any) -> None:
         what = pre[0]
@@ -640,12 +642,6 @@ class Watch:
             if kwargs.get("max_norm") is None or len(args) < 2:
                 return None
             targets, op, grad_mode = (args[1],), torch.embedding_renorm_, "no_grad"
-        elif action == A.GRAD_GET:
-            st = self._acc.leaves.get(id(first))
-            if (st is not None and st.accum and not st.read and not self._acc_off
-                    and not is_internal(self._op_frame.f_code)):  # torch reading it is no use
-                self._guard("accumulation", self._grad_read, first)
-            return None
         elif action == A.GRAD_SET:
             if len(args) >= 2:
                 self._guard("accumulation", self._grad_replaced, first, args[1])
@@ -669,7 +665,7 @@ class Watch:
             return
         try:
             frame = op_caller()
-            while frame is not None and frame.f_code.co_filename == _GRAD_MODE_FILE:
+            while frame is not None and frame.f_code.co_filename in _SKIP_FILES:
                 frame = frame.f_back
             if frame is not None and not is_internal(frame.f_code):
                 self._no_grad_regions.append(((frame.f_code, frame.f_lineno), self.step))
@@ -931,15 +927,13 @@ class Watch:
             acc_mod.HINT_STALE,
         ))
 
-    def _grad_read(self, p: Any) -> None:
+    def _grad_read(self, p: Any, frame: Any) -> None:
         if not isinstance(p, _Tensor):
             return
         st = self._acc.leaves.get(id(p))
         if st is None or st.accum == 0 or st.read:
             return
-        frame = self._op_frame
-        if frame is not None and not is_internal(frame.f_code):
-            self._acc.grad_read(p, (frame.f_code, frame.f_lineno))
+        self._acc.grad_read(p, (frame.f_code, frame.f_lineno))
 
     def _grad_replaced(self, p: Any, value: Any) -> None:
         if not isinstance(p, _Tensor):
@@ -950,7 +944,9 @@ class Watch:
         old = p.grad
         if old is None or value is old:
             return
-        self._grad_zeroing(st, old, caller(), "grad = None" if value is None else "grad =")
+        # the user's line is looked up only when the dropped gradient was never used
+        where = caller() if id(p) in self._acc.unconsumed else None
+        self._grad_zeroing(st, old, where, "grad = None" if value is None else "grad =")
 
     def _grad_zeroing(self, st: acc_mod.LeafState, grad: torch.Tensor, where: Any, op: Any) -> None:
         if not self._acc.resetting(st, where) or self._acc_off:
