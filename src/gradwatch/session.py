@@ -45,6 +45,7 @@ from .sinks import Sink, StepSummary
 
 _is_compiling = torch.compiler.is_compiling
 _GRAD_GET = Action.GRAD_GET
+_DISCOVERY_STEPS = 8  # module discovery stops after this many steps without a new module
 _GRAD_MODE_FILE = torch.autograd.grad_mode.__file__
 _CONTEXTLIB_FILE = torch.utils._contextlib.__file__
 _SKIP_FILES = frozenset({_GRAD_MODE_FILE, __file__})
@@ -161,6 +162,8 @@ class Watch:
         self._hook_handles: list[Any] = []
         self._backward_where: tuple[CodeType, int] | None = None
         self._in_backward = False
+        self._module_hook: Any = None
+        self._last_discovery = 0  # step at which a module was last discovered
         self._op_frame: Any = None
         self._accumulated_hook = self._hook("accumulation", self._on_accumulated)
         self._discover_leaves = 8
@@ -275,7 +278,7 @@ class Watch:
         inst = self._installed
         inst.optimizer_hooks(self._hook("optimizer hooks", self._on_step_pre),
                              self._hook("optimizer hooks", self._on_step_post))
-        inst.module_forward_pre_hook(self._hook("naming", self._on_module_call))
+        self._module_hook = inst.module_forward_pre_hook(self._hook("naming", self._on_module_call))
         backward = self._wrapper("backward", self._wrap_backward)
         inst.wrap_attribute(torch.autograd, "backward", backward)
         inst.wrap_attribute(torch.autograd, "grad", backward)
@@ -560,6 +563,10 @@ class Watch:
                 if final:
                     self._guard(name, sink.flush)
         self._busy = 0.0
+        if self._module_hook is not None and self.step - self._last_discovery >= _DISCOVERY_STEPS:
+            # every module has run several times: stop paying a hook call per module call
+            self._module_hook.remove()
+            self._module_hook = None
         if step % 50 == 0 or final:
             self._names.prune()
             self._acc.prune()
@@ -1014,6 +1021,7 @@ class Watch:
             with torch._C.DisableTorchFunction():
                 for p in self._names.add_module(module, prefix):
                     self._hook_leaf(p)
+            self._last_discovery = self.step
         except Exception as exc:
             self._fail("naming", exc)
 

@@ -50,9 +50,10 @@ class Installed:
         h2 = register_optimizer_step_post_hook(post)
         self.add(h2.remove)
 
-    def module_forward_pre_hook(self, hook: Callable) -> None:
+    def module_forward_pre_hook(self, hook: Callable) -> Any:
         h = torch.nn.modules.module.register_module_forward_pre_hook(hook)
         self.add(h.remove)
+        return h
 
     # -- wrappers -----------------------------------------------------------------------------
     def wrap_attribute(self, owner: Any, name: str, wrapper: Callable) -> None:
