@@ -53,6 +53,8 @@ def _op(op: Any) -> str:
 
 
 def build_event(r: Raw, rank: int) -> Event:
+    if type(r) is _Accumulated:
+        r = r.raw()
     name = r.name
     if name is None:
         name = describe_shape(r.shape, r.dtype)
@@ -110,6 +112,10 @@ class _Accumulated(NamedTuple):
     step: int
     name: str | None
 
+    kind = EventKind.GRAD_ACCUMULATED
+    change = None
+    ratios = None
+
     def raw(self) -> Raw:
         p = self.leaf()
         shape = tuple(p.shape) if p is not None else None
@@ -143,7 +149,6 @@ class RecordBuffer:
         new, self.unflushed = self.unflushed, []
         if not new:
             return new
-        new = [r if type(r) is Raw else r.raw() for r in new]
         tensors = [r.change for r in new if isinstance(r.change, torch.Tensor)]
         tensors += [r.ratios[1] for r in new if isinstance(r.ratios, tuple)]
         if tensors:
