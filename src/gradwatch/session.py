@@ -45,6 +45,12 @@ from .sinks import Sink, StepSummary
 
 _is_compiling = torch.compiler.is_compiling
 _GRAD_GET = Action.GRAD_GET
+
+
+def _mode_stack_top() -> Any:
+    n = torch._C._len_torch_function_stack()
+    return torch._C._get_function_stack_at(n - 1) if n else None
+
 _DISCOVERY_STEPS = 8  # module discovery stops after this many steps without a new module
 _GRAD_MODE_FILE = torch.autograd.grad_mode.__file__
 _CONTEXTLIB_FILE = torch.utils._contextlib.__file__
@@ -318,17 +324,17 @@ class Watch:
         self._installed.undo()
         self._saved = None
 
-    def _pause_mode(self) -> None:
-        """Take the mode off the stack while a library optimizer steps (its ops are checked by
-        their effect): saves the dispatch cost of every op inside the step."""
+    def _pause_mode(self) -> bool:
+        """Take the mode off the stack while library code whose effect is checked otherwise runs
+        (an optimizer step, zero_grad): saves the dispatch cost of every op inside. True if the
+        mode was taken off."""
         if self.config.level != "full" or self._mode is None or self._mode_paused:
-            return
-        from torch.overrides import _get_current_function_mode_stack
-
-        stack = _get_current_function_mode_stack()
-        if stack and stack[-1] is self._mode:
+            return False
+        if _mode_stack_top() is self._mode:
             self._mode.__exit__(None, None, None)
             self._mode_paused = True
+            return True
+        return False
 
     def _resume_mode(self) -> bool:
         """Put the paused mode back (after the step, or if the step raised: at the next hook)."""
@@ -409,10 +415,7 @@ class Watch:
             self._light_mode_pushed = True
 
     def _pop_light_mode(self) -> None:
-        from torch.overrides import _get_current_function_mode_stack
-
-        stack = _get_current_function_mode_stack()
-        if stack and stack[-1] is self._mode:
+        if _mode_stack_top() is self._mode:
             self._mode.__exit__(None, None, None)
             self._light_mode_pushed = False
 
@@ -982,6 +985,12 @@ class Watch:
             except Exception as exc:
                 self._fail("accumulation", exc)
             self._busy += time.perf_counter() - t0
+            # The resets are recorded: torch's own .grad reads and writes inside need no mode.
+            if self._pause_mode():
+                try:
+                    return wrapped(*args, **kwargs)
+                finally:
+                    self._resume_mode()
         return wrapped(*args, **kwargs)
 
     def _zero_grad_check(self, owner: Any) -> None:
