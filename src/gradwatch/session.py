@@ -929,7 +929,7 @@ class Watch:
         p = p if p is not None else st.leaf()
         name = self._leaf_name(p)
         self._anomaly(Raw(
-            K.STALE_GRAD_ACCUMULATION, "backward", f"{name}.grad" if False else name,
+            K.STALE_GRAD_ACCUMULATION, "backward", name,
             tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
             p.device if p is not None else None, None, None, "enabled", None, where, self.step,
             f"`{name}.grad` now sums gradients taken at different versions of `{name}` (it "
