@@ -359,3 +359,32 @@ def test_python_dash_m_gradwatch_run_exit_status(tmp_path) -> None:
     assert proc.returncode == 3, proc.stderr
     assert "no anomalies" in proc.stderr
     assert textwrap.dedent("Traceback") not in proc.stderr
+
+
+OWN_WATCH_SCRIPT = """\
+import torch
+import gradwatch
+from torch import nn
+
+model = nn.Linear(3, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+with gradwatch.watch(model, opt, on_anomaly="log") as w:  # the script watches itself
+    for _ in range(3):
+        model(torch.randn(4, 3)).sum().backward()  # zero_grad is forgotten
+        opt.step()
+print("own report:", w.counts["stale_grad_accumulation"])
+"""
+
+
+def test_run_a_script_that_starts_its_own_watch_shares_it(tmp_path, capsys) -> None:
+    script = _script(tmp_path, "own_watch.py", OWN_WATCH_SCRIPT)
+    from gradwatch import GradWatchWarning
+
+    with pytest.warns(GradWatchWarning, match="joins it"):
+        status = main(["run", "--log-dir", str(tmp_path / "logs"), str(script)])
+    out, _err = capsys.readouterr()
+    assert status == 0
+    assert "own report: 4" in out  # the script's watch() sees what the run's watch sees
+    line = _line_of(OWN_WATCH_SCRIPT, "zero_grad is forgotten")
+    assert f"stale_grad_accumulation  weight  {_short(script)}:{line}" in out
+    assert f"stale_grad_accumulation  bias    {_short(script)}:{line}" in out

@@ -244,6 +244,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         w = watch(log_dir=log_dir, level=args.level, on_anomaly=args.on_anomaly)
+        w.shared = True  # a watch() or GradWatchCallback in the script joins this one
     except (ValueError, TypeError) as exc:
         print(f"gradwatch run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

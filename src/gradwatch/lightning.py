@@ -189,7 +189,8 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
                 f"Trainer has {len(mine)} GradWatchCallback instances; gradwatch watches one "
                 "training loop at a time. Pass a single GradWatchCallback(...) in callbacks=[...]."
             )
-        if _active_watch() is not None:
+        active = _active_watch()
+        if active is not None and not getattr(active, "shared", False):
             raise _misconfigured(
                 trainer,
                 "a gradwatch.watch() is already active around trainer.fit(); it and "

@@ -168,6 +168,10 @@ class Watch:
         self._hook_handles: list[Any] = []
         self._backward_where: tuple[CodeType, int] | None = None
         self._in_backward = False
+        self._delegate: Watch | None = None
+        #: Another watch() entered while this one runs joins it instead of being refused
+        #: (set by `gradwatch run`, whose script may start its own watch or Lightning callback).
+        self.shared = False
         self._module_hook: Any = None
         self._last_discovery = 0  # step at which a module was last discovered
         self._op_frame: Any = None
@@ -186,6 +190,8 @@ class Watch:
     @property
     def step(self) -> int:
         """Optimizer steps completed (Lightning: ``trainer.global_step``)."""
+        if self._delegate is not None:
+            return self._delegate.step
         if self._step_override is not None:
             try:
                 return int(self._step_override())
@@ -196,11 +202,15 @@ class Watch:
     @property
     def anomalies(self) -> list[Event]:
         """Anomalies (severity warning or error) in the order seen (bounded like ``events``)."""
+        if self._delegate is not None:
+            return self._delegate.anomalies
         return list(self._anomalies)
 
     @property
     def events(self) -> list[Event]:
         """The most recent events (bounded by ``max_events``), anomalies included."""
+        if self._delegate is not None:
+            return self._delegate.events
         self._flush_records()
         records = self._buffer.records
         return [build_event(r, self.rank) for r in records]
@@ -208,21 +218,41 @@ class Watch:
     @property
     def counts(self) -> dict[str, int]:
         """Exact number of events per kind, also past the buffer's bound."""
+        if self._delegate is not None:
+            return self._delegate.counts
         return dict(self._buffer.counts)
 
     def report(self) -> str:
         """A human summary: one line per distinct anomaly (kind, tensor, file:line, count)."""
         from .report import format_report
 
+        if self._delegate is not None:
+            return self._delegate.report()
         self._flush_records()
         return format_report(self.distinct_anomalies(), self.counts)
 
     def distinct_anomalies(self) -> list[dict[str, Any]]:
         """One entry per distinct anomaly: its first event, count, first and last step."""
+        if self._delegate is not None:
+            return self._delegate.distinct_anomalies()
         return [
             {"event": ev, "count": n, "first_step": first, "last_step": last}
             for ev, n, first, last in self._distinct.values()
         ]
+
+    def _adopt(self, config: Config) -> None:
+        """Name and hook the models and optimizers of a watch() that joins this one."""
+        try:
+            with torch._C.DisableTorchFunction():
+                for prefix, m in iter_named(config.models, config.model_names):
+                    if not self._names.knows_module(m):
+                        for p in self._names.add_module(m, prefix):
+                            self._hook_leaf(p)
+                for opt in config.optimizers:
+                    self._optimizer_info(opt)
+        except Exception as exc:
+            self._fail("naming", exc)
+        config.models, config.optimizers = [], []
 
     def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
@@ -232,6 +262,18 @@ class Watch:
         if self._entered or self._closed:
             raise RuntimeError("this Watch was already used; call gradwatch.watch(...) again for a new one")
         with _active_lock:
+            if _active is not None and _active.shared and not _active._closed:
+                # e.g. the script run by `gradwatch run` starts its own watch(): share that one
+                self._delegate = _active
+                self._entered = True
+                _active._adopt(self.config)
+                warnings.warn(
+                    "gradwatch: a shared watch is already running (gradwatch run); this watch() "
+                    "joins it and its options are ignored",
+                    GradWatchWarning,
+                    stacklevel=2,
+                )
+                return self
             if _active is not None:
                 raise RuntimeError(
                     "gradwatch.watch() is already active in this process; nested watches are not "
@@ -255,6 +297,9 @@ class Watch:
         """Flush everything and remove all hooks (idempotent)."""
         global _active
         if self._closed:
+            return
+        if self._delegate is not None:  # joined a shared watch: that one owns everything
+            self._closed = True
             return
         self._closed = True
         self.suspended = True
