@@ -193,11 +193,12 @@ def test_essay_example_3_stale_at_second_backward(level: str) -> None:
         b = torch.tensor([1.0], requires_grad=True)
         (a * a).backward()
         with torch.no_grad():
-            a -= b
+            a -= b  # <the_edit>
         (a * a).backward()  # <second_backward>
     assert a.grad.item() == 6.0
     assert anomalies(w) == [("stale_grad_accumulation", "tensor float32[1]", line_of("second_backward"))]
     assert w.anomalies[0].severity == "warning"
+    assert f"last edited at {HERE}:{line_of('the_edit')} (`a -= b" in w.anomalies[0].message
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -841,6 +841,9 @@ class Watch:
                       grad_mode, change, where, step)
             if not in_step:
                 self._record(raw)
+                leaf_state = self._acc.leaves.get(id(t))
+                if leaf_state is not None:  # the edit a later stale accumulation will point to
+                    leaf_state.last_edit = where
             self._recent.recent.append(raw)
             j = flag_of.get(id(t))
             if j is not None:
@@ -961,8 +964,8 @@ class Watch:
             self._cuts.source_trained(p)
         self._buffer.add_accumulated(p, where, self._step if self._step_override is None
                                      else self.step, self._names.param_name(p))
-        if finding is not None:
-            self._stale(finding[1], where, p)
+        if finding is not None:  # reported at once: an in-place edit changed the leaf
+            self._stale(finding[1], where, p, edited=True)
         self._busy += time.perf_counter() - t0
 
     def _leaf_name(self, p: torch.Tensor | None) -> str:
@@ -970,15 +973,18 @@ class Watch:
             return "tensor"
         return self._names.param_name(p) or describe(p)
 
-    def _stale(self, st: acc_mod.LeafState, where: Any, p: torch.Tensor | None = None) -> None:
+    def _stale(self, st: acc_mod.LeafState, where: Any, p: torch.Tensor | None = None,
+               edited: bool = False) -> None:
         p = p if p is not None else st.leaf()
         name = self._leaf_name(p)
+        edit = location_of(st.last_edit) if edited and st.last_edit is not None else None
+        cause = f"; it was last edited at {edit} (`{edit.code}`)" if edit is not None else ""
         self._anomaly(Raw(
             K.STALE_GRAD_ACCUMULATION, "backward", name,
             tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
             p.device if p is not None else None, None, None, "enabled", None, where, self.step,
             f"`{name}.grad` now sums gradients taken at different versions of `{name}` (it "
-            "changed between two backward passes and .grad was not zeroed)",
+            f"changed between two backward passes and .grad was not zeroed{cause})",
             acc_mod.HINT_STALE,
         ))
 

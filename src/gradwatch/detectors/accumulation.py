@@ -32,7 +32,7 @@ HINT_DISCARDED = (
 
 
 class LeafState:
-    __slots__ = ("accum", "consumed", "grad_id", "grad_version", "leaf", "name_hint", "optimized",
+    __slots__ = ("accum", "consumed", "grad_id", "grad_version", "last_edit", "leaf", "optimized",
                  "read", "read_where", "reset", "stale_where", "steps", "token", "trained",
                  "window_start")
 
@@ -51,7 +51,7 @@ class LeafState:
         self.optimized = False
         self.trained = False
         self.window_start: tuple[CodeType, int] | None = None
-        self.name_hint = ""
+        self.last_edit: tuple[CodeType, int] | None = None  # last in-place edit under no_grad
 
 
 class AccumulationTracker:
@@ -101,6 +101,7 @@ class AccumulationTracker:
             else:
                 finding = ("stale", st)
         if not same_sum:
+            st.last_edit = None
             st.accum = 0
             st.consumed = False
             st.read = False
