@@ -26,7 +26,6 @@ from ._location import (
     is_internal,
     local_name,
     location_of,
-    op_caller,
     rebound_name,
     user_frame,
 )
@@ -53,6 +52,7 @@ def _mode_stack_top() -> Any:
 
 _DISCOVERY_STEPS = 8  # module discovery stops after this many steps without a new module
 _GRAD_MODE_FILE = torch.autograd.grad_mode.__file__
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _CONTEXTLIB_FILE = torch.utils._contextlib.__file__
 _SKIP_FILES = frozenset({_GRAD_MODE_FILE, __file__})
 
@@ -338,7 +338,7 @@ class Watch:
         inst.wrap_attribute(torch.nn.Module, "zero_grad", zero_grad)
         self._mode = WatchMode(self)
         if cfg.level == "full":
-            if inst.saved_tensors_hooks(self._hook("saved tensors", self._pack, fallback=_identity),
+            if inst.saved_tensors_hooks(self._pack,  # guarded inside: falls back to the tensor
                                         self._hook("saved tensors", self._unpack, fallback=_unpacked)):
                 self._saved = SavedTensorRegistry()
             self._mode.__enter__()
@@ -719,8 +719,9 @@ class Watch:
         if "grad flow" in self._failed:
             return
         try:
-            frame = op_caller()
-            while frame is not None and frame.f_code.co_filename in _SKIP_FILES:
+            frame = sys._getframe(2)  # on_no_grad_entered <- (mode or light switch) <- torch
+            while frame is not None and (frame.f_code.co_filename in _SKIP_FILES
+                                         or frame.f_code.co_filename.startswith(_OWN_DIR)):
                 frame = frame.f_back
             if frame is not None and not is_internal(frame.f_code):
                 self._no_grad_regions.append(((frame.f_code, frame.f_lineno), self.step))
@@ -1436,10 +1437,6 @@ def _light_set_grad_enabled(mode: bool) -> None:
     session = ref() if ref is not None else None
     if session is not None:
         session._on_grad_mode(mode)
-
-
-def _identity(t: Any) -> Any:
-    return t
 
 
 def _unpacked(s: Any) -> Any:
