@@ -139,7 +139,7 @@ class Watch:
 
     def __init__(self, config: Config, *, sinks: Iterable[Sink] = ()) -> None:
         self.config = config
-        self.rank = 0
+        self.rank, self.world = 0, 1
         self.suspended = True  # the mode passes everything through until entered
         self._entered = False
         self._closed = False
@@ -319,7 +319,7 @@ class Watch:
     # ------------------------------------------------------------------ install / uninstall
     def _install(self) -> None:
         cfg = self.config
-        self.rank = _rank()
+        self.rank, self.world = _process_group()
         self._make_sinks()
         for prefix, m in iter_named(cfg.models, cfg.model_names):
             for p in self._names.add_module(m, prefix):
@@ -412,7 +412,7 @@ class Watch:
         if cfg.log_dir is not None:
             from .sinks.jsonl import JsonlSink
 
-            self._sinks.append(JsonlSink(cfg.log_dir, rank=self.rank, world=_world()))
+            self._sinks.append(JsonlSink(cfg.log_dir, rank=self.rank, world=self.world))
         if cfg.writer is not None or cfg.log_dir is not None:
             try:
                 from .sinks.tensorboard import TensorBoardSink
@@ -421,7 +421,7 @@ class Watch:
             else:
                 self._sinks.append(
                     TensorBoardSink(writer=cfg.writer, log_dir=cfg.log_dir, rank=self.rank,
-                                    world=_world())
+                                    world=self.world)
                 )
 
     # ------------------------------------------------------------------ light level
@@ -1497,27 +1497,16 @@ def _is_library(filename: str) -> bool:
             or filename.startswith(sys.prefix + os.sep + "lib"))
 
 
-def _rank() -> int:
+def _process_group() -> tuple[int, int]:
+    """(rank, world size): from torch.distributed when initialised, else the launcher's env."""
     try:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
+            return dist.get_rank(), dist.get_world_size()
     except Exception:
         pass
-    for var in ("RANK", "LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
-def _world() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
-    except Exception:
-        pass
-    ws = os.environ.get("WORLD_SIZE", "")
-    return int(ws) if ws.isdigit() else 1
+    env = os.environ
+    rank = next((int(env[v]) for v in ("RANK", "LOCAL_RANK") if env.get(v, "").isdigit()), 0)
+    world = int(env["WORLD_SIZE"]) if env.get("WORLD_SIZE", "").isdigit() else 1
+    return rank, world
