@@ -118,9 +118,9 @@ def test_fault_in_layer_is_contained(monkeypatch, tmp_path, reference, clean, ow
 
 
 # The callables torch (or the mode) calls directly. A fault in them must not escape either: the
-# brief's "a hook, e.g. Watch._on_accumulated / _on_step_pre".
+# brief's "a hook, e.g. Watch._accumulations / _on_step_pre".
 BOUNDARY = [
-    (Watch, "_on_accumulated", "accumulation", ("full", "light"), False),
+    (Watch, "_accumulations", "accumulation", ("full", "light"), False),
     (Watch, "_on_step_pre", "optimizer hooks", ("full", "light"), False),
     (Watch, "_on_step_post", "optimizer hooks", ("full", "light"), False),
     (Watch, "_on_module_call", "naming", ("full", "light"), False),

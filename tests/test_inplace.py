@@ -198,7 +198,7 @@ def test_optimizers_report_one_update_per_step_and_no_anomaly(make) -> None:
         for _ in range(3):
             opt.zero_grad()
             model(torch.randn(16, 4)).pow(2).mean().backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # <clip>
             opt.step()  # <step>
     updates = of_kind(w, "optimizer_update")
     assert [(e.step, e.op, e.location.lineno) for e in updates] == [
@@ -215,8 +215,14 @@ def test_optimizers_report_one_update_per_step_and_no_anomaly(make) -> None:
     assert w.counts["grad_accumulated"] == 3 * 6
     assert w.anomalies == []
     # clip_grad_norm_ scales each .grad under no_grad: inplace_no_grad, never an anomaly
+    # (one event per .grad and call, named by the function the user called, at that line)
     clip = [e for e in of_kind(w, "inplace_no_grad") if e.tensor.endswith(".grad")]
-    assert clip and all(e.op == "_foreach_mul_" for e in clip)
+    assert len(clip) == 3 * 6
+    assert {(e.op, e.location.lineno, e.grad_mode) for e in clip} == {
+        ("clip_grad_norm_", line_of("clip"), "no_grad")}
+    assert sorted(e.tensor for e in clip[:6]) == sorted(f"{n}.grad" for n in ratios)
+    assert all(e.version_after == e.version_before + 1 for e in clip)
+    assert all(e.shape == tuple(model.get_parameter(e.tensor[:-5]).shape) for e in clip)
 
 
 def test_lifetime_nothing_kept_alive_and_everything_removed() -> None:
@@ -279,3 +285,28 @@ def test_bounded_buffer_exact_counts_over_hundreds_of_steps() -> None:
 def test_nested_watch_is_refused() -> None:
     with gradwatch.watch(), pytest.raises(RuntimeError, match="already active"), gradwatch.watch():
         pass
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_clipping_is_one_unit_per_call_with_torchs_behaviour_unchanged(level: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    unused = nn.Parameter(torch.ones(3))  # no .grad: clipping leaves it alone, no event
+    opt = torch.optim.SGD([*model.parameters(), unused], lr=0.1)
+    with gradwatch.watch(model, opt, level=level, on_anomaly="raise") as w:
+        model(torch.randn(16, 4)).pow(2).mean().backward()
+        norm = torch.nn.utils.clip_grad_norm_((p for p in [*model.parameters(), unused]), 1.0)  # <norm>
+        torch.nn.utils.clip_grad_value_(model[0].weight, 1e-3)  # <value>
+        with pytest.warns(UserWarning, match="empty generator"):
+            torch.nn.utils.clip_grad_norm_((p for p in []), 1.0)
+        opt.step()
+    assert isinstance(norm, torch.Tensor) and norm > 0
+    clip = [e for e in of_kind(w, "inplace_no_grad") if e.tensor.endswith(".grad")]
+    assert [(e.op, e.location.lineno) for e in clip] == (
+        [("clip_grad_norm_", line_of("norm"))] * 4 + [("clip_grad_value_", line_of("value"))])
+    assert [e.tensor for e in clip] == ["0.weight.grad", "0.bias.grad", "2.weight.grad",
+                                        "2.bias.grad", "0.weight.grad"]
+    # clip_grad_value_ clamps twice (clamp_min_, clamp_max_): two versions
+    assert [(e.version_before, e.version_after) for e in clip] == [(0, 1)] * 4 + [(1, 3)]
+    assert (model[0].weight.grad.abs() <= 1e-3).all()
+    assert w.anomalies == []

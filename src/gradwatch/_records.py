@@ -53,7 +53,7 @@ def _op(op: Any) -> str:
 
 
 def build_event(r: Raw, rank: int) -> Event:
-    if type(r) is _Accumulated:
+    if type(r) is not Raw:  # a lazy record (_Accumulated, _GradWrite)
         r = r.raw()
     name = r.name
     if name is None:
@@ -124,6 +124,33 @@ class _Accumulated(NamedTuple):
                    None, None, "enabled", None, self.where, self.step)
 
 
+class _GradWrite(NamedTuple):
+    """An in-place write into a leaf's ``.grad`` by a bracketed torch utility
+    (``clip_grad_norm_``): built at the next flush. Holds the leaf only weakly."""
+
+    leaf: Any  # weakref
+    op: str
+    name: str | None
+    version_before: int
+    version_after: int
+    where: tuple[CodeType, int] | None
+    step: int
+
+    kind = EventKind.INPLACE_NO_GRAD
+    change = None
+    ratios = None
+
+    def raw(self) -> Raw:
+        p = self.leaf()
+        g = p.grad if p is not None else None
+        shape = tuple(g.shape) if g is not None else None
+        name = f"{self.name}.grad" if self.name else None
+        return Raw(EventKind.INPLACE_NO_GRAD, self.op, name, shape,
+                   g.dtype if g is not None else None, g.device if g is not None else None,
+                   self.version_before, self.version_after, "no_grad", None, self.where,
+                   self.step)
+
+
 class RecordBuffer:
     """Bounded buffer of raw records plus exact counts; new records wait for the next flush."""
 
@@ -143,6 +170,10 @@ class RecordBuffer:
         backward pass, inside the autograd engine). Holds the leaf only weakly."""
         self.unflushed.append(_Accumulated(weakref.ref(leaf), where, step, name))
         self.counts["grad_accumulated"] = self.counts.get("grad_accumulated", 0) + 1
+
+    def add_grad_writes(self, writes: list[_GradWrite]) -> None:
+        self.unflushed.extend(writes)
+        self.counts["inplace_no_grad"] = self.counts.get("inplace_no_grad", 0) + len(writes)
 
     def take_unflushed(self) -> list[Raw]:
         """Resolve pending small tensors (one sync) and move records into the bounded buffer."""

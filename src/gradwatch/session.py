@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import inspect
 import os
 import sys
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections import deque
@@ -30,7 +32,7 @@ from ._location import (
     user_frame,
 )
 from ._naming import TensorNames, describe, storage_key
-from ._records import Raw, RecordBuffer, build_event
+from ._records import Raw, RecordBuffer, _GradWrite, build_event
 from .config import Config, iter_named
 from .detectors import accumulation as acc_mod
 from .detectors import grad_flow, nonfinite, saved_tensor
@@ -164,8 +166,8 @@ class Watch:
         self._optimizers: weakref.WeakKeyDictionary[torch.optim.Optimizer, _OptimizerInfo] = (
             weakref.WeakKeyDictionary()
         )
-        self._hooked: set[int] = set()
-        self._hook_handles: list[Any] = []
+        self._hooked: set[int] = set()  # ids of the leaves whose .grad is tracked
+        self._leaf_refs: list[weakref.ref[torch.Tensor]] = []
         self._backward_where: tuple[CodeType, int] | None = None
         self._in_backward = False
         self._delegate: Watch | None = None
@@ -175,7 +177,6 @@ class Watch:
         self._module_hook: Any = None
         self._last_discovery = 0  # step at which a module was last discovered
         self._op_frame: Any = None
-        self._accumulated_hook = self._hook("accumulation", self._on_accumulated)
         self._discover_leaves = 8
         self._user_step_depth = 0
         self._step_state: dict[int, Any] = {}
@@ -330,12 +331,18 @@ class Watch:
         inst.optimizer_hooks(self._hook("optimizer hooks", self._on_step_pre),
                              self._hook("optimizer hooks", self._on_step_post))
         self._module_hook = inst.module_forward_pre_hook(self._hook("naming", self._on_module_call))
-        backward = self._wrapper("backward", self._wrap_backward)
-        inst.wrap_attribute(torch.autograd, "backward", backward)
-        inst.wrap_attribute(torch.autograd, "grad", backward)
+        inst.wrap_attribute(torch.autograd, "backward", self._wrapper(
+            "backward", functools.partial(self._wrap_backward, True)))
+        inst.wrap_attribute(torch.autograd, "grad", self._wrapper(
+            "backward", functools.partial(self._wrap_backward, False)))
         zero_grad = self._wrapper("accumulation", self._wrap_zero_grad)
         inst.wrap_attribute(torch.optim.Optimizer, "zero_grad", zero_grad)
         inst.wrap_attribute(torch.nn.Module, "zero_grad", zero_grad)
+        for name in _CLIP_FUNCTIONS:
+            clipping = self._wrapper("clipping", functools.partial(self._wrap_clip, name))
+            for owner in _CLIP_OWNERS:
+                if callable(getattr(owner, name, None)):
+                    inst.wrap_attribute(owner, name, clipping)
         self._mode = WatchMode(self)
         if cfg.level == "full":
             if inst.saved_tensors_hooks(self._pack,  # guarded inside: falls back to the tensor
@@ -352,20 +359,12 @@ class Watch:
                 self._push_light_mode()
         atexit.register(self.close)
         inst.add(lambda: atexit.unregister(self.close))
-        for h in self._hook_handles:
-            inst.add(h.remove)
         # From here on the watch holds models and optimizers only weakly.
         cfg.models, cfg.optimizers = [], []
         self.suspended = False
 
     def _uninstall(self) -> None:
         self.suspended = True
-        for h in self._hook_handles:
-            try:
-                h.remove()
-            except Exception:
-                pass
-        self._hook_handles.clear()
         self._installed.undo()
         self._saved = None
 
@@ -618,6 +617,7 @@ class Watch:
         if step % 50 == 0 or final:
             self._names.prune()
             self._acc.prune()
+            self._leaf_refs = [r for r in self._leaf_refs if r() is not None]
 
     # ------------------------------------------------------------------ the function mode's calls
     def before(self, action: int, func: Any, args: tuple, kwargs: dict) -> Any:
@@ -942,32 +942,50 @@ class Watch:
 
     # ------------------------------------------------------------------ accumulation
     def _hook_leaf(self, p: torch.Tensor) -> None:
+        """Track ``p.grad``: each backward pass compares it before and after (no per-leaf hook)."""
         if id(p) in self._hooked or not p.requires_grad or not p.is_leaf:
             return
-        try:
-            h = p.register_post_accumulate_grad_hook(self._accumulated_hook)
-        except Exception:
-            return
         self._hooked.add(id(p))
-        self._hook_handles.append(h)
-        if self._entered or self._installed._undo:
-            self._installed.add(h.remove)
-        weakref.finalize(p, self._hooked.discard, id(p))
+        self._leaf_refs.append(weakref.ref(p, functools.partial(_discard, self._hooked, id(p))))
 
-    def _on_accumulated(self, p: torch.Tensor) -> None:
-        if self._closed or "accumulation" in self._failed or _is_compiling():
+    def _grads_now(self, refs: list[weakref.ref[torch.Tensor]]) -> list[Any]:
+        """Per tracked leaf: (id, version) of its ``.grad`` (None without one). Holds no tensor."""
+        out: list[Any] = []
+        append = out.append
+        for ref in refs:
+            p = ref()
+            g = p.grad if p is not None else None
+            append(None if g is None else (id(g), g._version))
+        return out
+
+    def _accumulations(self, refs: list[weakref.ref[torch.Tensor]], before: list[Any]) -> None:
+        """After a backward pass: the leaves whose ``.grad`` it changed were accumulated into.
+        ``refs`` is the list ``before`` was read from (pruning replaces the list, never edits it;
+        leaves tracked since were appended: no ``.grad`` before)."""
+        if "accumulation" in self._failed:
             return
-        # Runs inside the autograd engine, where function modes are not active.
         t0 = time.perf_counter()
         where = self._backward_where
-        finding = self._acc.accumulated(p, where)
-        if self._cuts._watching:
-            self._cuts.source_trained(p)
-        self._buffer.add_accumulated(p, where, self._step if self._step_override is None
-                                     else self.step, self._names.param_name(p))
-        if finding is not None:  # reported at once: an in-place edit changed the leaf
-            self._stale(finding[1], where, p, edited=True)
+        step = self._step if self._step_override is None else self.step
+        n = len(before)
+        found = []
+        for i, now in enumerate(self._grads_now(refs)):
+            if now is not None and (i >= n or now != before[i]):
+                p = refs[i]()
+                if p is not None:
+                    found.append(p)
+        stale = []
+        watching = self._cuts._watching
+        for p in found:
+            finding = self._acc.accumulated(p, where)
+            if watching:
+                self._cuts.source_trained(p)
+            self._buffer.add_accumulated(p, where, step, self._names.param_name(p))
+            if finding is not None:  # reported at once: an in-place edit changed the leaf
+                stale.append((finding[1], p))
         self._busy += time.perf_counter() - t0
+        for st, p in stale:
+            self._stale(st, where, p, edited=True)
 
     def _leaf_name(self, p: torch.Tensor | None) -> str:
         if p is None:
@@ -1067,6 +1085,60 @@ class Watch:
             if where is None:
                 where = caller()
             self._grad_zeroing(st, p.grad, where, "zero_grad")
+
+    # ------------------------------------------------------------------ gradient clipping
+    def _wrap_clip(self, op: str, call: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``clip_grad_norm_`` and friends run as one bracketed unit, like an optimizer step: the
+        mode and the grad-mode switch stay out of torch's own ops inside, and each ``.grad`` they
+        changed is recorded afterwards as one ``inplace_no_grad`` event with its versions."""
+        if self.suspended or self._closed or _is_compiling():
+            return call(*args, **kwargs)
+        t0 = time.perf_counter()
+        args, kwargs, params = _with_parameter_list(args, kwargs)
+        with torch._C.DisableTorchFunction():
+            before = self._grads_before_write(op, params)
+        where = caller()
+        self.suspended = True  # grad-mode switches and the (light) mode: nothing to see inside
+        paused = self._pause_mode()
+        self._busy += time.perf_counter() - t0
+        try:
+            return call(*args, **kwargs)
+        finally:
+            self.suspended = False
+            if paused:
+                self._resume_mode()
+            self._guard("clipping", self._grads_written, op, before, where)
+
+    def _grads_before_write(self, op: str, params: list[Any]) -> list[tuple[Any, Any, int]]:
+        before = []
+        saved = self._saved
+        for p in params:
+            g = p.grad if isinstance(p, _Tensor) else None
+            if g is None:
+                continue
+            if saved:
+                key = storage_key(g)
+                s = saved.pending(key)
+                if s is not None:
+                    self._saved_mutation(op, g, s, key, caller(), "no_grad",
+                                         after=False)
+            before.append((p, g, g._version))
+        return before
+
+    def _grads_written(self, op: str, before: list[tuple[Any, Any, int]], where: Any) -> None:
+        t0 = time.perf_counter()
+        step = self.step
+        name_of = self._names.param_name
+        writes = []
+        for p, g, vb in before:
+            if p.grad is not g:
+                continue
+            va = g._version
+            if va != vb:
+                writes.append(_GradWrite(weakref.ref(p), op, name_of(p), vb, va, where, step))
+        if writes:
+            self._buffer.add_grad_writes(writes)
+        self._busy += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ module discovery
     def _on_module_call(self, module: torch.nn.Module, args: Any) -> None:
@@ -1287,18 +1359,18 @@ class Watch:
             return s.alias
 
     # ------------------------------------------------------------------ backward
-    def _wrap_backward(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    def _wrap_backward(self, accumulates: bool, wrapped: Callable, instance: Any, args: tuple,
+                       kwargs: dict) -> Any:
         if self._closed or self._in_backward or "backward" in self._failed or _is_compiling():
             # torch.autograd.backward re-dispatches itself through the function mode: once is enough
             return wrapped(*args, **kwargs)
         self._in_backward = True
         try:
-            return self._run_backward(wrapped, args, kwargs)
+            return self._run_backward(accumulates, wrapped, args, kwargs)
         finally:
             self._in_backward = False
-        self._accumulated_hook = self._hook("accumulation", self._on_accumulated)
 
-    def _run_backward(self, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
+    def _run_backward(self, accumulates: bool, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
         try:
             roots = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
             if isinstance(roots, _Tensor):
@@ -1308,13 +1380,31 @@ class Watch:
             self._fail("backward", exc)
             return wrapped(*args, **kwargs)
         self._guard("backward", self._before_backward, roots)
+        before = None
+        refs = self._leaf_refs
+        if accumulates and "accumulation" not in self._failed:
+            with torch._C.DisableTorchFunction():
+                before = self._guard("accumulation", self._grads_now, refs)
         try:
-            return wrapped(*args, **kwargs)
+            out = wrapped(*args, **kwargs)
         except RuntimeError as exc:
             self._guard("backward", self._annotate, exc, roots)
-            raise
-        finally:
+            if before is not None:  # what was accumulated before torch raised still counts
+                try:
+                    with torch._C.DisableTorchFunction():
+                        self._guard("accumulation", self._accumulations, refs, before)
+                except AnomalyError:
+                    pass  # recorded; torch's own error is the one to see
             self._backward_where = None
+            raise
+        if before is not None:
+            try:
+                with torch._C.DisableTorchFunction():
+                    self._guard("accumulation", self._accumulations, refs, before)
+            finally:
+                self._backward_where = None
+        self._backward_where = None
+        return out
 
     def _before_backward(self, roots: tuple) -> None:
         t0 = time.perf_counter()
@@ -1437,6 +1527,33 @@ def _light_set_grad_enabled(mode: bool) -> None:
     session = ref() if ref is not None else None
     if session is not None:
         session._on_grad_mode(mode)
+
+
+def _discard(ids: set[int], key: int, _ref: Any) -> None:
+    ids.discard(key)
+
+
+_CLIP_OWNERS = (torch.nn.utils, torch.nn.utils.clip_grad)
+_CLIP_FUNCTIONS = ("clip_grad_norm_", "clip_grad_norm", "clip_grad_value_", "clip_grads_with_norm_")
+
+
+def _with_parameter_list(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[Any]]:
+    """The ``parameters`` argument of a clipping function as a list, and the call's arguments
+    with an equivalent in its place (a generator can be read only once: torch gets a fresh
+    generator over the same parameters, so its own handling of generators is unchanged)."""
+    if args:
+        given = args[0]
+    elif "parameters" in kwargs:
+        given = kwargs["parameters"]
+    else:
+        return args, kwargs, []
+    if isinstance(given, _Tensor):
+        return args, kwargs, [given]
+    params = list(given)
+    again = (p for p in params) if isinstance(given, types.GeneratorType) else params
+    if args:
+        return (again, *args[1:]), kwargs, params
+    return args, {**kwargs, "parameters": again}, params
 
 
 def _unpacked(s: Any) -> Any:

@@ -1,8 +1,8 @@
 """Everything gradwatch installs outside the function mode, each with its undo.
 
 Global optimizer step hooks, a global module forward pre-hook (naming without a ``model``),
-post-accumulate-grad hooks on leaves, a ``saved_tensors_hooks`` pair, and thin wrappers (wrapt)
-around ``torch.autograd.backward``/``grad`` and ``zero_grad``. ``Installed.undo()`` removes all
+a ``saved_tensors_hooks`` pair, and thin wrappers (wrapt) around ``torch.autograd.backward``/
+``grad``, ``zero_grad`` and the gradient-clipping functions. ``Installed.undo()`` removes all
 of it, in reverse order, whatever happened.
 """
 
