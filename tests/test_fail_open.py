@@ -37,10 +37,10 @@ def _train(watched: bool, level: str = "full", log_dir: str | None = None):
     losses: list[torch.Tensor] = []
 
     def body() -> None:
-        for _ in range(STEPS):
+        for i in range(STEPS):
             x = torch.randn(5, 4, generator=g)
             loss = model(x).pow(2).mean()
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=i % 2 == 0)  # both reset paths
             loss.backward()
             opt.step()
             with torch.no_grad():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections import deque
 from types import CodeType
 from typing import Any, NamedTuple
@@ -164,12 +163,12 @@ class RecordBuffer:
         key = r.kind.value
         self.counts[key] = self.counts.get(key, 0) + 1
 
-    def add_accumulated(self, leaf: Any, where: tuple[CodeType, int] | None, step: int,
-                        name: str | None) -> None:
-        """A grad_accumulated record, built at the next flush (this runs once per leaf and
-        backward pass, inside the autograd engine). Holds the leaf only weakly."""
-        self.unflushed.append(_Accumulated(weakref.ref(leaf), where, step, name))
-        self.counts["grad_accumulated"] = self.counts.get("grad_accumulated", 0) + 1
+    def add_accumulations(self, records: list[_Accumulated]) -> None:
+        """grad_accumulated records of one backward pass (one per leaf), built at the next
+        flush: the backward wrapper appends plain tuples holding leaves only weakly."""
+        if records:
+            self.unflushed.extend(records)
+            self.counts["grad_accumulated"] = self.counts.get("grad_accumulated", 0) + len(records)
 
     def add_grad_writes(self, writes: list[_GradWrite]) -> None:
         self.unflushed.extend(writes)

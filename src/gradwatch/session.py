@@ -32,7 +32,7 @@ from ._location import (
     user_frame,
 )
 from ._naming import TensorNames, describe, storage_key
-from ._records import Raw, RecordBuffer, _GradWrite, build_event
+from ._records import Raw, RecordBuffer, _Accumulated, _GradWrite, build_event
 from .config import Config, iter_named
 from .detectors import accumulation as acc_mod
 from .detectors import grad_flow, nonfinite, saved_tensor
@@ -968,21 +968,26 @@ class Watch:
         where = self._backward_where
         step = self._step if self._step_override is None else self.step
         n = len(before)
-        found = []
-        for i, now in enumerate(self._grads_now(refs)):
-            if now is not None and (i >= n or now != before[i]):
-                p = refs[i]()
-                if p is not None:
-                    found.append(p)
-        stale = []
+        accumulated = self._acc.accumulated
+        name_of = self._names.param_name
         watching = self._cuts._watching
-        for p in found:
-            finding = self._acc.accumulated(p, where)
+        records = []
+        stale = []
+        for i, ref in enumerate(refs):
+            p = ref()
+            g = p.grad if p is not None else None
+            if g is None:
+                continue
+            prev = before[i] if i < n else None
+            if prev is not None and prev[0] == id(g) and prev[1] == g._version:
+                continue  # not reached by this backward
+            finding = accumulated(p, g, prev is None, where)
             if watching:
                 self._cuts.source_trained(p)
-            self._buffer.add_accumulated(p, where, step, self._names.param_name(p))
+            records.append(_Accumulated(ref, where, step, name_of(p)))
             if finding is not None:  # reported at once: an in-place edit changed the leaf
-                stale.append((finding[1], p))
+                stale.append((finding, p))
+        self._buffer.add_accumulations(records)
         self._busy += time.perf_counter() - t0
         for st, p in stale:
             self._stale(st, where, p, edited=True)
@@ -1046,15 +1051,19 @@ class Watch:
 
     def _wrap_zero_grad(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         if not self.suspended and not self._acc_off and instance is not None and not _is_compiling():
-            t0 = time.perf_counter()
-            try:
-                with torch._C.DisableTorchFunction():
-                    self._zero_grad_check(instance)
-            except AnomalyError:
-                raise
-            except Exception as exc:
-                self._fail("accumulation", exc)
-            self._busy += time.perf_counter() - t0
+            # Usual case, right after a step with set_to_none: nothing unconsumed to check, and the
+            # next backward sees each .grad start afresh (None before it): no per-leaf work here.
+            set_to_none = args[0] if args else kwargs.get("set_to_none", True)
+            if self._acc.unconsumed or not set_to_none:
+                t0 = time.perf_counter()
+                try:
+                    with torch._C.DisableTorchFunction():
+                        self._zero_grad_check(instance)
+                except AnomalyError:
+                    raise
+                except Exception as exc:
+                    self._fail("accumulation", exc)
+                self._busy += time.perf_counter() - t0
             # The resets are recorded: torch's own .grad reads and writes inside need no mode.
             if self._pause_mode():
                 try:

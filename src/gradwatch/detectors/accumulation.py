@@ -76,22 +76,20 @@ class AccumulationTracker:
             return st
         return None
 
-    def accumulated(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None
-                    ) -> tuple[str, LeafState] | None:
-        """A backward pass accumulated into ``leaf.grad``. Returns ("stale", st) to report now."""
+    def accumulated(self, leaf: torch.Tensor, grad: torch.Tensor, fresh: bool,
+                    where: tuple[CodeType, int] | None) -> LeafState | None:
+        """A backward pass accumulated into ``leaf.grad`` (``grad``); ``fresh``: the leaf had no
+        ``.grad`` before that pass. Returns the state when a stale sum is to be reported now."""
         st = self.state(leaf)
         st.trained = True
-        grad = leaf.grad
-        if grad is None:
-            return None
         try:
             leaf_version = leaf._version
         except RuntimeError:
             leaf_version = -1
         token = (leaf_version, st.steps)
         gid = id(grad)
-        # A fresh .grad (after set_to_none) is a new tensor at version 0; ids alone are reused.
-        same_sum = (st.accum > 0 and not st.reset and gid == st.grad_id
+        # A fresh .grad (after set_to_none) is a new tensor; ids alone are reused.
+        same_sum = (not fresh and st.accum > 0 and not st.reset and gid == st.grad_id
                     and grad._version > st.grad_version)
         finding = None
         if same_sum and st.token != token:
@@ -99,7 +97,7 @@ class AccumulationTracker:
                 if st.stale_where is None:
                     st.stale_where = where
             else:
-                finding = ("stale", st)
+                finding = st
         if not same_sum:
             st.last_edit = None
             st.accum = 0
