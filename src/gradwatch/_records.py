@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Iterator
 from types import CodeType
 from typing import Any, NamedTuple
 
@@ -12,7 +13,7 @@ from ._intercept.ops import op_name
 from ._location import location_of
 from .events import SEVERITY, Change, Event, EventKind
 
-__all__ = ["Raw", "RecordBuffer", "build_event"]
+__all__ = ["LeafBatch", "Raw", "RecordBuffer", "build_event", "expand"]
 
 _OP_NAMES: dict[Any, str] = {}
 
@@ -52,8 +53,6 @@ def _op(op: Any) -> str:
 
 
 def build_event(r: Raw, rank: int) -> Event:
-    if type(r) is not Raw:  # a lazy record (_Accumulated, _GradWrite)
-        r = r.raw()
     name = r.name
     if name is None:
         name = describe_shape(r.shape, r.dtype)
@@ -105,49 +104,47 @@ def _default_message(r: Raw, name: str) -> str:
     return f"{r.kind.value} on `{name}`"
 
 
-class _Accumulated(NamedTuple):
-    leaf: Any  # weakref
-    where: tuple[CodeType, int] | None
-    step: int
-    name: str | None
+class LeafBatch(NamedTuple):
+    """The per-leaf events of one backward pass (``grad_accumulated``) or of one clipping call
+    (``inplace_no_grad`` on each ``.grad``) as one tuple: leaves held weakly, names and shapes
+    looked up only when events are built (:meth:`raws`)."""
 
-    kind = EventKind.GRAD_ACCUMULATED
-    change = None
-    ratios = None
-
-    def raw(self) -> Raw:
-        p = self.leaf()
-        shape = tuple(p.shape) if p is not None else None
-        return Raw(EventKind.GRAD_ACCUMULATED, "backward", self.name, shape,
-                   p.dtype if p is not None else None, p.device if p is not None else None,
-                   None, None, "enabled", None, self.where, self.step)
-
-
-class _GradWrite(NamedTuple):
-    """An in-place write into a leaf's ``.grad`` by a bracketed torch utility
-    (``clip_grad_norm_``): built at the next flush. Holds the leaf only weakly."""
-
-    leaf: Any  # weakref
+    kind: EventKind
     op: str
-    name: str | None
-    version_before: int
-    version_after: int
+    leaves: list[Any]  # weakrefs
+    versions: list[tuple[int, int]] | None  # per leaf (before, after): writes only
     where: tuple[CodeType, int] | None
     step: int
+    names: Any  # the session's TensorNames
 
-    kind = EventKind.INPLACE_NO_GRAD
     change = None
     ratios = None
 
-    def raw(self) -> Raw:
-        p = self.leaf()
-        g = p.grad if p is not None else None
-        shape = tuple(g.shape) if g is not None else None
-        name = f"{self.name}.grad" if self.name else None
-        return Raw(EventKind.INPLACE_NO_GRAD, self.op, name, shape,
-                   g.dtype if g is not None else None, g.device if g is not None else None,
-                   self.version_before, self.version_after, "no_grad", None, self.where,
-                   self.step)
+    def raws(self) -> list[Raw]:
+        out = []
+        grads = self.kind is EventKind.INPLACE_NO_GRAD
+        for i, ref in enumerate(self.leaves):
+            p = ref()
+            t = (p.grad if grads else p) if p is not None else None
+            name = self.names.param_name(p) if p is not None else None
+            if grads and name:
+                name = f"{name}.grad"
+            vb, va = self.versions[i] if self.versions is not None else (None, None)
+            out.append(Raw(
+                self.kind, self.op, name, tuple(t.shape) if t is not None else None,
+                t.dtype if t is not None else None, t.device if t is not None else None,
+                vb, va, "no_grad" if grads else "enabled", None, self.where, self.step,
+            ))
+        return out
+
+
+def expand(records: Iterable[Any]) -> Iterator[Raw]:
+    """Raw records, with each :class:`LeafBatch` unfolded into one per leaf."""
+    for r in records:
+        if type(r) is LeafBatch:
+            yield from r.raws()
+        else:
+            yield r
 
 
 class RecordBuffer:
@@ -163,16 +160,24 @@ class RecordBuffer:
         key = r.kind.value
         self.counts[key] = self.counts.get(key, 0) + 1
 
-    def add_accumulations(self, records: list[_Accumulated]) -> None:
-        """grad_accumulated records of one backward pass (one per leaf), built at the next
-        flush: the backward wrapper appends plain tuples holding leaves only weakly."""
-        if records:
-            self.unflushed.extend(records)
-            self.counts["grad_accumulated"] = self.counts.get("grad_accumulated", 0) + len(records)
+    def add_batch(self, batch: LeafBatch) -> None:
+        """Per-leaf events as one record (counted per leaf)."""
+        self.unflushed.append(batch)
+        key = batch.kind.value
+        self.counts[key] = self.counts.get(key, 0) + len(batch.leaves)
 
-    def add_grad_writes(self, writes: list[_GradWrite]) -> None:
-        self.unflushed.extend(writes)
-        self.counts["inplace_no_grad"] = self.counts.get("inplace_no_grad", 0) + len(writes)
+    def latest(self, n: int) -> list[Raw]:
+        """The most recent ``n`` events' records, oldest first (batches unfolded)."""
+        out: list[Raw] = []
+        for r in reversed(self.records):
+            if type(r) is LeafBatch:
+                out.extend(reversed(r.raws()))
+            else:
+                out.append(r)
+            if len(out) >= n:
+                break
+        out.reverse()
+        return out[-n:] if len(out) > n else out
 
     def take_unflushed(self) -> list[Raw]:
         """Resolve pending small tensors (one sync) and move records into the bounded buffer."""

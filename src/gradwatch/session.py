@@ -32,7 +32,7 @@ from ._location import (
     user_frame,
 )
 from ._naming import TensorNames, describe, storage_key
-from ._records import Raw, RecordBuffer, _Accumulated, _GradWrite, build_event
+from ._records import LeafBatch, Raw, RecordBuffer, build_event, expand
 from .config import Config, iter_named
 from .detectors import accumulation as acc_mod
 from .detectors import grad_flow, nonfinite, saved_tensor
@@ -180,6 +180,7 @@ class Watch:
         self._discover_leaves = 8
         self._user_step_depth = 0
         self._step_state: dict[int, Any] = {}
+        self._last_optimizer: tuple[weakref.ref[Any], _OptimizerInfo] | None = None
         self._recent_steps: deque[tuple] = deque(maxlen=8)
         self._no_grad_regions: deque[tuple[tuple[CodeType, int] | None, int]] = deque(maxlen=8)
         self._busy = 0.0
@@ -213,8 +214,7 @@ class Watch:
         if self._delegate is not None:
             return self._delegate.events
         self._flush_records()
-        records = self._buffer.records
-        return [build_event(r, self.rank) for r in records]
+        return [build_event(r, self.rank) for r in self._buffer.latest(self.config.max_events)]
 
     @property
     def counts(self) -> dict[str, int]:
@@ -590,7 +590,7 @@ class Watch:
         if step is None:
             step = self.step
         if self._sinks:
-            events = [build_event(r, self.rank) for r in new if r.kind.severity == "info"]
+            events = [build_event(r, self.rank) for r in expand(new) if r.kind.severity == "info"]
             counts = self._buffer.counts
             delta = {k: v - self._last_counts.get(k, 0) for k, v in counts.items()}
             self._last_counts = dict(counts)
@@ -969,9 +969,8 @@ class Watch:
         step = self._step if self._step_override is None else self.step
         n = len(before)
         accumulated = self._acc.accumulated
-        name_of = self._names.param_name
         watching = self._cuts._watching
-        records = []
+        leaves = []
         stale = []
         for i, ref in enumerate(refs):
             p = ref()
@@ -984,10 +983,12 @@ class Watch:
             finding = accumulated(p, g, prev is None, where)
             if watching:
                 self._cuts.source_trained(p)
-            records.append(_Accumulated(ref, where, step, name_of(p)))
+            leaves.append(ref)
             if finding is not None:  # reported at once: an in-place edit changed the leaf
                 stale.append((finding, p))
-        self._buffer.add_accumulations(records)
+        if leaves:
+            self._buffer.add_batch(LeafBatch(K.GRAD_ACCUMULATED, "backward", leaves, None, where,
+                                             step, self._names))
         self._busy += time.perf_counter() - t0
         for st, p in stale:
             self._stale(st, where, p, edited=True)
@@ -1136,17 +1137,18 @@ class Watch:
 
     def _grads_written(self, op: str, before: list[tuple[Any, Any, int]], where: Any) -> None:
         t0 = time.perf_counter()
-        step = self.step
-        name_of = self._names.param_name
-        writes = []
+        leaves = []
+        versions = []
         for p, g, vb in before:
             if p.grad is not g:
                 continue
             va = g._version
             if va != vb:
-                writes.append(_GradWrite(weakref.ref(p), op, name_of(p), vb, va, where, step))
-        if writes:
-            self._buffer.add_grad_writes(writes)
+                leaves.append(weakref.ref(p))
+                versions.append((vb, va))
+        if leaves:
+            self._buffer.add_batch(LeafBatch(K.INPLACE_NO_GRAD, op, leaves, versions, where,
+                                             self.step, self._names))
         self._busy += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ module discovery
@@ -1169,7 +1171,12 @@ class Watch:
 
     # ------------------------------------------------------------------ optimizer hooks
     def _optimizer_info(self, opt: torch.optim.Optimizer) -> _OptimizerInfo:
+        last = self._last_optimizer
+        if last is not None and last[0]() is opt:  # the usual case: the same optimizer again
+            return last[1]
         info = self._optimizers.get(opt)
+        if info is not None:
+            self._last_optimizer = (weakref.ref(opt), info)
         if info is None:
             index = len(self._optimizers)
             step = inspect.unwrap(type(opt).step)
@@ -1252,19 +1259,21 @@ class Watch:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         state["params"] = params
         saved = self._saved
-        where = state["where"]
-        for p in params:
-            if saved:
+        if saved:
+            where = state["where"]
+            for p in params:
                 s = saved.pending(storage_key(p))
                 if s is not None:
                     self._saved_mutation("optimizer.step", p, s, storage_key(p), where,
                                          "no_grad", after=False)
-            due = self._acc.stepped(p)
-            if due is not None:
-                w = due.stale_where
-                due.stale_where = None
-                self._stale(due, w, p)
-        state["versions"] = [_version(p) for p in params]
+        for due in self._acc.stepped(params):
+            w = due.stale_where
+            due.stale_where = None
+            self._stale(due, w, due.leaf())
+        try:
+            state["versions"] = [p._version for p in params]
+        except Exception:  # a tensor without a version counter (inference, odd subclasses)
+            state["versions"] = [_version(p) for p in params]
         if self.step % self.config.stats_every == 0:
             state["samples"] = [_sample(p) for p in params]
 
@@ -1272,17 +1281,13 @@ class Watch:
         if self._closed or _is_compiling():
             return
         t0 = time.perf_counter()
-        try:
-            state = self._step_state.pop(id(opt), None)
-            info = self._optimizers.get(opt)
-            if info is not None and not info.foreign:
-                self._user_step_depth = max(0, self._user_step_depth - 1)
-        except Exception as exc:
-            self._fail("optimizer hooks", exc)
-            state = info = None
+        state = self._step_state.pop(id(opt), None)
+        info = state["info"] if state is not None else None
+        if info is not None and not info.foreign:
+            self._user_step_depth = max(0, self._user_step_depth - 1)
         self.suspended = False
         self._resume_mode()
-        if state is None or info is None or "optimizer hooks" in self._failed:
+        if state is None or "optimizer hooks" in self._failed:
             return
         step_before = self.step  # the step the events being flushed belong to
         try:
@@ -1300,9 +1305,7 @@ class Watch:
         versions = state.get("versions") or []
         where = state["where"]
         step = self.step
-        self._recent_steps.append(
-            (where, step, [(id(p), vb) for p, vb in zip(params, versions)])
-        )
+        self._recent_steps.append((where, step, list(map(id, params)), versions))
         change = None
         ratios = None
         samples = state.get("samples")
@@ -1497,8 +1500,8 @@ class Watch:
         shape, _now, expected = parsed
         if m is not None and m.version_before == expected:
             return m
-        for where, step, entries in reversed(self._recent_steps):
-            for pid, vb in entries:
+        for where, step, ids, versions in reversed(self._recent_steps):
+            for pid, vb in zip(ids, versions):
                 name = None
                 entry = self._names._params.get(pid)
                 p = entry[1]() if entry else None

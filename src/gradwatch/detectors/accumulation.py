@@ -118,15 +118,23 @@ class AccumulationTracker:
         st.grad_version = grad._version
         return finding
 
-    def stepped(self, leaf: torch.Tensor) -> LeafState | None:
-        """An optimizer step is about to use ``leaf.grad``; returns the state if stale is now due."""
-        st = self.state(leaf)
-        st.optimized = True
-        st.steps += 1
-        due = st if (st.stale_where is not None and st.accum > 0 and not st.reset) else None
-        if st.accum > 0:
-            st.consumed = True
-        self.unconsumed.discard(id(leaf))
+    def stepped(self, leaves: list[torch.Tensor]) -> list[LeafState]:
+        """An optimizer step is about to use these leaves' ``.grad``; returns the states whose
+        stale sum is now due (consumed by this step)."""
+        due = []
+        get = self.leaves.get
+        for leaf in leaves:
+            st = get(id(leaf))
+            if st is None or st.leaf() is not leaf:
+                st = self.state(leaf)
+            st.optimized = True
+            st.steps += 1
+            if st.accum > 0:
+                if st.stale_where is not None and not st.reset:
+                    due.append(st)
+                st.consumed = True
+        if self.unconsumed:
+            self.unconsumed.difference_update(map(id, leaves))
         return due
 
     def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None) -> None:
