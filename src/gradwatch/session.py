@@ -369,10 +369,16 @@ class Watch:
         self._saved = None
 
     def _pause_mode(self) -> bool:
-        """Take the mode off the stack while library code whose effect is checked otherwise runs
-        (an optimizer step, zero_grad): saves the dispatch cost of every op inside. True if the
-        mode was taken off."""
-        if self.config.level != "full" or self._mode is None or self._mode_paused:
+        """Step aside while library code whose effect is checked otherwise runs (an optimizer
+        step, zero_grad, clipping): full takes the mode off the stack, light puts torch's own
+        grad-mode switch back (torch's no_grad blocks inside need no look). True if paused."""
+        if self._mode is None or self._mode_paused:
+            return False
+        if self.config.level != "full":
+            if torch._C._set_grad_enabled is _light_set_grad_enabled:
+                torch._C._set_grad_enabled = _original_set_grad_enabled
+                self._mode_paused = True
+                return True
             return False
         if _mode_stack_top() is self._mode:
             self._mode.__exit__(None, None, None)
@@ -381,12 +387,15 @@ class Watch:
         return False
 
     def _resume_mode(self) -> bool:
-        """Put the paused mode back (after the step, or if the step raised: at the next hook)."""
+        """Undo :meth:`_pause_mode` (after the step, or if the step raised: at the next hook)."""
         if not self._mode_paused:
             return False
         self._mode_paused = False
         if self._mode is not None and not self._closed:
-            self._mode.__enter__()
+            if self.config.level == "full":
+                self._mode.__enter__()
+            else:
+                torch._C._set_grad_enabled = _light_set_grad_enabled
         return True
 
     def _exit_mode(self) -> None:
