@@ -1126,7 +1126,8 @@ class Watch:
             self.suspended = False
             if paused:
                 self._resume_mode()
-            self._guard("clipping", self._grads_written, op, before, where)
+            with torch._C.DisableTorchFunction():
+                self._guard("clipping", self._grads_written, op, before, where)
 
     def _grads_before_write(self, op: str, params: list[Any]) -> list[tuple[Any, Any, int]]:
         before = []

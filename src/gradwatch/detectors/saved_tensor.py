@@ -94,7 +94,10 @@ class SavedTensorRegistry:
         except Exception:  # no version counter or no storage: keep torch's behaviour
             return t
         s = _Saved()
-        s.alias = t.detach()
+        # An alias sharing t's version counter; detached only when t has a grad_fn (an output
+        # saved by its own node would otherwise make a cycle). Leaves (parameters, inputs) are
+        # kept as they are, as torch itself keeps them.
+        s.alias = t if t.is_leaf else t.detach()
         s.version = version
         s.used = False
         s.key = key
