@@ -76,14 +76,24 @@ def caller(depth: int = 1) -> tuple[CodeType, int] | None:
     return frame.f_code, frame.f_lineno
 
 
+_locations: dict[tuple[CodeType, int], Location] = {}
+
+
 def location_of(where: tuple[CodeType, int] | None) -> Location | None:
-    """Turn a ``caller()`` result into a :class:`Location` with its source line."""
+    """Turn a ``caller()`` result into a :class:`Location` with its source line (memoised: a
+    training loop reports from the same few lines every step)."""
     if where is None:
         return None
-    code, lineno = where
-    line = linecache.getline(code.co_filename, lineno).strip()
-    function = getattr(code, "co_qualname", code.co_name)
-    return Location(code.co_filename, lineno, function, line)
+    loc = _locations.get(where)
+    if loc is None:
+        code, lineno = where
+        line = linecache.getline(code.co_filename, lineno).strip()
+        function = getattr(code, "co_qualname", code.co_name)
+        loc = Location(code.co_filename, lineno, function, line)
+        if len(_locations) >= 4096:
+            _locations.clear()
+        _locations[where] = loc
+    return loc
 
 
 def local_name(frame: FrameType | None, obj: object) -> str | None:

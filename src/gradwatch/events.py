@@ -112,10 +112,17 @@ class Event:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """Plain JSON-ready values, fields in declaration order (what ``gradwatch.jsonl`` holds)."""
+        d = dict(self.__dict__)  # a shallow copy: the nested values are frozen or copied below
         d["kind"] = self.kind.value
         if self.shape is not None:
             d["shape"] = list(self.shape)
+        if self.change is not None:
+            d["change"] = dict(self.change.__dict__)
+        if self.location is not None:
+            d["location"] = dict(self.location.__dict__)
+        if self.update_ratios is not None:
+            d["update_ratios"] = dict(self.update_ratios)
         return d
 
     @classmethod

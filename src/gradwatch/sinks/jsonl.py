@@ -13,6 +13,10 @@ from . import Sink
 __all__ = ["JsonlSink", "jsonl_name"]
 
 
+# One encoder for every line (json.dumps with options builds a new encoder per call).
+_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
 def jsonl_name(rank: int, world: int) -> str:
     return "gradwatch.jsonl" if world <= 1 else f"gradwatch.rank{rank}.jsonl"
 
@@ -24,7 +28,7 @@ class JsonlSink(Sink):
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
     def _write_one(self, event: Event) -> None:
-        self._file.write(json.dumps(event.to_dict(), ensure_ascii=False, default=str) + "\n")
+        self._file.write(_encode(event.to_dict()) + "\n")
 
     def anomaly(self, event: Event) -> None:
         if not self._file.closed:
@@ -34,7 +38,7 @@ class JsonlSink(Sink):
         if self._file.closed:
             return
         self._file.write(
-            "".join(json.dumps(e.to_dict(), ensure_ascii=False, default=str) + "\n" for e in events)
+            "".join(_encode(e.to_dict()) + "\n" for e in events)
         )
 
     def flush(self) -> None:
