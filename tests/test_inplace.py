@@ -310,3 +310,39 @@ def test_clipping_is_one_unit_per_call_with_torchs_behaviour_unchanged(level: st
     assert [(e.version_before, e.version_after) for e in clip] == [(0, 1)] * 4 + [(1, 3)]
     assert (model[0].weight.grad.abs() <= 1e-3).all()
     assert w.anomalies == []
+
+
+def test_dataloader_batches_are_loaded_outside_the_mode_and_the_loop_stays_watched() -> None:
+    """full: a num_workers=0 DataLoader indexes and collates every sample in this process; that
+    runs with the mode stepped aside, and the loop body around it is watched as before."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from gradwatch._intercept.mode import WatchMode
+
+    ds = torch.utils.data.TensorDataset(torch.randn(12, 4), torch.randn(12, 1))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    model = nn.Linear(4, 1)
+    seen = []
+
+    class Spy(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(ds)
+
+        def __getitem__(self, i: int):
+            seen.append([type(m) for m in _get_current_function_mode_stack()])
+            return ds[i]
+
+    with gradwatch.watch(model, on_anomaly="raise") as w:
+        for x, y in loader:
+            assert [type(m) for m in _get_current_function_mode_stack()] == [WatchMode]
+            (model(x) - y).pow(2).mean().backward()
+            with torch.no_grad():
+                model.weight -= 0.1 * model.weight.grad  # <edit>
+            model.zero_grad()
+        for _ in torch.utils.data.DataLoader(Spy(), batch_size=6):
+            pass
+    assert seen == [[]] * 12
+    edits = [e for e in of_kind(w, "inplace_no_grad") if e.tensor == "weight"]
+    assert [(e.op, e.location.lineno, e.version_after) for e in edits] == [
+        ("sub_", line_of("edit"), v) for v in (2, 3, 4)]  # nn.Linear init wrote version 1
+    assert _get_current_function_mode_stack() == []

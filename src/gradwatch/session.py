@@ -350,6 +350,10 @@ class Watch:
                 self._saved = SavedTensorRegistry()
             self._mode.__enter__()
             inst.add(self._exit_mode)
+            # Batches loaded in this process (num_workers=0): torch's indexing and collation of
+            # every sample would each pass through the mode; the loader's own code needs no look.
+            inst.wrap_attribute(torch.utils.data.dataloader._BaseDataLoaderIter, "__next__",
+                                self._wrapper("data loading", self._wrap_data_fetch))
         else:
             _LIGHT_TARGET[0] = weakref.ref(self)
             inst.add(lambda: _LIGHT_TARGET.__setitem__(0, None))
@@ -1104,6 +1108,15 @@ class Watch:
             if where is None:
                 where = caller()
             self._grad_zeroing(st, p.grad, where, "zero_grad")
+
+    # ------------------------------------------------------------------ data loading
+    def _wrap_data_fetch(self, call: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if self._pause_mode():
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self._resume_mode()
+        return call(*args, **kwargs)
 
     # ------------------------------------------------------------------ gradient clipping
     def _wrap_clip(self, op: str, call: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
