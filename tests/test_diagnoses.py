@@ -355,3 +355,20 @@ def test_projection_dividing_by_zero_norm_reports_first_line_only() -> None:
                 model.weight.mul_(2)  # already NaN: not a new introduction
     assert anomalies(w) == [("nonfinite_introduced", "weight", line_of("project"))]
     assert w.counts["nonfinite_introduced"] == 1
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_library_optimizer_writing_nan_is_reported_at_the_step_line(level: str) -> None:
+    """torch's own optimizers are checked after the step on statistics steps (batched probes)."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=float("nan"))
+    with gradwatch.watch(model, opt, level=level, on_anomaly="log", stats_every=1) as w:
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()  # <nan_step>
+    found = sorted((e.kind, e.tensor, e.op, e.location.lineno, e.version_before, e.version_after)
+                   for e in w.anomalies)
+    assert found == [
+        ("nonfinite_introduced", "bias", "optimizer.step", line_of("nan_step"), 1, 2),
+        ("nonfinite_introduced", "weight", "optimizer.step", line_of("nan_step"), 1, 2),
+    ]
+    assert all(e.shape == tuple(model.get_parameter(e.tensor).shape) for e in w.anomalies)

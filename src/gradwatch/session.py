@@ -1298,7 +1298,7 @@ class Watch:
         except Exception:  # a tensor without a version counter (inference, odd subclasses)
             state["versions"] = [_version(p) for p in params]
         if self.step % self.config.stats_every == 0:
-            state["samples"] = [_sample(p) for p in params]
+            state["samples"] = _samples(params)
 
     def _on_step_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self._closed or _is_compiling():
@@ -1337,31 +1337,27 @@ class Watch:
             params = [k[0] for k in kept]
             versions = [k[2] for k in kept]
             before = [k[1] for k in kept]
-        if samples is not None and params:
-            after = [_sample(p) for p in params]
-            deltas = torch._foreach_sub(after, before)
-            dn = torch.stack([d.float() for d in torch._foreach_norm(deltas)])
-            wn = torch.stack([w.float() for w in torch._foreach_norm(before)])
-            wn_after = torch.stack([w.float() for w in torch._foreach_norm(after)])
+        after = _samples(params) if samples is not None and params else None
+        if after is not None and all(a is not None for a in after):
+            k = len(params)
+            deltas = list(torch._foreach_sub(after, before))
+            # one fused norm call: ‖Δ‖, ‖before‖, ‖after‖ per parameter (samples)
+            norms = torch.stack([n.float() for n in torch._foreach_norm(deltas + before + after)])
+            dn, wn, wn_after = norms[:k], norms[k:2 * k], norms[2 * k:]
             ratio = dn / torch.where(wn > 0, wn, wn_after).clamp_min(1e-12)  # a zero-init bias
             names = [self._names.param_name(p) or f"{info.name}{info.index}.param{i}"
                      for i, p in enumerate(params)]
             ratios = (names, ratio)
             total_delta = dn.square().sum().sqrt()
             total_w = wn.square().sum().sqrt()
-            nonfin = ~torch.isfinite(dn).all()
             change = torch.stack([total_delta, total_delta / total_w.clamp_min(1e-12),
-                                  dn.max(), nonfin.float()])
+                                  dn.max(), (~torch.isfinite(dn).all()).float()])
             if self.config.check_nonfinite:
+                # after: the whole parameters; before: the samples' norms (read lazily, batched)
                 flags = max_abs([p.detach() for p in params])
-                before_flags = max_abs(before)
-                raws = [
-                    Raw(K.NONFINITE_INTRODUCED, "optimizer.step", self._names.param_name(p),
-                        tuple(p.shape), p.dtype, p.device, vb, _version(p), "no_grad", None,
-                        where, step)
-                    for p, vb in zip(params, versions)
-                ]
-                self._nonfinite.queue(before_flags, flags, raws)
+                lazy = [functools.partial(self._update_raw, weakref.ref(p), vb, where, step)
+                        for p, vb in zip(params, versions)]
+                self._nonfinite.queue(list(wn.unbind()), flags, lazy)
         self._step += 1
         self._record(Raw(K.OPTIMIZER_UPDATE, "optimizer.step", f"{info.name}{info.index}", None,
                          None, None, None, None, "no_grad", change, where, step,
@@ -1535,7 +1531,20 @@ class Watch:
         return m
 
     # ------------------------------------------------------------------ nonfinite
-    def _report_nonfinite(self, raw: Raw) -> None:
+    def _update_raw(self, ref: weakref.ref[torch.Tensor], vb: int | None, where: Any,
+                    step: int) -> Raw:
+        """The record of an optimizer step's write into one parameter (built only when its NaN
+        check fails)."""
+        p = ref()
+        return Raw(K.NONFINITE_INTRODUCED, "optimizer.step",
+                   self._names.param_name(p) if p is not None else None,
+                   tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
+                   p.device if p is not None else None, vb, _version(p) if p is not None else None,
+                   "no_grad", None, where, step)
+
+    def _report_nonfinite(self, raw: Raw | Callable[[], Raw]) -> None:
+        if callable(raw):
+            raw = raw()
         name = raw.name or describe_raw(raw)
         if name in self._nonfinite.reported:
             return
@@ -1629,6 +1638,30 @@ def _sample(t: torch.Tensor) -> torch.Tensor | None:
     if n > _SAMPLE:
         flat = flat[:: -(-n // _SAMPLE)]
     return flat.clone()
+
+
+def _samples(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """:func:`_sample` of each tensor, copied in one fused call (None where not sampled)."""
+    views: list[torch.Tensor] = []
+    where: list[int] = []
+    for i, t in enumerate(params):
+        if checkable(t):
+            v = t.detach()
+            n = v.numel()
+            if n > _SAMPLE:
+                v = v.reshape(-1)[:: -(-n // _SAMPLE)]
+            views.append(v)
+            where.append(i)
+    out: list[torch.Tensor | None] = [None] * len(params)
+    if not views:
+        return out
+    try:
+        copies = torch._foreach_mul(views, 1.0)  # exact copies (×1), one dispatch
+    except Exception:
+        copies = [v.clone() for v in views]
+    for i, c in zip(where, copies):
+        out[i] = c
+    return out
 
 
 def _change(before: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor | None:
