@@ -65,7 +65,8 @@ _Tensor = torch.Tensor
 _grad_enabled = torch.is_grad_enabled
 _inference_enabled = torch.is_inference_mode_enabled
 _ZEROING = {torch.Tensor.zero_, torch._foreach_zero_}
-_SAMPLE = 4096  # elements per parameter sampled for update/weight ratios and change stats
+# Samples for update/weight ratios and change stats: 2.4% of each tensor, 8 to 1024 elements.
+_SAMPLE, _SAMPLE_MIN, _SAMPLE_SHARE = 1024, 8, 0.024
 _active_lock = threading.Lock()
 _active: Watch | None = None
 
@@ -1340,10 +1341,12 @@ class Watch:
         after = _samples(params) if samples is not None and params else None
         if after is not None and all(a is not None for a in after):
             k = len(params)
-            deltas = list(torch._foreach_sub(after, before))
-            # one fused norm call: ‖Δ‖, ‖before‖, ‖after‖ per parameter (samples)
-            norms = torch.stack([n.float() for n in torch._foreach_norm(deltas + before + after)])
-            dn, wn, wn_after = norms[:k], norms[k:2 * k], norms[2 * k:]
+            # ‖before‖, ‖after‖, then Δ computed in place of `after` (two sample sets at most)
+            norms = [n.float() for n in torch._foreach_norm(before + after)]
+            torch._foreach_sub_(after, before)
+            norms += [n.float() for n in torch._foreach_norm(after)]
+            norms = torch.stack(norms)
+            wn, wn_after, dn = norms[:k], norms[k:2 * k], norms[2 * k:]
             ratio = dn / torch.where(wn > 0, wn, wn_after).clamp_min(1e-12)  # a zero-init bias
             names = [self._names.param_name(p) or f"{info.name}{info.index}.param{i}"
                      for i, p in enumerate(params)]
@@ -1628,15 +1631,23 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
+def _stride(n: int) -> int:
+    """Stride of the sample of an ``n``-element tensor: every element up to ``_SAMPLE_MIN``,
+    else about one in ``1 / _SAMPLE_SHARE`` and at most ``_SAMPLE`` elements, so that the two
+    copies a statistics step holds stay within 5% of the parameters' bytes."""
+    k = min(_SAMPLE, max(_SAMPLE_MIN, int(n * _SAMPLE_SHARE)))
+    return 1 if k >= n else -(-n // k)
+
+
 def _sample(t: torch.Tensor) -> torch.Tensor | None:
-    """A copy of at most ``_SAMPLE`` evenly strided elements of ``t`` (the whole tensor if small);
-    None for tensors whose values cannot be sampled cheaply (sparse, nested, meta, subclasses)."""
+    """A copy of evenly strided elements of ``t`` (see :func:`_stride`); None for tensors
+    whose values cannot be sampled cheaply (sparse, nested, meta, subclasses)."""
     if not checkable(t):
         return None
     flat = t.detach().reshape(-1)
-    n = flat.numel()
-    if n > _SAMPLE:
-        flat = flat[:: -(-n // _SAMPLE)]
+    step = _stride(flat.numel())
+    if step > 1:
+        flat = flat[::step]
     return flat.clone()
 
 
@@ -1647,9 +1658,9 @@ def _samples(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
     for i, t in enumerate(params):
         if checkable(t):
             v = t.detach()
-            n = v.numel()
-            if n > _SAMPLE:
-                v = v.reshape(-1)[:: -(-n // _SAMPLE)]
+            step = _stride(v.numel())
+            if step > 1:
+                v = v.reshape(-1)[::step]
             views.append(v)
             where.append(i)
     out: list[torch.Tensor | None] = [None] * len(params)
