@@ -643,6 +643,7 @@ def _quantile(xs: list[float], q: float) -> float:
 class ModelResult:
     spec: Spec
     param_bytes: int = 0
+    stats_bytes: int = 0  # the two sample copies a statistics step holds (analytic)
     per_rep: dict[str, list[float]] = field(default_factory=dict)  # median step time per rep
     all_steps: dict[str, list[float]] = field(default_factory=dict)
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -681,6 +682,18 @@ class ModelResult:
         return out
 
 
+def stats_sample_bytes(runner: PlainRunner | LightningRunner) -> int:
+    """Bytes of the two sample copies (before/after) gradwatch holds on a statistics step."""
+    from gradwatch.session import _stride
+
+    model = getattr(runner, "model", None) or runner.module
+    total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += -(-n // _stride(n)) * p.element_size()
+    return 2 * total
+
+
 # ----------------------------------------------------------------------------------- driver
 def run_model(spec: Spec, variants: list[str], reps: int, warmup: int, steps: int, quick: bool,
               dev: torch.device, log: Callable[[str], None]) -> ModelResult:
@@ -688,6 +701,7 @@ def run_model(spec: Spec, variants: list[str], reps: int, warmup: int, steps: in
     torch.manual_seed(0)
     runner = make_runner(spec, quick, dev)
     result.param_bytes = runner.param_bytes()
+    result.stats_bytes = stats_sample_bytes(runner)
     # Create optimizer state and warm allocator caches before anything is measured.
     runner.run("unwatched", 0, max(warmup, 2), Session())
     # Probe pass (untimed): unwatched first, it also counts all torch calls per step.
@@ -845,8 +859,11 @@ def render(results: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any]) -
     parts.append("")
     for name, res in results.items():
         if not res.get("error"):
+            share = 100 * res.get("stats_sample_bytes", 0) / max(res["param_bytes"], 1)
             parts.append(f"- `{name}`: {res['title']}; {res['param_bytes'] / 2**20:.1f} MB "
-                         f"of parameters; {res.get('torch_calls_per_step')} torch calls/step")
+                         f"of parameters; {res.get('torch_calls_per_step')} torch calls/step; "
+                         f"a statistics step holds {res.get('stats_sample_bytes', 0) / 2**10:.0f} KB "
+                         f"of samples ({share:.1f}% of the parameter bytes)")
     problems = [p for res in results.values() for p in res.get("problems", [])]
     if problems:
         parts.append("\n**Problems seen (gradwatch on a clean loop):**\n")
@@ -942,6 +959,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": warmup,
             "reps": reps,
             "param_bytes": res.param_bytes,
+            "stats_sample_bytes": res.stats_bytes,
             "torch_calls_per_step": base.get("torch_calls"),
             "torch_calls_no_grad_per_step": base.get("torch_calls_no_grad"),
             "variants": res.summary(),
