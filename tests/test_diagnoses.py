@@ -372,3 +372,61 @@ def test_library_optimizer_writing_nan_is_reported_at_the_step_line(level: str) 
         ("nonfinite_introduced", "weight", "optimizer.step", line_of("nan_step"), 1, 2),
     ]
     assert all(e.shape == tuple(model.get_parameter(e.tensor).shape) for e in w.anomalies)
+
+
+def _saved_activation_edited_under_grad():
+    x = torch.randn(4, 3, requires_grad=True)
+    y = x.sigmoid()  # saves its output
+    y /= y.norm()  # a new node for y (Div): torch names that one
+    return y.sum()
+
+
+def _saved_weight_view_edited_under_no_grad():
+    m = nn.Linear(3, 1)
+    out = m(torch.randn(2, 3, requires_grad=True)).sum()  # saves weight.t(), a view
+    with torch.no_grad():
+        m.weight.add_(1)  # the view's node is regenerated (AsStrided)
+    return out
+
+
+def _saved_leaf_edited_under_no_grad():
+    w = torch.randn(3, requires_grad=True)
+    y = (w * w).sum()
+    with torch.no_grad():
+        w.add_(1)
+    return y
+
+
+def _saved_hidden_edited_then_dropped():
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    h = m[1](m[0](torch.randn(2, 3)))
+    out = m[2](h).sum()
+    with torch.no_grad():
+        h.mul_(2)
+    return out
+
+
+def _saved_output_through_a_slice():
+    y = torch.randn(5, requires_grad=True).exp()
+    y[1:3].add_(1)
+    return y.sum()
+
+
+@pytest.mark.parametrize("make", [_saved_activation_edited_under_grad,
+                                  _saved_weight_view_edited_under_no_grad,
+                                  _saved_leaf_edited_under_no_grad,
+                                  _saved_hidden_edited_then_dropped,
+                                  _saved_output_through_a_slice])
+def test_version_error_is_torchs_word_for_word(make) -> None:
+    """With our saved-tensor hooks torch skips its own check and our unpack raises in its place:
+    same type and message as without gradwatch (only a note is added)."""
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError) as plain:
+        make().backward()
+    torch.manual_seed(0)
+    with gradwatch.watch(on_anomaly="log"), pytest.raises(RuntimeError) as watched:
+        make().backward()
+    assert type(watched.value) is type(plain.value)
+    assert str(watched.value) == str(plain.value)
+    assert "is at version" in str(plain.value)
+    assert [n[:10] for n in watched.value.__notes__] == ["gradwatch:"]

@@ -346,6 +346,7 @@ class Watch:
                     inst.wrap_attribute(owner, name, clipping)
         self._mode = WatchMode(self)
         if cfg.level == "full":
+            saved_tensor.torch_wording()  # read torch's error wording while torch still checks
             if inst.saved_tensors_hooks(self._pack,  # guarded inside: falls back to the tensor
                                         self._hook("saved tensors", self._unpack, fallback=_unpacked)):
                 self._saved = SavedTensorRegistry()
@@ -884,7 +885,7 @@ class Watch:
         op = _op_str(func)
         mutation = Mutation(name, tuple(t.shape), vb, version if after else None, op, where, self.step)
         if self._saved is not None:
-            self._saved.mark(s, mutation)
+            self._saved.mark(s, mutation, t if after and grad_mode == "enabled" else None)
         self._recent.recent.append(mutation)
         if silent:
             msg = (f"`{name}` was written in place by {op} through an alias with its own version "

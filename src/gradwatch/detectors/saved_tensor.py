@@ -58,7 +58,12 @@ class Mutation:
 class _Saved:
     """What the pack hook returns: a detached alias (shares the version counter) + its version."""
 
-    __slots__ = ("__weakref__", "alias", "key", "mutated_by", "used", "version")
+    __slots__ = ("__weakref__", "alias", "key", "mutated_by", "node", "orig", "output_nr", "used",
+                 "version")
+
+
+class _VIEW:
+    """Marks a saved view in ``_Saved.node`` (torch regenerates a changed view's node)."""
 
 
 class _Ref(weakref.ref):
@@ -97,7 +102,15 @@ class SavedTensorRegistry:
         # An alias sharing t's version counter; detached only when t has a grad_fn (an output
         # saved by its own node would otherwise make a cycle). Leaves (parameters, inputs) are
         # kept as they are, as torch itself keeps them.
-        s.alias = t if t.is_leaf else t.detach()
+        if t.is_leaf:
+            s.alias = t
+            s.node = None
+        else:
+            s.alias = t.detach()
+            # for the error text only (torch names the tensor's node): the class, never the node
+            s.node = _VIEW if t._is_view() else type(t.grad_fn)
+            s.output_nr = t.output_nr
+            s.orig = weakref.ref(t)
         s.version = version
         s.used = False
         s.key = key
@@ -146,11 +159,19 @@ class SavedTensorRegistry:
                     found.append(s)
         return found
 
-    def mark(self, saved: list[_Saved], mutation: Mutation) -> None:
-        """Remember who mutated them so the unpack error can name it."""
+    def mark(self, saved: list[_Saved], mutation: Mutation, written: torch.Tensor | None = None
+             ) -> None:
+        """Remember who mutated them so the unpack error can name it. ``written``: the tensor
+        after an in-place op under grad, which gave it a new node (torch's error names that)."""
+        node = None
+        if written is not None and not written._is_view():
+            fn = written.grad_fn
+            node = type(fn) if fn is not None else None
         for s in saved:
             if s.mutated_by is None:
                 s.mutated_by = mutation
+            if node is not None and s.node is not None and s.alias.shape == written.shape:
+                s.node, s.output_nr = node, written.output_nr
 
     def note_for(self, message: str) -> Mutation | None:
         """The recorded mutation that explains torch's version error ``message``."""
@@ -190,15 +211,60 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _version_error(alias: torch.Tensor, s: _Saved) -> RuntimeError:
+    """torch's own version error, word for word (torch skips its check while saved-tensor
+    hooks are registered, so ``unpack`` raises it in torch's place)."""
     kind = f"{alias.type()}" if alias.device.type != "meta" else "torch.Tensor"
     shape = ", ".join(str(d) for d in alias.shape)
-    err = RuntimeError(
+    node = ""
+    if s.node is not None:
+        # torch names the tensor's grad_fn as it is now (an in-place op under grad rebases it)
+        t = s.orig()
+        fn = t.grad_fn if t is not None else None
+        if fn is not None:
+            name = type(fn).__name__
+        elif s.node is _VIEW and not torch._C._is_view_replay_enabled():
+            name = "AsStridedBackward0"  # a view whose base changed gets a regenerated node
+        else:
+            name = s.node.__name__
+        nr = t.output_nr if t is not None else s.output_nr
+        node = f", which is output {nr} of {_node_name(name)},"
+    return RuntimeError(
         "one of the variables needed for gradient computation has been modified by an inplace "
-        f"operation: [{kind} [{shape}]], is at version {alias._version}; expected version "
-        f"{s.version} instead. Hint: enable anomaly detection to find the operation that failed "
-        "to compute its gradient, with torch.autograd.set_detect_anomaly(True)."
+        f"operation: [{kind} [{shape}]]{node} is at version {alias._version}; expected version "
+        f"{s.version} instead.{torch_wording()[1]}"
     )
-    return err
+
+
+_WORDING: list[tuple[bool, str]] = []
+
+
+def torch_wording() -> tuple[bool, str]:
+    """(whether torch names nodes without their ``Backward0`` suffix, the hint after
+    "instead."), read once from an error torch raises itself (call it before registering
+    saved-tensor hooks: torch checks versions only without them); a fixed text if it cannot."""
+    if not _WORDING:
+        strip, hint = False, (" Hint: enable anomaly detection to find the operation that failed "
+                              "to compute its gradient, with torch.autograd.set_detect_anomaly(True).")
+        try:
+            with torch.enable_grad(), torch._C.DisableTorchFunction():
+                top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+                if top is None:  # torch checks versions only while no hooks are registered
+                    out = (torch.ones(1, requires_grad=True) * 2).exp()
+                    out.add_(1)
+                    try:
+                        out.backward()
+                    except RuntimeError as exc:
+                        text = str(exc)
+                        strip = "of ExpBackward" not in text
+                        hint = text[text.index(" instead.") + len(" instead."):]
+        except Exception:
+            pass
+        _WORDING.append((strip, hint))
+    return _WORDING[0]
+
+
+def _node_name(name: str) -> str:
+    return re.sub(r"Backward\d*$", "", name) if torch_wording()[0] else name
 
 
 def note_text(m: Mutation | None, *, fallback: str = "") -> str:
