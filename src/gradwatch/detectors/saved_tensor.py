@@ -58,7 +58,7 @@ class Mutation:
 class _Saved:
     """What the pack hook returns: a detached alias (shares the version counter) + its version."""
 
-    __slots__ = ("__weakref__", "alias", "key", "mutated_by", "node", "orig", "output_nr", "used",
+    __slots__ = ("__weakref__", "alias", "key", "mutated_by", "node", "output_nr", "used",
                  "version")
 
 
@@ -110,7 +110,6 @@ class SavedTensorRegistry:
             # for the error text only (torch names the tensor's node): the class, never the node
             s.node = _VIEW if t._is_view() else type(t.grad_fn)
             s.output_nr = t.output_nr
-            s.orig = weakref.ref(t)
         s.version = version
         s.used = False
         s.key = key
@@ -218,15 +217,11 @@ def _version_error(alias: torch.Tensor, s: _Saved) -> RuntimeError:
     node = ""
     if s.node is not None:
         # torch names the tensor's grad_fn as it is now (an in-place op under grad rebases it)
-        t = s.orig()
-        fn = t.grad_fn if t is not None else None
-        if fn is not None:
-            name = type(fn).__name__
-        elif s.node is _VIEW and not torch._C._is_view_replay_enabled():
+        if s.node is _VIEW and not torch._C._is_view_replay_enabled():
             name = "AsStridedBackward0"  # a view whose base changed gets a regenerated node
         else:
             name = s.node.__name__
-        nr = t.output_nr if t is not None else s.output_nr
+        nr = s.output_nr
         node = f", which is output {nr} of {_node_name(name)},"
     return RuntimeError(
         "one of the variables needed for gradient computation has been modified by an inplace "
