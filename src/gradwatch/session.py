@@ -378,8 +378,8 @@ class Watch:
         """Step aside while library code whose effect is checked otherwise runs (an optimizer
         step, zero_grad, clipping): full takes the mode off the stack, light puts torch's own
         grad-mode switch back (torch's no_grad blocks inside need no look). True if paused."""
-        if self._mode is None or self._mode_paused:
-            return False
+        if self._mode is None or self._mode_paused or threading.get_ident() != self._thread:
+            return False  # (the mode stack is per thread: only the watch's thread pauses it)
         if self.config.level != "full":
             if torch._C._set_grad_enabled is _light_set_grad_enabled:
                 torch._C._set_grad_enabled = _original_set_grad_enabled
@@ -394,7 +394,7 @@ class Watch:
 
     def _resume_mode(self) -> bool:
         """Undo :meth:`_pause_mode` (after the step, or if the step raised: at the next hook)."""
-        if not self._mode_paused:
+        if not self._mode_paused or threading.get_ident() != self._thread:
             return False
         self._mode_paused = False
         if self._mode is not None and not self._closed:
