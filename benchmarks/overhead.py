@@ -40,9 +40,11 @@ import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -487,14 +489,21 @@ class LightningRunner:
             callbacks.append(session.callback)
         else:
             ctx = variant_context(variant, self.module, None, session, empty_mode)
+        # The callback's default sinks (TensorBoard + gradwatch.jsonl under
+        # <default_root_dir>/gradwatch) are part of what a Lightning user pays: kept, in a temp dir.
+        root = tempfile.mkdtemp(prefix="gradwatch-bench-")
         trainer = pl.Trainer(
+            default_root_dir=root,
             accelerator="gpu" if dev.type == "cuda" else "cpu", devices=1, max_steps=total,
             max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
             gradient_clip_val=1.0, callbacks=callbacks,
         )
-        with ctx:
-            trainer.fit(self.module, loader)
+        try:
+            with ctx:
+                trainer.fit(self.module, loader)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
         if on_step is not None:
             on_step(total)
         deltas = [b - a for a, b in itertools.pairwise(stamps)]

@@ -245,3 +245,22 @@ def test_events_hold_no_tensors() -> None:
         for leaf in walk(ev):
             assert not isinstance(leaf, torch.Tensor), ev
             assert leaf is None or isinstance(leaf, (str, int, float, bool)), (type(leaf), ev)
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_event_buffer_bound_counts_events_not_records(level: str) -> None:
+    """One backward over many leaves is one record internally: the bound still counts events."""
+    from gradwatch.session import Watch
+
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(10)])  # 20 leaves
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt, level=level, max_events=30) as w:
+        for _ in range(50):
+            model(torch.randn(3, 2)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        assert isinstance(w, Watch)
+        held = w._buffer.held
+    assert 30 <= held < 30 + 20  # the bound, plus at most one batch less one event
+    assert len(w.events) == 30
+    assert w.counts["grad_accumulated"] == 50 * 20

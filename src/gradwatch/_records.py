@@ -151,7 +151,9 @@ class RecordBuffer:
     """Bounded buffer of raw records plus exact counts; new records wait for the next flush."""
 
     def __init__(self, maxlen: int) -> None:
-        self.records: deque[Raw] = deque(maxlen=maxlen)
+        self.maxlen = maxlen
+        self.records: deque[Raw] = deque()  # bounded by events held (a batch holds several)
+        self.held = 0
         self.unflushed: list[Raw] = []
         self.counts: dict[str, int] = {}
 
@@ -201,7 +203,16 @@ class RecordBuffer:
                     values = next(it)
                     r = r._replace(ratios=None if values is None else dict(zip(names, values)))
                 new.append(r)
-        self.records.extend(new)
+        records = self.records
+        records.extend(new)
+        self.held += sum(len(r.leaves) if type(r) is LeafBatch else 1 for r in new)
+        while records:  # drop the oldest records not needed for the latest `maxlen` events
+            first = records[0]
+            n = len(first.leaves) if type(first) is LeafBatch else 1
+            if self.held - n < self.maxlen:
+                break
+            records.popleft()
+            self.held -= n
         return new
 
 
