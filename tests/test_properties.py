@@ -170,3 +170,33 @@ def test_reusing_a_no_grad_view_keeps_the_mode_on(level: str) -> None:
     assert [(e.op, e.version_before, e.version_after, e.location.lineno)
             for e in w.events if e.kind == "inplace_no_grad"] == [
         ("add_", 0, 1, _line("nv-add")), ("mul_", 1, 2, _line("nv-mul"))]
+
+
+# ----------------------------------------------------------------------------- gradwatch.jsonl lines
+_TEXT = st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+                  st.sampled_from(["\x01v", "\x01s", "{s}", "{v}", '"\\u0001b"', "a}{b"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(list(gradwatch.EventKind)), tensor=_TEXT, op=_TEXT, message=_TEXT,
+       code=_TEXT, step=st.integers(0, 10**6), versions=st.one_of(
+           st.none(), st.tuples(st.integers(0, 10**4), st.integers(0, 10**4))),
+       shape=st.one_of(st.none(), st.lists(st.integers(0, 9), max_size=3).map(tuple)),
+       with_versions_in_message=st.booleans())
+def test_jsonl_lines_from_templates_are_exactly_json(kind, tensor, op, message, code, step,
+                                                     versions, shape, with_versions_in_message):
+    """The sink's templated lines equal json encoding of Event.to_dict(), for any text (braces,
+    quotes, control characters, the template's own markers), also on the cached second use."""
+    from gradwatch.events import Event, Location
+    from gradwatch.sinks.jsonl import _encode, _Lines
+
+    vb, va = versions if versions is not None else (None, None)
+    if with_versions_in_message and versions is not None:
+        message = f"{message} (version {vb} → {va}) {message}"
+    lines = _Lines()
+    for s in (step, step + 1):
+        ev = Event(kind=kind, severity="info", step=s, op=op, tensor=tensor, shape=shape,
+                   dtype="float32", device="cpu", version_before=vb, version_after=va,
+                   grad_mode="no_grad", location=Location("x{y}.py", 3, "f", code),
+                   message=message, hint="h{0}")
+        assert lines.line(ev) == _encode(ev.to_dict())

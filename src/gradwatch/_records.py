@@ -62,15 +62,18 @@ def build_event(r: Raw, rank: int) -> Event:
     elif change is not None and not isinstance(change, Change):
         change = None
     ratios = r.ratios if isinstance(r.ratios, dict) else None
-    return Event(
+    # Field by field in declaration order, without the frozen dataclass's per-field
+    # object.__setattr__ calls: events are built for every info record written to a sink.
+    ev = _new_event(Event)
+    ev.__dict__.update(
         kind=r.kind,
         severity=SEVERITY[r.kind],
         step=r.step,
         op=_op(r.op),
         tensor=name,
         shape=r.shape,
-        dtype=None if r.dtype is None else str(r.dtype).replace("torch.", ""),
-        device=None if r.device is None else str(r.device),
+        dtype=None if r.dtype is None else _dtype_name(r.dtype),
+        device=None if r.device is None else _device_name(r.device),
         version_before=r.version_before,
         version_after=r.version_after,
         grad_mode=r.grad_mode,
@@ -81,6 +84,25 @@ def build_event(r: Raw, rank: int) -> Event:
         rank=rank,
         update_ratios=ratios,
     )
+    return ev
+
+
+_new_event = object.__new__
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def _device_name(device: Any) -> str:
+    name = _DTYPE_NAMES.get(device)
+    if name is None:
+        name = _DTYPE_NAMES[device] = str(device)
+    return name
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).replace("torch.", "")
+    return name
 
 
 def describe_shape(shape: tuple[int, ...] | None, dtype: Any) -> str:

@@ -16,6 +16,64 @@ __all__ = ["JsonlSink", "jsonl_name"]
 # One encoder for every line (json.dumps with options builds a new encoder per call).
 _encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
+# The info events of a training loop repeat step after step with only the step and the version
+# numbers changed: their lines come from a template, encoded once (same text as `_encode`).
+_STEP, _BEFORE, _AFTER = "\x01s", "\x01b", "\x01a"
+_SLOTS = {'"\\u0001s"': "{s}", '"\\u0001b"': "{b}", '"\\u0001a"': "{a}"}
+_MAX_TEMPLATES = 4096
+
+
+def _versions_text(e: Event) -> str | None:
+    if e.version_before is None or e.version_after is None:
+        return None
+    return f"(version {e.version_before} → {e.version_after})"
+
+
+def _number(v: int | None) -> str:
+    return "null" if v is None else str(int(v))
+
+
+class _Lines:
+    """Event → JSON line, through templates keyed by everything but the step and versions."""
+
+    def __init__(self) -> None:
+        self._templates: dict[tuple, str | None] = {}
+
+    def line(self, e: Event) -> str:
+        if e.change is not None or e.update_ratios is not None or type(e.step) is not int:
+            return _encode(e.to_dict())
+        versions = _versions_text(e)
+        message = e.message
+        if versions is not None and versions in message:
+            message = message.replace(versions, "\x01v")
+        key = (e.kind, e.severity, e.op, e.tensor, e.shape, e.dtype, e.device, e.grad_mode,
+               e.location, message, e.hint, e.rank)
+        tpl = self._templates.get(key)
+        if tpl is None:
+            tpl = self._template(e, message)
+            if len(self._templates) >= _MAX_TEMPLATES:
+                self._templates.clear()
+            self._templates[key] = tpl
+        if tpl == "":
+            return _encode(e.to_dict())
+        return tpl.format(s=e.step, b=_number(e.version_before), a=_number(e.version_after),
+                          v=versions or "")
+
+    @staticmethod
+    def _template(e: Event, message: str) -> str:
+        loc = e.location
+        texts = (e.message, e.tensor, e.op, e.hint, e.dtype or "", e.device or "", e.grad_mode,
+                 *((loc.filename, loc.function, loc.code) if loc is not None else ()))
+        if any("\x01" in t for t in texts):
+            return ""  # the template's marker occurs in the event's own text: no template
+        d = e.to_dict()
+        d["step"], d["version_before"], d["version_after"] = _STEP, _BEFORE, _AFTER
+        d["message"] = message
+        text = _encode(d).replace("{", "{{").replace("}", "}}")
+        for slot, field in _SLOTS.items():
+            text = text.replace(slot, field)
+        return text.replace("\\u0001v", "{v}")
+
 
 def jsonl_name(rank: int, world: int) -> str:
     return "gradwatch.jsonl" if world <= 1 else f"gradwatch.rank{rank}.jsonl"
@@ -26,6 +84,7 @@ class JsonlSink(Sink):
         os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, jsonl_name(rank, world))
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        self._lines = _Lines()
 
     def _write_one(self, event: Event) -> None:
         self._file.write(_encode(event.to_dict()) + "\n")
@@ -38,7 +97,7 @@ class JsonlSink(Sink):
         if self._file.closed:
             return
         self._file.write(
-            "".join(_encode(e.to_dict()) + "\n" for e in events)
+            "".join(self._lines.line(e) + "\n" for e in events)
         )
 
     def flush(self) -> None:
