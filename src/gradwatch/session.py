@@ -1081,11 +1081,7 @@ class Watch:
                     self._fail("accumulation", exc)
                 self._busy += time.perf_counter() - t0
             # The resets are recorded: torch's own .grad reads and writes inside need no mode.
-            if self._pause_mode():
-                try:
-                    return wrapped(*args, **kwargs)
-                finally:
-                    self._resume_mode()
+            return self._call_paused(wrapped, args, kwargs)
         return wrapped(*args, **kwargs)
 
     def _zero_grad_check(self, owner: Any) -> None:
@@ -1111,14 +1107,18 @@ class Watch:
                 where = caller()
             self._grad_zeroing(st, p.grad, where, "zero_grad")
 
-    # ------------------------------------------------------------------ data loading
-    def _wrap_data_fetch(self, call: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    def _call_paused(self, call: Callable, args: tuple, kwargs: dict) -> Any:
+        """``call`` with the mode stepped aside (see :meth:`_pause_mode`), put back after."""
         if self._pause_mode():
             try:
                 return call(*args, **kwargs)
             finally:
                 self._resume_mode()
         return call(*args, **kwargs)
+
+    # ------------------------------------------------------------------ data loading
+    def _wrap_data_fetch(self, call: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        return self._call_paused(call, args, kwargs)
 
     # ------------------------------------------------------------------ gradient clipping
     def _wrap_clip(self, op: str, call: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
