@@ -34,19 +34,24 @@ def _package_dirs() -> tuple[str, ...]:
 _INTERNAL_DIRS = _package_dirs()
 # A user's TorchFunctionMode/TorchDispatchMode handler forwards ops; the line is its caller's.
 _HANDLERS = frozenset({"__torch_function__", "__torch_dispatch__"})
-_internal: dict[CodeType, bool] = {}
+# Keyed by id(code): hashing a code object hashes its bytecode and constants, which costs
+# microseconds when the caches are cold (as they are between training ops). Each code object
+# is kept alive beside its flag, so that its id cannot be reused by another.
+_internal: dict[int, bool] = {}
+_codes: dict[int, CodeType] = {}
 
 
 def is_internal(code: CodeType) -> bool:
     """Whether ``code`` belongs to torch, Lightning, wrapt, gradwatch or contextlib (memoised)."""
-    flag = _internal.get(code)
+    flag = _internal.get(id(code))
     if flag is None:
         filename = code.co_filename
         flag = (filename.startswith(_INTERNAL_DIRS) or filename.startswith("<frozen")
                 or code.co_name in _HANDLERS)
         if not flag and not os.path.isabs(filename) and not filename.startswith("<"):
             flag = os.path.abspath(filename).startswith(_INTERNAL_DIRS)
-        _internal[code] = flag
+        _internal[id(code)] = flag
+        _codes[id(code)] = code
     return flag
 
 
@@ -58,25 +63,28 @@ def user_frame(depth: int = 1) -> FrameType | None:
         return None
     internal = _internal
     while frame is not None:
-        flag = internal.get(frame.f_code)
+        code = frame.f_code
+        flag = internal.get(id(code))
         if flag is None:
-            flag = is_internal(frame.f_code)
+            flag = is_internal(code)
         if not flag:
             return frame
         frame = frame.f_back
     return None
 
 
-def caller(depth: int = 1) -> tuple[CodeType, int] | None:
+def caller(skip: int = 0) -> tuple[CodeType, int] | None:
     """``(code, lineno)`` of the user's line: cheap, holds no frame. gradwatch's own frames are
-    internal, so callers inside gradwatch need not count their depth."""
-    frame = user_frame(2)
+    internal, so callers inside gradwatch need not count their depth; a hot path that knows
+    ``skip`` frames above its own are gradwatch's passes it, and the walk starts above them
+    (``sys._getframe`` jumps there without building a frame object for each)."""
+    frame = user_frame(2 + skip)
     if frame is None:
         return None
     return frame.f_code, frame.f_lineno
 
 
-_locations: dict[tuple[CodeType, int], Location] = {}
+_locations: dict[tuple[int, int], Location] = {}
 
 
 def location_of(where: tuple[CodeType, int] | None) -> Location | None:
@@ -84,15 +92,17 @@ def location_of(where: tuple[CodeType, int] | None) -> Location | None:
     training loop reports from the same few lines every step)."""
     if where is None:
         return None
-    loc = _locations.get(where)
+    code, lineno = where
+    key = (id(code), lineno)  # the code object is pinned beside it (see `_codes`)
+    loc = _locations.get(key)
     if loc is None:
-        code, lineno = where
         line = linecache.getline(code.co_filename, lineno).strip()
         function = getattr(code, "co_qualname", code.co_name)
         loc = Location(code.co_filename, lineno, function, line)
         if len(_locations) >= 4096:
             _locations.clear()
-        _locations[where] = loc
+        _locations[key] = loc
+        _codes[id(code)] = code
     return loc
 
 

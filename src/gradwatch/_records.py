@@ -169,6 +169,9 @@ def expand(records: Iterable[Any]) -> Iterator[Raw]:
             yield r
 
 
+_KIND_KEYS = {k: k.value for k in EventKind}  # (an enum's .value is a Python-level descriptor)
+
+
 class RecordBuffer:
     """Bounded buffer of raw records plus exact counts; new records wait for the next flush."""
 
@@ -177,18 +180,22 @@ class RecordBuffer:
         self.records: deque[Raw] = deque()  # bounded by events held (a batch holds several)
         self.held = 0
         self.unflushed: list[Raw] = []
+        self.pending = 0  # events in `unflushed`
         self.counts: dict[str, int] = {}
 
     def add(self, r: Raw) -> None:
         self.unflushed.append(r)
-        key = r.kind.value
+        self.pending += 1
+        key = _KIND_KEYS[r.kind]
         self.counts[key] = self.counts.get(key, 0) + 1
 
     def add_batch(self, batch: LeafBatch) -> None:
         """Per-leaf events as one record (counted per leaf)."""
         self.unflushed.append(batch)
-        key = batch.kind.value
-        self.counts[key] = self.counts.get(key, 0) + len(batch.leaves)
+        n = len(batch.leaves)
+        self.pending += n
+        key = _KIND_KEYS[batch.kind]
+        self.counts[key] = self.counts.get(key, 0) + n
 
     def latest(self, n: int) -> list[Raw]:
         """The most recent ``n`` events' records, oldest first (batches unfolded)."""
@@ -206,6 +213,7 @@ class RecordBuffer:
     def take_unflushed(self) -> list[Raw]:
         """Resolve pending small tensors (one sync) and move records into the bounded buffer."""
         new, self.unflushed = self.unflushed, []
+        self.pending = 0
         if not new:
             return new
         tensors = [r.change for r in new if isinstance(r.change, torch.Tensor)]

@@ -129,12 +129,20 @@ def watch(
 
 
 class _OptimizerInfo:
-    __slots__ = ("foreign", "index", "name")
+    __slots__ = ("foreign", "index", "label", "messages", "name")
 
     def __init__(self, foreign: bool, index: int, name: str) -> None:
         self.foreign = foreign
         self.index = index
         self.name = name
+        self.label = f"{name}{index}"  # the optimizer_update event's tensor name
+        self.messages: dict[int, str] = {}  # parameters updated -> message (no string work per step)
+
+    def message(self, n: int) -> str:
+        text = self.messages.get(n)
+        if text is None:
+            text = self.messages[n] = f"{self.name} updated {n} parameter(s)"
+        return text
 
 
 class Watch:
@@ -142,6 +150,7 @@ class Watch:
 
     def __init__(self, config: Config, *, sinks: Iterable[Sink] = ()) -> None:
         self.config = config
+        self._full = config.level == "full"
         self.rank, self.world = 0, 1
         self.suspended = True  # the mode passes everything through until entered
         self._entered = False
@@ -380,7 +389,7 @@ class Watch:
         grad-mode switch back (torch's no_grad blocks inside need no look). True if paused."""
         if self._mode is None or self._mode_paused or threading.get_ident() != self._thread:
             return False  # (the mode stack is per thread: only the watch's thread pauses it)
-        if self.config.level != "full":
+        if not self._full:
             if torch._C._set_grad_enabled is _light_set_grad_enabled:
                 torch._C._set_grad_enabled = _original_set_grad_enabled
                 self._mode_paused = True
@@ -398,7 +407,7 @@ class Watch:
             return False
         self._mode_paused = False
         if self._mode is not None and not self._closed:
-            if self.config.level == "full":
+            if self._full:
                 self._mode.__enter__()
             else:
                 torch._C._set_grad_enabled = _light_set_grad_enabled
@@ -600,11 +609,18 @@ class Watch:
         if pending and (final or self.step % self.config.stats_every == 0
                         or len(pending) > self._nonfinite.limit // 2):
             self._nonfinite.resolve(self._report_nonfinite)
-        self._raise_replaced()
-        new = self._buffer.take_unflushed()
+        if self._cuts.replaced:
+            self._raise_replaced()
         if step is None:
             step = self.step
-        if self._sinks:
+        buffer = self._buffer
+        if not self._sinks:
+            # Nothing to write: records wait, as many events as the buffer holds at most, and
+            # move into it when read, when that many wait, or at the end.
+            if final or buffer.pending >= buffer.maxlen:
+                buffer.take_unflushed()
+        else:
+            new = buffer.take_unflushed()
             events = [build_event(r, self.rank) for r in expand(new) if r.kind.severity == "info"]
             counts = self._buffer.counts
             delta = {k: v - self._last_counts.get(k, 0) for k, v in counts.items()}
@@ -943,6 +959,8 @@ class Watch:
             self._cuts.add(cut, source, watch_source=False)
 
     def _raise_replaced(self) -> None:
+        if not self._cuts.replaced:
+            return
         for cut in self._cuts.take_replaced():
             r = cut.result()
             self._anomaly(Raw(
@@ -963,16 +981,6 @@ class Watch:
         self._hooked.add(id(p))
         self._leaf_refs.append(weakref.ref(p, functools.partial(_discard, self._hooked, id(p))))
 
-    def _grads_now(self, refs: list[weakref.ref[torch.Tensor]]) -> list[Any]:
-        """Per tracked leaf: (id, version) of its ``.grad`` (None without one). Holds no tensor."""
-        out: list[Any] = []
-        append = out.append
-        for ref in refs:
-            p = ref()
-            g = p.grad if p is not None else None
-            append(None if g is None else (id(g), g._version))
-        return out
-
     def _accumulations(self, refs: list[weakref.ref[torch.Tensor]], before: list[Any]) -> None:
         """After a backward pass: the leaves whose ``.grad`` it changed were accumulated into.
         ``refs`` is the list ``before`` was read from (pruning replaces the list, never edits it;
@@ -981,29 +989,42 @@ class Watch:
             return
         t0 = time.perf_counter()
         where = self._backward_where
-        step = self._step if self._step_override is None else self.step
         n = len(before)
-        accumulated = self._acc.accumulated
-        watching = self._cuts._watching
         leaves = []
-        stale = []
+        fresh = []  # (leaf, grad): no .grad before this pass, the usual case
+        added = []  # (leaf, grad): summed into an existing .grad
         for i, ref in enumerate(refs):
             p = ref()
-            g = p.grad if p is not None else None
+            if p is None:
+                continue
+            g = p.grad
             if g is None:
                 continue
             prev = before[i] if i < n else None
-            if prev is not None and prev[0] == id(g) and prev[1] == g._version:
+            if prev is None:
+                fresh.append((p, g))
+            elif prev[0] == id(g) and prev[1] == g._version:
                 continue  # not reached by this backward
-            finding = accumulated(p, g, prev is None, where)
-            if watching:
-                self._cuts.source_trained(p)
+            else:
+                added.append((p, g))
             leaves.append(ref)
+        if not leaves:
+            self._busy += time.perf_counter() - t0
+            return
+        acc = self._acc
+        if fresh:
+            acc.fresh(fresh, where)
+        stale = []
+        for p, g in added:
+            finding = acc.accumulated(p, g, False, where)
             if finding is not None:  # reported at once: an in-place edit changed the leaf
                 stale.append((finding, p))
-        if leaves:
-            self._buffer.add_batch(LeafBatch(K.GRAD_ACCUMULATED, "backward", leaves, None, where,
-                                             step, self._names))
+        if self._cuts._watching:
+            for p, _ in fresh + added:
+                self._cuts.source_trained(p)
+        step = self._step if self._step_override is None else self.step
+        self._buffer.add_batch(LeafBatch(K.GRAD_ACCUMULATED, "backward", leaves, None, where,
+                                         step, self._names))
         self._busy += time.perf_counter() - t0
         for st, p in stale:
             self._stale(st, where, p, edited=True)
@@ -1066,23 +1087,31 @@ class Watch:
         ))
 
     def _wrap_zero_grad(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        if not self.suspended and not self._acc_off and instance is not None and not _is_compiling():
+        if self.suspended or instance is None or "accumulation" in self._failed or _is_compiling():
+            return wrapped(*args, **kwargs)
+        try:
             # Usual case, right after a step with set_to_none: nothing unconsumed to check, and the
             # next backward sees each .grad start afresh (None before it): no per-leaf work here.
             set_to_none = args[0] if args else kwargs.get("set_to_none", True)
             if self._acc.unconsumed or not set_to_none:
                 t0 = time.perf_counter()
-                try:
-                    with torch._C.DisableTorchFunction():
-                        self._zero_grad_check(instance)
-                except AnomalyError:
-                    raise
-                except Exception as exc:
-                    self._fail("accumulation", exc)
+                with torch._C.DisableTorchFunction():
+                    self._zero_grad_check(instance)
                 self._busy += time.perf_counter() - t0
-            # The resets are recorded: torch's own .grad reads and writes inside need no mode.
-            return self._call_paused(wrapped, args, kwargs)
-        return wrapped(*args, **kwargs)
+            # The resets are recorded: torch's own .grad reads and writes inside need no mode
+            # (full). zero_grad switches no grad mode: light has nothing to step aside from.
+            paused = self._full and self._pause_mode()
+        except AnomalyError:
+            raise
+        except Exception as exc:
+            self._fail("accumulation", exc)
+            return wrapped(*args, **kwargs)
+        if not paused:
+            return wrapped(*args, **kwargs)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            self._resume_mode()
 
     def _zero_grad_check(self, owner: Any) -> None:
         if isinstance(owner, torch.optim.Optimizer):
@@ -1131,7 +1160,7 @@ class Watch:
         args, kwargs, params = _with_parameter_list(args, kwargs)
         with torch._C.DisableTorchFunction():
             before = self._grads_before_write(op, params)
-        where = caller()
+        where = caller(1)  # skip the boundary wrapper: the next frame called the function
         self.suspended = True  # grad-mode switches and the (light) mode: nothing to see inside
         paused = self._pause_mode()
         self._busy += time.perf_counter() - t0
@@ -1227,11 +1256,12 @@ class Watch:
         t0 = time.perf_counter()
         result = None
         try:
-            self._resume_mode()
+            if self._mode_paused:
+                self._resume_mode()
             with torch._C.DisableTorchFunction():
                 self.suspended = False
                 info = self._optimizer_info(opt)
-                where = caller()
+                where = caller(1)  # skip the boundary hook: torch's step wrapper, then the caller
                 state = {"where": where, "info": info, "samples": None, "updated": False}
                 self._step_state[id(opt)] = state
                 closure = args[1] if len(args) > 1 else kwargs.get("closure")
@@ -1291,15 +1321,17 @@ class Watch:
                 if s is not None:
                     self._saved_mutation("optimizer.step", p, s, storage_key(p), where,
                                          "no_grad", after=False)
-        for due in self._acc.stepped(params):
-            w = due.stale_where
-            due.stale_where = None
-            self._stale(due, w, due.leaf())
+        due = self._acc.stepped(params)
+        for st in due:
+            w = st.stale_where
+            st.stale_where = None
+            self._stale(st, w, st.leaf())
         try:
             state["versions"] = [p._version for p in params]
         except Exception:  # a tensor without a version counter (inference, odd subclasses)
             state["versions"] = [_version(p) for p in params]
-        if self.step % self.config.stats_every == 0:
+        step = self._step if self._step_override is None else self.step
+        if step % self.config.stats_every == 0:
             state["samples"] = _samples(params)
 
     def _on_step_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -1311,10 +1343,12 @@ class Watch:
         if info is not None and not info.foreign:
             self._user_step_depth = max(0, self._user_step_depth - 1)
         self.suspended = False
-        self._resume_mode()
+        if self._mode_paused:
+            self._resume_mode()
         if state is None or "optimizer hooks" in self._failed:
             return
-        step_before = self.step  # the step the events being flushed belong to
+        # the step the events being flushed belong to
+        step_before = self._step if self._step_override is None else self.step
         try:
             with torch._C.DisableTorchFunction():
                 self._after_update(opt, info, state)
@@ -1329,44 +1363,51 @@ class Watch:
         params = state.get("params") or []
         versions = state.get("versions") or []
         where = state["where"]
-        step = self.step
+        step = self._step if self._step_override is None else self.step
         self._recent_steps.append((where, step, list(map(id, params)), versions))
         change = None
         ratios = None
         samples = state.get("samples")
-        if samples is not None:  # keep the parameters whose values can be sampled
-            kept = [(p, b, vb) for p, b, vb in zip(params, samples, versions) if b is not None]
-            params = [k[0] for k in kept]
-            versions = [k[2] for k in kept]
-            before = [k[1] for k in kept]
-        after = _samples(params) if samples is not None and params else None
-        if after is not None and all(a is not None for a in after):
-            k = len(params)
-            # ‖before‖, ‖after‖, then Δ computed in place of `after` (two sample sets at most)
-            norms = [n.float() for n in torch._foreach_norm(before + after)]
-            torch._foreach_sub_(after, before)
-            norms += [n.float() for n in torch._foreach_norm(after)]
-            norms = torch.stack(norms)
-            wn, wn_after, dn = norms[:k], norms[k:2 * k], norms[2 * k:]
-            ratio = dn / torch.where(wn > 0, wn, wn_after).clamp_min(1e-12)  # a zero-init bias
-            names = [self._names.param_name(p) or f"{info.name}{info.index}.param{i}"
-                     for i, p in enumerate(params)]
-            ratios = (names, ratio)
-            total_delta = dn.square().sum().sqrt()
-            total_w = wn.square().sum().sqrt()
-            change = torch.stack([total_delta, total_delta / total_w.clamp_min(1e-12),
-                                  dn.max(), (~torch.isfinite(dn).all()).float()])
-            if self.config.check_nonfinite:
-                # after: the whole parameters; before: the samples' norms (read lazily, batched)
-                flags = max_abs([p.detach() for p in params])
-                lazy = [functools.partial(self._update_raw, weakref.ref(p), vb, where, step)
-                        for p, vb in zip(params, versions)]
-                self._nonfinite.queue(list(wn.unbind()), flags, lazy)
+        if samples is not None:
+            change, ratios = self._update_statistics(info, params, versions, samples, where, step)
         self._step += 1
-        self._record(Raw(K.OPTIMIZER_UPDATE, "optimizer.step", f"{info.name}{info.index}", None,
-                         None, None, None, None, "no_grad", change, where, step,
-                         f"{info.name} updated {len(state.get('params') or [])} parameter(s)", "",
+        self._record(Raw(K.OPTIMIZER_UPDATE, "optimizer.step", info.label, None, None, None, None,
+                         None, "no_grad", change, where, step, info.message(len(params)), "",
                          ratios))
+
+    def _update_statistics(self, info: _OptimizerInfo, params: list[Any], versions: list[Any],
+                           samples: list[Any], where: Any, step: int) -> tuple[Any, Any]:
+        """A statistics step: the update's size from the samples taken before it (one fused
+        norm call), and the queued NaN/Inf probe of the updated parameters (read lazily)."""
+        # keep the parameters whose values can be sampled
+        kept = [(p, b, vb) for p, b, vb in zip(params, samples, versions) if b is not None]
+        params = [k[0] for k in kept]
+        versions = [k[2] for k in kept]
+        before = [k[1] for k in kept]
+        after = _samples(params) if params else None
+        if after is None or not all(a is not None for a in after):
+            return None, None
+        k = len(params)
+        # ‖before‖, ‖after‖, then Δ computed in place of `after` (two sample sets at most)
+        norms = [n.float() for n in torch._foreach_norm(before + after)]
+        torch._foreach_sub_(after, before)
+        norms += [n.float() for n in torch._foreach_norm(after)]
+        norms = torch.stack(norms)
+        wn, wn_after, dn = norms[:k], norms[k:2 * k], norms[2 * k:]
+        ratio = dn / torch.where(wn > 0, wn, wn_after).clamp_min(1e-12)  # a zero-init bias
+        names = [self._names.param_name(p) or f"{info.name}{info.index}.param{i}"
+                 for i, p in enumerate(params)]
+        total_delta = dn.square().sum().sqrt()
+        total_w = wn.square().sum().sqrt()
+        change = torch.stack([total_delta, total_delta / total_w.clamp_min(1e-12),
+                              dn.max(), (~torch.isfinite(dn).all()).float()])
+        if self.config.check_nonfinite:
+            # after: the whole parameters; before: the samples' norms (read lazily, batched)
+            flags = max_abs([p.detach() for p in params])
+            lazy = [functools.partial(self._update_raw, weakref.ref(p), vb, where, step)
+                    for p, vb in zip(params, versions)]
+            self._nonfinite.queue(list(wn.unbind()), flags, lazy)
+        return change, (names, ratio)
 
     # ------------------------------------------------------------------ saved tensors hooks
     def _pack(self, t: torch.Tensor) -> Any:
@@ -1406,20 +1447,27 @@ class Watch:
             self._in_backward = False
 
     def _run_backward(self, accumulates: bool, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
+        before = None
+        refs = self._leaf_refs
+        disabled = torch._C.DisableTorchFunction()
+        disabled.__enter__()
         try:
             roots = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
             if isinstance(roots, _Tensor):
                 roots = (roots,)
-            roots = tuple(r for r in (roots or ()) if isinstance(r, _Tensor))
-        except Exception as exc:
-            self._fail("backward", exc)
-            return wrapped(*args, **kwargs)
-        self._guard("backward", self._before_backward, roots)
-        before = None
-        refs = self._leaf_refs
-        if accumulates and "accumulation" not in self._failed:
-            with torch._C.DisableTorchFunction():
-                before = self._guard("accumulation", self._grads_now, refs)
+            elif roots:
+                roots = tuple(r for r in roots if isinstance(r, _Tensor))
+            else:
+                roots = ()
+            self._guard("backward", self._before_backward, roots)
+            if accumulates and "accumulation" not in self._failed:
+                try:  # per tracked leaf: (id, version) of its .grad, None without one
+                    before = [None if (g := None if (p := ref()) is None else p.grad) is None
+                              else (id(g), g._version) for ref in refs]
+                except Exception as exc:
+                    self._fail("accumulation", exc)
+        finally:
+            disabled.__exit__(None, None, None)
         try:
             out = wrapped(*args, **kwargs)
         except RuntimeError as exc:
@@ -1444,14 +1492,16 @@ class Watch:
     def _before_backward(self, roots: tuple) -> None:
         t0 = time.perf_counter()
         self.suspended = False
-        self._resume_mode()
+        if self._mode_paused:
+            self._resume_mode()
         self._user_step_depth = 0
-        self._backward_where = caller()
+        # skip _guard, _run_backward, _wrap_backward, the boundary wrapper (wrapt adds no frame)
+        self._backward_where = caller(4)
         if self._discover_leaves > 0 and roots:
-            with torch._C.DisableTorchFunction():
-                new = self._discover(roots)
+            new = self._discover(roots)
             self._discover_leaves = 8 if new else self._discover_leaves - 1
-        self._raise_replaced()
+        if self._cuts.replaced:
+            self._raise_replaced()
         self._busy += time.perf_counter() - t0
 
     def _discover(self, roots: tuple, limit: int = 20000) -> bool:

@@ -118,6 +118,37 @@ class AccumulationTracker:
         st.grad_version = grad._version
         return finding
 
+    def fresh(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+              where: tuple[CodeType, int] | None) -> None:
+        """:meth:`accumulated` for leaves that had no ``.grad`` before the pass (``pairs`` of
+        leaf and new grad): each opens a window; nothing can be stale."""
+        leaves = self.leaves
+        owner = self.grad_owner
+        unconsumed = self.unconsumed
+        for leaf, grad in pairs:
+            key = id(leaf)
+            st = leaves.get(key)
+            if st is None or st.leaf() is not leaf:
+                st = self.state(leaf)
+            try:
+                st.token = (leaf._version, st.steps)
+            except RuntimeError:
+                st.token = (-1, st.steps)
+            st.trained = True
+            st.last_edit = st.stale_where = None
+            st.consumed = st.read = st.reset = False
+            st.window_start = where
+            st.accum = 1
+            unconsumed.add(key)
+            gid = id(grad)
+            old = st.grad_id
+            if gid != old:
+                if owner.get(old) is st:  # ids are reused: drop only our own entry
+                    del owner[old]
+                st.grad_id = gid
+                owner[gid] = st
+            st.grad_version = grad._version
+
     def stepped(self, leaves: list[torch.Tensor]) -> list[LeafState]:
         """An optimizer step is about to use these leaves' ``.grad``; returns the states whose
         stale sum is now due (consumed by this step)."""
