@@ -78,10 +78,20 @@ def caller(skip: int = 0) -> tuple[CodeType, int] | None:
     internal, so callers inside gradwatch need not count their depth; a hot path that knows
     ``skip`` frames above its own are gradwatch's passes it, and the walk starts above them
     (``sys._getframe`` jumps there without building a frame object for each)."""
-    frame = user_frame(2 + skip)
-    if frame is None:
+    try:
+        frame: FrameType | None = sys._getframe(2 + skip)
+    except ValueError:
         return None
-    return frame.f_code, frame.f_lineno
+    internal = _internal
+    while frame is not None:
+        code = frame.f_code
+        flag = internal.get(id(code))
+        if flag is None:
+            flag = is_internal(code)
+        if not flag:
+            return code, frame.f_lineno
+        frame = frame.f_back
+    return None
 
 
 _locations: dict[tuple[int, int], Location] = {}

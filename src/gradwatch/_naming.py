@@ -101,7 +101,18 @@ class TensorNames:
                 yield name, p
 
     def has_storage(self, key: int | None) -> bool:
-        return key is not None and key in self._by_storage
+        """Whether ``key`` is the storage of a live named tensor (a freed storage's address is
+        reused by the allocator: a stale entry is dropped, not matched)."""
+        if key is None:
+            return False
+        entry = self._by_storage.get(key)
+        if entry is None:
+            return False
+        owner = entry[1]()
+        if owner is not None and storage_key(owner) == key:
+            return True
+        del self._by_storage[key]
+        return False
 
     def param_name(self, p: torch.Tensor) -> str | None:
         entry = self._params.get(id(p))

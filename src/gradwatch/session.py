@@ -44,7 +44,14 @@ from .errors import AnomalyError, GradWatchWarning
 from .events import Event, EventKind
 from .sinks import Sink, StepSummary
 
-_is_compiling = torch.compiler.is_compiling
+_dynamo_compiling = torch.compiler.is_dynamo_compiling  # folded to True by dynamo's tracer
+_compiler = torch.compiler
+
+
+def _is_compiling() -> bool:
+    """``torch.compiler.is_compiling()`` without its TorchScript check (our hooks never run
+    scripted); hot paths inline it."""
+    return _dynamo_compiling() or _compiler._is_compiling_flag
 _GRAD_GET = Action.GRAD_GET
 
 
@@ -1087,7 +1094,8 @@ class Watch:
         ))
 
     def _wrap_zero_grad(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        if self.suspended or instance is None or "accumulation" in self._failed or _is_compiling():
+        if (self.suspended or instance is None or "accumulation" in self._failed
+                or _dynamo_compiling() or _compiler._is_compiling_flag):
             return wrapped(*args, **kwargs)
         try:
             # Usual case, right after a step with set_to_none: nothing unconsumed to check, and the
@@ -1154,12 +1162,17 @@ class Watch:
         """``clip_grad_norm_`` and friends run as one bracketed unit, like an optimizer step: the
         mode and the grad-mode switch stay out of torch's own ops inside, and each ``.grad`` they
         changed is recorded afterwards as one ``inplace_no_grad`` event with its versions."""
-        if self.suspended or self._closed or _is_compiling():
+        if self.suspended or self._closed or _dynamo_compiling() or _compiler._is_compiling_flag:
             return call(*args, **kwargs)
         t0 = time.perf_counter()
         args, kwargs, params = _with_parameter_list(args, kwargs)
-        with torch._C.DisableTorchFunction():
-            before = self._grads_before_write(op, params)
+        disabled = torch._C.DisableTorchFunction()
+        with disabled:
+            if self._saved:
+                before = self._grads_before_write(op, params)
+            else:
+                before = [(p, g, g._version) for p in params
+                          if isinstance(p, _Tensor) and (g := p.grad) is not None]
         where = caller(1)  # skip the boundary wrapper: the next frame called the function
         self.suspended = True  # grad-mode switches and the (light) mode: nothing to see inside
         paused = self._pause_mode()
@@ -1170,8 +1183,13 @@ class Watch:
             self.suspended = False
             if paused:
                 self._resume_mode()
-            with torch._C.DisableTorchFunction():
-                self._guard("clipping", self._grads_written, op, before, where)
+            with disabled:
+                try:
+                    self._grads_written(op, before, where)
+                except AnomalyError:
+                    raise
+                except Exception as exc:
+                    self._fail("clipping", exc)
 
     def _grads_before_write(self, op: str, params: list[Any]) -> list[tuple[Any, Any, int]]:
         before = []
@@ -1190,19 +1208,16 @@ class Watch:
         return before
 
     def _grads_written(self, op: str, before: list[tuple[Any, Any, int]], where: Any) -> None:
+        if "clipping" in self._failed:
+            return
         t0 = time.perf_counter()
-        leaves = []
-        versions = []
-        for p, g, vb in before:
-            if p.grad is not g:
-                continue
-            va = g._version
-            if va != vb:
-                leaves.append(weakref.ref(p))
-                versions.append((vb, va))
-        if leaves:
-            self._buffer.add_batch(LeafBatch(K.INPLACE_NO_GRAD, op, leaves, versions, where,
-                                             self.step, self._names))
+        changed = [(p, vb, va) for p, g, vb in before
+                   if p.grad is g and (va := g._version) != vb]
+        if changed:
+            self._buffer.add_batch(LeafBatch(
+                K.INPLACE_NO_GRAD, op, [weakref.ref(c[0]) for c in changed],
+                [(c[1], c[2]) for c in changed], where,
+                self._step if self._step_override is None else self.step, self._names))
         self._busy += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ module discovery
@@ -1251,7 +1266,8 @@ class Watch:
         return info
 
     def _on_step_pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
-        if self._closed or _is_compiling() or "optimizer hooks" in self._failed:
+        if (self._closed or _dynamo_compiling() or _compiler._is_compiling_flag
+                or "optimizer hooks" in self._failed):
             return None
         t0 = time.perf_counter()
         result = None
@@ -1260,7 +1276,9 @@ class Watch:
                 self._resume_mode()
             with torch._C.DisableTorchFunction():
                 self.suspended = False
-                info = self._optimizer_info(opt)
+                last = self._last_optimizer  # the usual case: the same optimizer again
+                info = (last[1] if last is not None and last[0]() is opt
+                        else self._optimizer_info(opt))
                 where = caller(1)  # skip the boundary hook: torch's step wrapper, then the caller
                 state = {"where": where, "info": info, "samples": None, "updated": False}
                 self._step_state[id(opt)] = state
@@ -1335,7 +1353,7 @@ class Watch:
             state["samples"] = _samples(params)
 
     def _on_step_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if self._closed or _is_compiling():
+        if self._closed or _dynamo_compiling() or _compiler._is_compiling_flag:
             return
         t0 = time.perf_counter()
         state = self._step_state.pop(id(opt), None)
@@ -1357,7 +1375,13 @@ class Watch:
         except Exception as exc:
             self._fail("optimizer hooks", exc)
         self._busy += time.perf_counter() - t0
-        self._guard("flush", self._step_boundary, step=step_before)
+        if "flush" not in self._failed:
+            try:
+                self._step_boundary(step=step_before)
+            except AnomalyError:
+                raise
+            except Exception as exc:
+                self._fail("flush", exc)
 
     def _after_update(self, opt: Any, info: _OptimizerInfo, state: dict) -> None:
         params = state.get("params") or []
@@ -1371,9 +1395,10 @@ class Watch:
         if samples is not None:
             change, ratios = self._update_statistics(info, params, versions, samples, where, step)
         self._step += 1
-        self._record(Raw(K.OPTIMIZER_UPDATE, "optimizer.step", info.label, None, None, None, None,
-                         None, "no_grad", change, where, step, info.message(len(params)), "",
-                         ratios))
+        n = len(params)
+        self._buffer.add(Raw(K.OPTIMIZER_UPDATE, "optimizer.step", info.label, None, None, None,
+                             None, None, "no_grad", change, where, step,
+                             info.messages.get(n) or info.message(n), "", ratios))
 
     def _update_statistics(self, info: _OptimizerInfo, params: list[Any], versions: list[Any],
                            samples: list[Any], where: Any, step: int) -> tuple[Any, Any]:
@@ -1437,16 +1462,10 @@ class Watch:
     # ------------------------------------------------------------------ backward
     def _wrap_backward(self, accumulates: bool, wrapped: Callable, instance: Any, args: tuple,
                        kwargs: dict) -> Any:
-        if self._closed or self._in_backward or "backward" in self._failed or _is_compiling():
+        if (self._closed or self._in_backward or "backward" in self._failed
+                or _dynamo_compiling() or _compiler._is_compiling_flag):
             # torch.autograd.backward re-dispatches itself through the function mode: once is enough
             return wrapped(*args, **kwargs)
-        self._in_backward = True
-        try:
-            return self._run_backward(accumulates, wrapped, args, kwargs)
-        finally:
-            self._in_backward = False
-
-    def _run_backward(self, accumulates: bool, wrapped: Callable, args: tuple, kwargs: dict) -> Any:
         before = None
         refs = self._leaf_refs
         disabled = torch._C.DisableTorchFunction()
@@ -1459,7 +1478,12 @@ class Watch:
                 roots = tuple(r for r in roots if isinstance(r, _Tensor))
             else:
                 roots = ()
-            self._guard("backward", self._before_backward, roots)
+            try:
+                self._before_backward(roots)
+            except AnomalyError:
+                raise
+            except Exception as exc:
+                self._fail("backward", exc)
             if accumulates and "accumulation" not in self._failed:
                 try:  # per tracked leaf: (id, version) of its .grad, None without one
                     before = [None if (g := None if (p := ref()) is None else p.grad) is None
@@ -1468,9 +1492,11 @@ class Watch:
                     self._fail("accumulation", exc)
         finally:
             disabled.__exit__(None, None, None)
+        self._in_backward = True
         try:
             out = wrapped(*args, **kwargs)
         except RuntimeError as exc:
+            self._in_backward = False
             self._guard("backward", self._annotate, exc, roots)
             if before is not None:  # what was accumulated before torch raised still counts
                 try:
@@ -1480,11 +1506,18 @@ class Watch:
                     pass  # recorded; torch's own error is the one to see
             self._backward_where = None
             raise
+        finally:
+            self._in_backward = False
         if before is not None:
+            disabled.__enter__()
             try:
-                with torch._C.DisableTorchFunction():
-                    self._guard("accumulation", self._accumulations, refs, before)
+                self._accumulations(refs, before)
+            except AnomalyError:
+                raise
+            except Exception as exc:
+                self._fail("accumulation", exc)
             finally:
+                disabled.__exit__(None, None, None)
                 self._backward_where = None
         self._backward_where = None
         return out
@@ -1495,8 +1528,8 @@ class Watch:
         if self._mode_paused:
             self._resume_mode()
         self._user_step_depth = 0
-        # skip _guard, _run_backward, _wrap_backward, the boundary wrapper (wrapt adds no frame)
-        self._backward_where = caller(4)
+        # skip _wrap_backward and the boundary wrapper (wrapt adds no frame)
+        self._backward_where = caller(2)
         if self._discover_leaves > 0 and roots:
             new = self._discover(roots)
             self._discover_leaves = 8 if new else self._discover_leaves - 1
@@ -1637,8 +1670,8 @@ _CLIP_FUNCTIONS = ("clip_grad_norm_", "clip_grad_norm", "clip_grad_value_", "cli
 
 def _with_parameter_list(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[Any]]:
     """The ``parameters`` argument of a clipping function as a list, and the call's arguments
-    with an equivalent in its place (a generator can be read only once: torch gets a fresh
-    generator over the same parameters, so its own handling of generators is unchanged)."""
+    with an equivalent in its place: the list itself, or, for an empty generator, a fresh empty
+    generator (torch warns about those; a generator can be read only once)."""
     if args:
         given = args[0]
     elif "parameters" in kwargs:
@@ -1648,7 +1681,7 @@ def _with_parameter_list(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[A
     if isinstance(given, _Tensor):
         return args, kwargs, [given]
     params = list(given)
-    again = (p for p in params) if isinstance(given, types.GeneratorType) else params
+    again = params if params or not isinstance(given, types.GeneratorType) else (p for p in ())
     if args:
         return (again, *args[1:]), kwargs, params
     return args, {**kwargs, "parameters": again}, params

@@ -20,7 +20,10 @@ _PASS = Action.PASS
 _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
 
-_is_compiling = torch.compiler.is_compiling  # a flag read; importing dynamo costs seconds
+# torch.compiler.is_compiling() is two Python calls (it asks TorchScript first); per op, ask
+# dynamo directly (it folds this call to True while tracing) and read export's flag.
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_compiler = torch.compiler
 
 
 class WatchMode(TorchFunctionMode):
@@ -36,7 +39,8 @@ class WatchMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         s = self.session
-        if s.suspended or _is_compiling():  # first: dynamo must trace nothing of ours
+        if s.suspended or _dynamo_compiling() or _compiler._is_compiling_flag:
+            # first: dynamo (or export) must trace nothing of ours
             return func(*args, **kwargs)
         action = ACTIONS.get(func)
         if action is None:

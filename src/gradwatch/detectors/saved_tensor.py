@@ -83,6 +83,7 @@ class SavedTensorRegistry:
 
     def __init__(self, recent: int = 256) -> None:
         self._by_storage: dict[int, set[_Ref]] = {}
+        self._forget_ref = self._forget  # one bound method for every weak reference's callback
         # Mutation or raw inplace records (converted only when an error needs explaining)
         self.recent: deque[Any] = deque(maxlen=recent)
         # The autograd engine re-creates exceptions raised in hooks: remember the culprit here.
@@ -114,7 +115,7 @@ class SavedTensorRegistry:
         s.used = False
         s.key = key
         s.mutated_by = None
-        ref = _Ref(s, self._forget)
+        ref = _Ref(s, self._forget_ref)
         ref.key = key
         refs = self._by_storage.get(key)
         if refs is None:
