@@ -200,3 +200,73 @@ def test_jsonl_lines_from_templates_are_exactly_json(kind, tensor, op, message, 
                    grad_mode="no_grad", location=Location("x{y}.py", 3, "f", code),
                    message=message, hint="h{0}")
         assert lines.line(ev) == _encode(ev.to_dict())
+
+
+# ----------------------------------------------------------------------------- accumulation
+# The usual loop is kept as one pending record per backward pass (AccumulationTracker.pending)
+# and applied per leaf only when something asks. Property: for generated training programs the
+# deferred bookkeeping reports exactly what applying every pass at once reports.
+ACC_OPS = ["backward", "backward", "step", "step", "step_d", "zero_none", "zero_none",
+           "zero_keep", "grad_none", "edit", "read_grad", "grad_zero_no_grad", "clip"]
+
+
+def _run_accumulation_program(program: list[str], level: str, eager: bool,
+                              monkeypatch: pytest.MonkeyPatch) -> tuple:
+    from gradwatch.detectors.accumulation import AccumulationTracker
+
+    if eager:
+        original = AccumulationTracker.fresh_pass
+
+        def fresh_pass_applied(self, entries, where):  # type: ignore[no-untyped-def]
+            original(self, entries, where)
+            self.sync()
+
+        monkeypatch.setattr(AccumulationTracker, "fresh_pass", fresh_pass_applied)
+    torch.manual_seed(0)
+    g = torch.nn.Linear(3, 3)
+    d = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD([*g.parameters(), *d.parameters()], lr=0.1)  # the usual loop
+    opt_d = torch.optim.SGD(d.parameters(), lr=0.1)  # a second optimizer on part of them
+    x = torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gradwatch.watch([g, d], [opt, opt_d], level=level, on_anomaly="log") as w:
+            for op in program:
+                if op == "backward":
+                    d(g(x)).sum().backward()
+                elif op == "step":
+                    opt.step()
+                elif op == "step_d":
+                    opt_d.step()
+                elif op == "zero_none":
+                    opt.zero_grad()
+                elif op == "zero_keep":
+                    opt_d.zero_grad(set_to_none=False)
+                elif op == "grad_none":
+                    g.weight.grad = None
+                elif op == "edit":
+                    with torch.no_grad():
+                        g.bias.mul_(0.5)
+                elif op == "read_grad":
+                    _ = g.weight.grad
+                elif op == "grad_zero_no_grad":
+                    if d.weight.grad is not None:
+                        with torch.no_grad():
+                            d.weight.grad.zero_()
+                elif op == "clip":
+                    torch.nn.utils.clip_grad_norm_(g.parameters(), 0.1)
+    found = [(e.kind, e.tensor, e.step, e.location.lineno if e.location else None, e.message)
+             for e in w.anomalies]
+    return w.counts, found
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(program=st.lists(st.sampled_from(ACC_OPS), min_size=1, max_size=14))
+def test_deferred_accumulation_bookkeeping_reports_what_eager_does(level, program,
+                                                                   monkeypatch) -> None:
+    deferred = _run_accumulation_program(program, level, False, monkeypatch)
+    with monkeypatch.context() as m:
+        eager = _run_accumulation_program(program, level, True, m)
+    assert deferred == eager

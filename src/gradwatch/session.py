@@ -655,14 +655,24 @@ class Watch:
         if step % 50 == 0 or final:
             self._names.prune()
             self._acc.prune()
+            self._acc.trained.intersection_update(self._hooked)
             self._leaf_refs = [r for r in self._leaf_refs if r() is not None]
 
     # ------------------------------------------------------------------ the function mode's calls
     def before(self, action: int, func: Any, args: tuple, kwargs: dict) -> Any:
         """Work before an interesting op runs; returns what :meth:`after` needs (or None)."""
         if action == _GRAD_GET:  # the most frequent: every p.grad read, mostly by torch itself
-            st = self._acc.leaves.get(id(args[0])) if args else None
-            if st is not None and st.accum and not st.read and "accumulation" not in self._failed:
+            if not args:
+                return None
+            acc = self._acc
+            key = id(args[0])
+            pending = acc.pending
+            if pending is not None and key in pending.ids:
+                unread = True  # accumulated into by the pass not applied yet, never read since
+            else:
+                st = acc.leaves.get(key)
+                unread = st is not None and st.accum and not st.read
+            if unread and "accumulation" not in self._failed:
                 frame = sys._getframe(2)  # before <- __torch_function__ <- the reader
                 if not is_internal(frame.f_code):  # torch reading it (clip, step) is no use
                     self._guard("accumulation", self._grad_read, args[0], frame)
@@ -811,7 +821,10 @@ class Watch:
                 requires = t.requires_grad
                 if grad_on and requires:
                     continue  # autograd records this one
-                st = self._acc.grad_owner.get(id(t))
+                acc = self._acc
+                if acc.pending is not None:
+                    acc.sync()
+                st = acc.grad_owner.get(id(t))
                 if st is not None:
                     leaf = st.leaf()
                     if leaf is None or leaf.grad is not t:
@@ -880,7 +893,7 @@ class Watch:
                       grad_mode, change, where, step)
             if not in_step:
                 self._record(raw)
-                leaf_state = self._acc.leaves.get(id(t))
+                leaf_state = self._acc.get(t)
                 if leaf_state is not None:  # the edit a later stale accumulation will point to
                     leaf_state.last_edit = where
             self._recent.recent.append(raw)
@@ -951,7 +964,7 @@ class Watch:
         var = local_name(frame, source) or rebound_name(where)
         cut = Cut(_op_str(func), out, source, name or describe(source), where, self.step, var)
         st = self._acc.get(source)
-        cut.trained = bool(st is not None and (st.trained or st.optimized))
+        cut.trained = bool(id(source) in self._acc.trained or (st is not None and st.optimized))
         self._cuts.add(cut, source, watch_source=True)
 
     def _detached(self, func: Any, source: torch.Tensor, out: Any) -> None:
@@ -996,9 +1009,26 @@ class Watch:
             return
         t0 = time.perf_counter()
         where = self._backward_where
+        step = self._step if self._step_override is None else self.step
+        entries = None
+        if not any(before) and not self._cuts._watching:
+            # The usual loop: no tracked leaf had a .grad; one record for the whole pass.
+            try:
+                entries = [(ref, id(p), id(g), g._version, p._version) for ref in refs
+                           if (p := ref()) is not None and (g := p.grad) is not None]
+            except RuntimeError:  # a tensor without a version counter: leaf by leaf below
+                entries = None
+        if entries is not None:
+            if entries:
+                self._acc.fresh_pass(entries, where)
+                self._buffer.add_batch(LeafBatch(K.GRAD_ACCUMULATED, "backward",
+                                                 [e[0] for e in entries], None, where, step,
+                                                 self._names))
+            self._busy += time.perf_counter() - t0
+            return
         n = len(before)
         leaves = []
-        fresh = []  # (leaf, grad): no .grad before this pass, the usual case
+        fresh = []  # (leaf, grad): no .grad before this pass
         added = []  # (leaf, grad): summed into an existing .grad
         for i, ref in enumerate(refs):
             p = ref()
@@ -1029,7 +1059,6 @@ class Watch:
         if self._cuts._watching:
             for p, _ in fresh + added:
                 self._cuts.source_trained(p)
-        step = self._step if self._step_override is None else self.step
         self._buffer.add_batch(LeafBatch(K.GRAD_ACCUMULATED, "backward", leaves, None, where,
                                          step, self._names))
         self._busy += time.perf_counter() - t0
@@ -1059,7 +1088,7 @@ class Watch:
     def _grad_read(self, p: Any, frame: Any) -> None:
         if not isinstance(p, _Tensor):
             return
-        st = self._acc.leaves.get(id(p))
+        st = self._acc.get(p)
         if st is None or st.accum == 0 or st.read:
             return
         self._acc.grad_read(p, (frame.f_code, frame.f_lineno))
@@ -1101,7 +1130,7 @@ class Watch:
             # Usual case, right after a step with set_to_none: nothing unconsumed to check, and the
             # next backward sees each .grad start afresh (None before it): no per-leaf work here.
             set_to_none = args[0] if args else kwargs.get("set_to_none", True)
-            if self._acc.unconsumed or not set_to_none:
+            if self._acc.has_unconsumed() or not set_to_none:
                 t0 = time.perf_counter()
                 with torch._C.DisableTorchFunction():
                     self._zero_grad_check(instance)
@@ -1128,6 +1157,7 @@ class Watch:
             params = list(owner.parameters())
         else:
             return
+        self._acc.sync()
         leaves = self._acc.leaves
         if not self._acc.unconsumed:  # the usual case right after a step: only mark the resets
             for p in params:

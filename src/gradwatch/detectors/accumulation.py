@@ -10,6 +10,12 @@ counter plus the number of optimizer steps that updated it (fused optimizers bum
   discriminator picking up the generator's gradient, zeroed before its own step, is correct).
 * discarded: the window is reset after accumulating, no step consumed it, the user never read
   it, and it is finite and non-zero (checked only then: one sync on a rare path).
+
+The usual loop (zero_grad with set_to_none, backward, step) needs no per-leaf bookkeeping: a
+backward pass that finds no ``.grad`` on any tracked leaf is kept as one :class:`_Pass` (lists
+of ints and weak references), a step that uses exactly its leaves only counts itself on it, and
+the next such pass replaces it. Per-leaf states are brought up to date from the pending pass
+(:meth:`AccumulationTracker.sync`) only when something else asks about a leaf.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from types import CodeType
 
 import torch
 
-__all__ = ["AccumulationTracker", "LeafState"]
+__all__ = ["AccumulationTracker", "LeafState", "PassEntry"]
+
+# One leaf reached by a pass: (weak reference, id(leaf), id(grad), grad version, leaf version).
+PassEntry = tuple[weakref.ref, int, int, int, int]
 
 HINT_STALE = (
     "call optimizer.zero_grad() (or set .grad to None) after each step and after editing the "
@@ -54,16 +63,37 @@ class LeafState:
         self.last_edit: tuple[CodeType, int] | None = None  # last in-place edit under no_grad
 
 
+class _Pass:
+    """A backward pass that found no ``.grad`` on any tracked leaf: a fresh window on each leaf
+    it reached, not yet applied per leaf; ``steps``: optimizer steps that used exactly these."""
+
+    __slots__ = ("entries", "ids", "steps", "where")
+
+    def __init__(self, entries: list[PassEntry], where: tuple[CodeType, int] | None) -> None:
+        self.entries = entries
+        self.ids = {e[1] for e in entries}
+        self.where = where
+        self.steps = 0
+
+
 class AccumulationTracker:
-    """State machine per leaf; the session feeds it hooks and zeroing ops and emits its findings."""
+    """State machine per leaf; the session feeds it hooks and zeroing ops and emits its findings.
+    Read ``leaves``, ``grad_owner`` and ``unconsumed`` only after :meth:`sync`."""
 
     def __init__(self) -> None:
         self.leaves: dict[int, LeafState] = {}
         self.grad_owner: dict[int, LeafState] = {}  # id(p.grad) -> state of p
         # leaves whose window holds gradients no step has used yet (zero_grad checks only these)
         self.unconsumed: set[int] = set()
+        self.pending: _Pass | None = None
+        self.trained: set[int] = set()  # ids of leaves some backward pass reached
 
     def state(self, leaf: torch.Tensor) -> LeafState:
+        if self.pending is not None:
+            self.sync()
+        return self._state(leaf)
+
+    def _state(self, leaf: torch.Tensor) -> LeafState:
         st = self.leaves.get(id(leaf))
         if st is None or st.leaf() is not leaf:
             st = LeafState(leaf)
@@ -71,16 +101,78 @@ class AccumulationTracker:
         return st
 
     def get(self, leaf: torch.Tensor) -> LeafState | None:
+        if self.pending is not None:
+            self.sync()
         st = self.leaves.get(id(leaf))
         if st is not None and st.leaf() is leaf:
             return st
         return None
+
+    def has_unconsumed(self) -> bool:
+        """Whether some window holds gradients that no optimizer step has used yet."""
+        return bool(self.unconsumed) or (self.pending is not None and self.pending.steps == 0)
+
+    # -- the usual loop, without per-leaf work ------------------------------------------------
+    def fresh_pass(self, entries: list[PassEntry], where: tuple[CodeType, int] | None) -> None:
+        """A backward pass found no ``.grad`` on any tracked leaf and reached ``entries``."""
+        last = self.pending
+        if last is not None:
+            if last.steps == 0:
+                self.sync()  # its gradients were dropped unused: keep what the leaves say
+            else:  # used by a step, then reset: nothing about it can matter any more
+                self.pending = None
+                if self.unconsumed:
+                    self.unconsumed.difference_update(last.ids)
+        p = _Pass(entries, where)
+        self.trained |= p.ids
+        self.pending = p
+
+    def sync(self) -> None:
+        """Apply the pending pass to the per-leaf states (what :meth:`fresh` and
+        :meth:`stepped` would have done at the time)."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return
+        leaves = self.leaves
+        owner = self.grad_owner
+        unconsumed = self.unconsumed
+        where = p.where
+        steps = p.steps
+        for ref, key, gid, grad_version, leaf_version in p.entries:
+            leaf = ref()
+            if leaf is None:
+                continue
+            st = leaves.get(key)
+            if st is None or st.leaf() is not leaf:
+                st = self._state(leaf)
+            st.token = (leaf_version, st.steps)
+            st.trained = True
+            st.last_edit = st.stale_where = None
+            st.read = st.reset = False
+            st.window_start = where
+            st.accum = 1
+            old = st.grad_id
+            if gid != old:
+                if owner.get(old) is st:
+                    del owner[old]
+                st.grad_id = gid
+                owner[gid] = st
+            st.grad_version = grad_version
+            if steps:
+                st.optimized = True
+                st.steps += steps
+                st.consumed = True
+                unconsumed.discard(key)
+            else:
+                st.consumed = False
+                unconsumed.add(key)
 
     def accumulated(self, leaf: torch.Tensor, grad: torch.Tensor, fresh: bool,
                     where: tuple[CodeType, int] | None) -> LeafState | None:
         """A backward pass accumulated into ``leaf.grad`` (``grad``); ``fresh``: the leaf had no
         ``.grad`` before that pass. Returns the state when a stale sum is to be reported now."""
         st = self.state(leaf)
+        self.trained.add(id(leaf))
         st.trained = True
         try:
             leaf_version = leaf._version
@@ -122,14 +214,17 @@ class AccumulationTracker:
               where: tuple[CodeType, int] | None) -> None:
         """:meth:`accumulated` for leaves that had no ``.grad`` before the pass (``pairs`` of
         leaf and new grad): each opens a window; nothing can be stale."""
+        if self.pending is not None:
+            self.sync()
         leaves = self.leaves
         owner = self.grad_owner
         unconsumed = self.unconsumed
         for leaf, grad in pairs:
             key = id(leaf)
+            self.trained.add(key)
             st = leaves.get(key)
             if st is None or st.leaf() is not leaf:
-                st = self.state(leaf)
+                st = self._state(leaf)
             try:
                 st.token = (leaf._version, st.steps)
             except RuntimeError:
@@ -152,12 +247,18 @@ class AccumulationTracker:
     def stepped(self, leaves: list[torch.Tensor]) -> list[LeafState]:
         """An optimizer step is about to use these leaves' ``.grad``; returns the states whose
         stale sum is now due (consumed by this step)."""
+        p = self.pending
+        if p is not None:
+            if p.ids == set(map(id, leaves)):  # the usual loop: it uses what the pass left
+                p.steps += 1
+                return []
+            self.sync()
         due = []
         get = self.leaves.get
         for leaf in leaves:
             st = get(id(leaf))
             if st is None or st.leaf() is not leaf:
-                st = self.state(leaf)
+                st = self._state(leaf)
             st.optimized = True
             st.steps += 1
             if st.accum > 0:
@@ -169,7 +270,7 @@ class AccumulationTracker:
         return due
 
     def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None) -> None:
-        st = self.get(leaf)
+        st = self.get(leaf)  # (syncs)
         if st is not None and st.accum > 0:
             st.read = True
             st.read_where = where
@@ -191,14 +292,19 @@ class AccumulationTracker:
         self.grad_owner.pop(grad_id, None)
 
     def prune(self) -> None:
+        if self.pending is not None:
+            self.sync()
         for key, st in list(self.leaves.items()):
             if st.leaf() is None:
                 del self.leaves[key]
                 self.unconsumed.discard(key)
+                self.trained.discard(key)
                 if self.grad_owner.get(st.grad_id) is st:
                     del self.grad_owner[st.grad_id]
 
     def clear(self) -> None:
+        self.pending = None
+        self.trained.clear()
         self.leaves.clear()
         self.grad_owner.clear()
         self.unconsumed.clear()
