@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator
 from types import CodeType
@@ -13,7 +14,7 @@ from ._intercept.ops import op_name
 from ._location import location_of
 from .events import SEVERITY, Change, Event, EventKind
 
-__all__ = ["LeafBatch", "Raw", "RecordBuffer", "build_event", "expand"]
+__all__ = ["LeafBatch", "Raw", "RecordBuffer", "UpdateStats", "build_event", "expand"]
 
 _OP_NAMES: dict[Any, str] = {}
 
@@ -36,7 +37,32 @@ class Raw(NamedTuple):
     step: int
     message: str = ""
     hint: str = ""
-    ratios: Any = None  # optimizer updates: (names, tensor of ratios) or a dict
+    ratios: Any = None  # optimizer updates: UpdateStats (until the flush), then a dict
+
+
+class UpdateStats(NamedTuple):
+    """An optimizer step's statistics, still on the device until the flush: one vector of norms,
+    per sampled parameter ``‖before‖``, then ``‖after‖``, then ``‖Δ‖`` (``3 × len(names)``
+    entries; more may follow). One copy at the flush turns it into the update's
+    :class:`Change` and per-parameter update/weight ratios."""
+
+    norms: torch.Tensor
+    names: list[str]
+
+    def resolve(self, values: list[float] | None) -> tuple[tuple | None, dict[str, float] | None]:
+        if values is None:
+            return None, None
+        k = len(self.names)
+        before, after, delta = values[:k], values[k:2 * k], values[2 * k:3 * k]
+        ratios = {}
+        for name, b, a, d in zip(self.names, before, after, delta):
+            # a zero-initialised bias is measured against its new value (NaN stays NaN)
+            ratios[name] = d / max(b if b > 0 else a, 1e-12)
+        total = math.sqrt(sum(d * d for d in delta))
+        weights = math.sqrt(sum(b * b for b in before))
+        finite = all(math.isfinite(d) for d in delta)
+        largest = max(delta) if not any(math.isnan(d) for d in delta) else math.nan
+        return (total, total / max(weights, 1e-12), largest, not finite), ratios
 
 
 def _op(op: Any) -> str:
@@ -217,7 +243,7 @@ class RecordBuffer:
         if not new:
             return new
         tensors = [r.change for r in new if isinstance(r.change, torch.Tensor)]
-        tensors += [r.ratios[1] for r in new if isinstance(r.ratios, tuple)]
+        tensors += [r.ratios.norms for r in new if type(r.ratios) is UpdateStats]
         if tensors:
             values = _to_lists(tensors)
             it = iter(values)
@@ -228,10 +254,9 @@ class RecordBuffer:
                 resolved.append(r)
             new = []
             for r in resolved:
-                if isinstance(r.ratios, tuple):
-                    names, _ = r.ratios
-                    values = next(it)
-                    r = r._replace(ratios=None if values is None else dict(zip(names, values)))
+                if type(r.ratios) is UpdateStats:
+                    change, ratios = r.ratios.resolve(next(it))
+                    r = r._replace(change=change, ratios=ratios)
                 new.append(r)
         records = self.records
         records.extend(new)

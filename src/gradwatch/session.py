@@ -32,7 +32,7 @@ from ._location import (
     user_frame,
 )
 from ._naming import TensorNames, describe, storage_key
-from ._records import LeafBatch, Raw, RecordBuffer, build_event, expand
+from ._records import LeafBatch, Raw, RecordBuffer, UpdateStats, build_event, expand
 from .config import Config, iter_named
 from .detectors import accumulation as acc_mod
 from .detectors import grad_flow, nonfinite, saved_tensor
@@ -1432,8 +1432,8 @@ class Watch:
 
     def _update_statistics(self, info: _OptimizerInfo, params: list[Any], versions: list[Any],
                            samples: list[Any], where: Any, step: int) -> tuple[Any, Any]:
-        """A statistics step: the update's size from the samples taken before it (one fused
-        norm call), and the queued NaN/Inf probe of the updated parameters (read lazily)."""
+        """A statistics step: the update's size from the samples taken before it, and the queued
+        NaN/Inf probe of the updated parameters, all from one fused norm call (read lazily)."""
         # keep the parameters whose values can be sampled
         kept = [(p, b, vb) for p, b, vb in zip(params, samples, versions) if b is not None]
         params = [k[0] for k in kept]
@@ -1443,26 +1443,22 @@ class Watch:
         if after is None or not all(a is not None for a in after):
             return None, None
         k = len(params)
-        # ‖before‖, ‖after‖, then Δ computed in place of `after` (two sample sets at most)
-        norms = [n.float() for n in torch._foreach_norm(before + after)]
-        torch._foreach_sub_(after, before)
-        norms += [n.float() for n in torch._foreach_norm(after)]
-        norms = torch.stack(norms)
-        wn, wn_after, dn = norms[:k], norms[k:2 * k], norms[2 * k:]
-        ratio = dn / torch.where(wn > 0, wn, wn_after).clamp_min(1e-12)  # a zero-init bias
+        # One fused norm call for ‖before‖, ‖after‖, ‖Δ‖ of the samples and, for the NaN/Inf
+        # probe, of each whole parameter; one vector, read at the flush (no sync here).
+        delta = list(torch._foreach_sub(after, before))
+        whole = [p.detach() for p in params] if self.config.check_nonfinite else []
+        norms = torch._foreach_norm(before + after + delta + whole)
+        try:
+            vec = torch.stack(norms)
+        except RuntimeError:  # mixed dtypes or devices
+            vec = torch.stack([n.float().to(norms[0].device) for n in norms])
         names = [self._names.param_name(p) or f"{info.name}{info.index}.param{i}"
                  for i, p in enumerate(params)]
-        total_delta = dn.square().sum().sqrt()
-        total_w = wn.square().sum().sqrt()
-        change = torch.stack([total_delta, total_delta / total_w.clamp_min(1e-12),
-                              dn.max(), (~torch.isfinite(dn).all()).float()])
-        if self.config.check_nonfinite:
-            # after: the whole parameters; before: the samples' norms (read lazily, batched)
-            flags = max_abs([p.detach() for p in params])
+        if whole:
             lazy = [functools.partial(self._update_raw, weakref.ref(p), vb, where, step)
                     for p, vb in zip(params, versions)]
-            self._nonfinite.queue(list(wn.unbind()), flags, lazy)
-        return change, (names, ratio)
+            self._nonfinite.queue_vector(vec, 0, 3 * k, lazy)  # sample before, whole after
+        return None, UpdateStats(vec, names)
 
     # ------------------------------------------------------------------ saved tensors hooks
     def _pack(self, t: torch.Tensor) -> Any:

@@ -7,8 +7,9 @@ boundary, backward, or flush. The first write whose before is finite and after i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,12 +42,22 @@ def checkable(t: torch.Tensor) -> bool:
             and type(t) in _PLAIN)
 
 
+class _Vector(NamedTuple):
+    """An optimizer step's probes in one device vector: ``vec[before + i]`` is parameter i's
+    probe before the update, ``vec[after + i]`` after it."""
+
+    vec: torch.Tensor
+    before: int
+    after: int
+    infos: list[Any]
+
+
 class NonfiniteTracker:
     """Queue of pending (before, after) checks; resolved in batches."""
 
     def __init__(self, limit: int = 2048) -> None:
         self.limit = limit
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+        self.pending: list[Any] = []  # (before, after, info) or a _Vector
         self.reported: set[str] = set()
 
     def queue(self, before: list[torch.Tensor], after: list[torch.Tensor], infos: list[Any]) -> bool:
@@ -54,20 +65,35 @@ class NonfiniteTracker:
         self.pending.extend(zip(before, after, infos))
         return len(self.pending) >= self.limit
 
+    def queue_vector(self, vec: torch.Tensor, before: int, after: int, infos: list[Any]) -> None:
+        """Queue one check per entry of ``infos`` whose probes lie in ``vec`` (see _Vector)."""
+        self.pending.append(_Vector(vec, before, after, infos))
+
     def resolve(self, report: Callable[[Any], None]) -> None:
         """Read all pending checks in one sync and report the first write that broke each tensor."""
         if not self.pending:
             return
         pending, self.pending = self.pending, []
-        values = [x.float() for b, a, _ in pending for x in (b, a)]
+        pairs = [e for e in pending if type(e) is tuple]
+        vectors = [e.vec.reshape(-1).float() for e in pending if type(e) is _Vector]
+        parts = [torch.stack([x.float() for b, a, _ in pairs for x in (b, a)])] if pairs else []
         try:
-            finite = torch.isfinite(torch.stack(values)).tolist()
+            values = torch.cat(parts + vectors).tolist()
         except RuntimeError:  # tensors on several devices
-            finite = [bool(torch.isfinite(v)) for v in values]
-        pairs = zip(finite[0::2], finite[1::2])
-        for (fin_before, fin_after), (_, _, info) in zip(pairs, pending):
-            if fin_before and not fin_after:
-                report(info)
+            values = [x for part in parts + vectors for x in part.tolist()]
+        finite = [math.isfinite(v) for v in values]
+        i = 0  # pairs first, then the vectors, each in queue order
+        j = 2 * len(pairs)
+        for e in pending:
+            if type(e) is tuple:
+                if finite[i] and not finite[i + 1]:
+                    report(e[2])
+                i += 2
+            else:
+                for k, info in enumerate(e.infos):
+                    if finite[j + e.before + k] and not finite[j + e.after + k]:
+                        report(info)
+                j += e.vec.numel()
 
     def clear(self) -> None:
         self.pending.clear()
