@@ -18,8 +18,9 @@ One training step = forward, backward, clip_grad_norm_, optimizer.step, zero_gra
 
 Timing: ``--reps`` repetitions; in each, every variant runs once (round-robin, the order
 rotated per rep). A run enters its context once, does ``warmup`` untimed steps, then ``steps``
-timed ones (steady state). Per rep and variant we take the median step time; the overhead is the
-median over reps of ``median(variant) / median(unwatched)`` of the *same* rep (paired), and the
+timed ones (steady state). Per rep and variant we take the mean step time (so that work done
+only on some steps, gradwatch's statistics steps, is paid for at its real rate); the overhead is
+the median over reps of ``mean(variant) / mean(unwatched)`` of the *same* rep (paired), and the
 spread is the inter-quartile range of those per-rep ratios. Noise from other processes hits
 neighbouring runs alike, so paired ratios are far steadier than absolute times.
 
@@ -270,7 +271,7 @@ SPECS: dict[str, Spec] = {
     s.name: s
     for s in [
         Spec("mlp", "MLP 3×256, batch 64, SGD momentum", build_mlp, steps=60, warmup=10),
-        Spec("cnn", "CNN 2 conv+BN, 32×32, batch 64, SGD momentum", build_cnn, steps=12, warmup=3),
+        Spec("cnn", "CNN 2 conv+BN, 32×32, batch 64, SGD momentum", build_cnn, steps=10, warmup=3),
         Spec("gpt", "GPT 4 layers d=256, seq 128, batch 8, vocab 256, AdamW (for-loop)", build_gpt,
              steps=5, warmup=2),
         Spec("resnet18", "ResNet-18 (11.2 M params), 64×64, batch 8, SGD momentum+wd",
@@ -658,7 +659,7 @@ class ModelResult:
     spec: Spec
     param_bytes: int = 0
     stats_bytes: int = 0  # the two sample copies a statistics step holds (analytic)
-    per_rep: dict[str, list[float]] = field(default_factory=dict)  # median step time per rep
+    per_rep: dict[str, list[float]] = field(default_factory=dict)  # mean step time per rep
     all_steps: dict[str, list[float]] = field(default_factory=dict)
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -672,7 +673,7 @@ class ModelResult:
             ratios = [v / b for v, b in zip(reps, base) if b > 0]
             row: dict[str, Any] = {
                 "step_ms": 1e3 * statistics.median(reps) if reps else math.nan,
-                "step_ms_rep_medians": [1e3 * r for r in reps],
+                "step_ms_rep_means": [1e3 * r for r in reps],
                 "ratio_median": statistics.median(ratios) if ratios else math.nan,
                 "ratio_q25": _quantile(ratios, 0.25),
                 "ratio_q75": _quantile(ratios, 0.75),
@@ -733,7 +734,7 @@ def run_model(spec: Spec, variants: list[str], reps: int, warmup: int, steps: in
                 warnings.simplefilter("always")
                 times = runner.run(variant, warmup, steps, session)
             result.problems.extend(_problems(variant, session, caught))
-            result.per_rep.setdefault(variant, []).append(statistics.median(times))
+            result.per_rep.setdefault(variant, []).append(statistics.fmean(times))
             result.all_steps.setdefault(variant, []).extend(times)
         log(f"  {spec.name} rep {r + 1}/{reps}: " + ", ".join(
             f"{v} {1e3 * result.per_rep[v][-1]:.2f} ms" for v in variants))
@@ -793,7 +794,7 @@ def markdown_tables(results: dict[str, Any], info: dict[str, Any]) -> str:
     lines = []
     mem_col = "peak CUDA Δ MB" if info.get("device", "").startswith("cuda") else "peak RSS Δ MB"
     lines.append(
-        "| model | variant | step ms (median) | overhead vs unwatched (IQR/2) | "
+        "| model | variant | step ms (mean; median of reps) | overhead vs unwatched (IQR/2) | "
         f"torch calls seen by the mode / step | {mem_col} vs unwatched |"
     )
     lines.append("|---|---|---:|---:|---:|---:|")

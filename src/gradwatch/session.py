@@ -55,9 +55,14 @@ def _is_compiling() -> bool:
 _GRAD_GET = Action.GRAD_GET
 
 
+_push_function_mode = torch._C._push_on_torch_function_stack
+_pop_function_mode = torch._C._pop_torch_function_stack
+
+
 def _mode_stack_top() -> Any:
     n = torch._C._len_torch_function_stack()
     return torch._C._get_function_stack_at(n - 1) if n else None
+
 
 _DISCOVERY_STEPS = 8  # module discovery stops after this many steps without a new module
 _GRAD_MODE_FILE = torch.autograd.grad_mode.__file__
@@ -403,7 +408,7 @@ class Watch:
                 return True
             return False
         if _mode_stack_top() is self._mode:
-            self._mode.__exit__(None, None, None)
+            _pop_function_mode()  # what the mode's __exit__ does, minus two Python calls
             self._mode_paused = True
             return True
         return False
@@ -415,7 +420,7 @@ class Watch:
         self._mode_paused = False
         if self._mode is not None and not self._closed:
             if self._full:
-                self._mode.__enter__()
+                _push_function_mode(self._mode)  # the mode's __enter__
             else:
                 torch._C._set_grad_enabled = _light_set_grad_enabled
         return True
