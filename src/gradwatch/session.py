@@ -657,6 +657,8 @@ class Watch:
             # every module has run several times: stop paying a hook call per module call
             self._module_hook.remove()
             self._module_hook = None
+        if self._saved is not None:
+            self._saved.sweep()
         if step % 50 == 0 or final:
             self._names.prune()
             self._acc.prune()
@@ -1539,6 +1541,8 @@ class Watch:
             raise
         finally:
             self._in_backward = False
+        if self._saved is not None:
+            self._saved.sweep()  # this pass's graph is freed (unless retained): drop its entries
         if before is not None:
             disabled.__enter__()
             try:

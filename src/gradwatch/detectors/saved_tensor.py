@@ -22,6 +22,9 @@ from .._location import location_of
 
 __all__ = ["Mutation", "SavedTensorRegistry", "parse_version_error"]
 
+_ref = weakref.ref
+_SWEEP_EVERY = 4096  # packs between sweeps when no backward pass comes
+
 _VERSION_ERROR = re.compile(
     r"modified by an inplace operation: \[(?P<type>[\w.]+) \[(?P<shape>[\d, ]*)\]\].*?"
     r"is at version (?P<now>\d+); expected version (?P<expected>\d+)",
@@ -66,10 +69,6 @@ class _VIEW:
     """Marks a saved view in ``_Saved.node`` (torch regenerates a changed view's node)."""
 
 
-class _Ref(weakref.ref):
-    __slots__ = ("key",)
-
-
 def parse_version_error(message: str) -> tuple[tuple[int, ...], int, int] | None:
     m = _VERSION_ERROR.search(message)
     if m is None:
@@ -79,11 +78,13 @@ def parse_version_error(message: str) -> tuple[tuple[int, ...], int, int] | None
 
 
 class SavedTensorRegistry:
-    """Saved tensors of pending graphs by storage address; weak, so freed graphs vanish."""
+    """Saved tensors of pending graphs by storage address; weak, so freed graphs vanish. The
+    references of freed graphs are dropped by :meth:`sweep` (after each backward pass, at step
+    ends, and every ``_SWEEP_EVERY`` packs), not by a callback per saved tensor."""
 
     def __init__(self, recent: int = 256) -> None:
-        self._by_storage: dict[int, set[_Ref]] = {}
-        self._forget_ref = self._forget  # one bound method for every weak reference's callback
+        self._by_storage: dict[int, list[weakref.ref[_Saved]]] = {}
+        self._packed = 0  # since the last sweep
         # Mutation or raw inplace records (converted only when an error needs explaining)
         self.recent: deque[Any] = deque(maxlen=recent)
         # The autograd engine re-creates exceptions raised in hooks: remember the culprit here.
@@ -115,13 +116,14 @@ class SavedTensorRegistry:
         s.used = False
         s.key = key
         s.mutated_by = None
-        ref = _Ref(s, self._forget_ref)
-        ref.key = key
         refs = self._by_storage.get(key)
         if refs is None:
-            self._by_storage[key] = {ref}
+            self._by_storage[key] = [_ref(s)]
         else:
-            refs.add(ref)
+            refs.append(_ref(s))
+        self._packed += 1
+        if self._packed >= _SWEEP_EVERY:  # graphs built and dropped without a backward pass
+            self.sweep()
         return s
 
     def unpack(self, s: Any) -> torch.Tensor:
@@ -134,12 +136,18 @@ class SavedTensorRegistry:
             raise _version_error(alias, s)
         return alias
 
-    def _forget(self, ref: _Ref) -> None:
-        refs = self._by_storage.get(ref.key)
-        if refs is not None:
-            refs.discard(ref)
-            if not refs:
-                del self._by_storage[ref.key]
+    def sweep(self) -> None:
+        """Drop the references whose saved tensor is gone (its graph was used or freed)."""
+        self._packed = 0
+        by_storage = self._by_storage
+        if not by_storage:
+            return
+        for key, refs in list(by_storage.items()):
+            live = [r for r in refs if r() is not None]
+            if not live:
+                del by_storage[key]
+            elif len(live) != len(refs):
+                by_storage[key] = live
 
     # -- queries ------------------------------------------------------------------------------
     def pending(self, key: int | None) -> list[_Saved] | None:
@@ -150,7 +158,7 @@ class SavedTensorRegistry:
         if not refs:
             return None
         found = None
-        for ref in tuple(refs):
+        for ref in refs:
             s = ref()
             if s is not None and not s.used and s.alias._version == s.version:
                 if found is None:
