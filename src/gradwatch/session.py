@@ -1387,7 +1387,7 @@ class Watch:
             state["versions"] = [_version(p) for p in params]
         step = self._step if self._step_override is None else self.step
         if step % self.config.stats_every == 0:
-            state["samples"] = _samples(params)
+            state["samples"] = _without_grad(_sample_step, params)
 
     def _on_step_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self._closed or _dynamo_compiling() or _compiler._is_compiling_flag:
@@ -1441,27 +1441,30 @@ class Watch:
                            samples: list[Any], where: Any, step: int) -> tuple[Any, Any]:
         """A statistics step: the update's size from the samples taken before it, and the queued
         NaN/Inf probe of the updated parameters, all from one fused norm call (read lazily)."""
-        # keep the parameters whose values can be sampled
-        kept = [(p, b, vb) for p, b, vb in zip(params, samples, versions) if b is not None]
-        params = [k[0] for k in kept]
-        versions = [k[2] for k in kept]
-        before = [k[1] for k in kept]
-        after = _samples(params) if params else None
-        if after is None or not all(a is not None for a in after):
+        views, copies, pointers = samples
+        kept, before, after = [], [], []
+        for p, vb, view, copy, pointer in zip(params, versions, views, copies, pointers):
+            if copy is None:  # not sampled
+                continue
+            if view is None or p.data_ptr() != pointer:  # no view kept, or .data rebound
+                view = _sample(p)
+                if view is None or view.shape != copy.shape:
+                    continue
+            kept.append((p, vb))
+            before.append(copy)
+            after.append(view)
+        if not kept:
             return None, None
+        params = [p for p, _ in kept]
+        versions = [vb for _, vb in kept]
         k = len(params)
+        check = self.config.check_nonfinite
         # One fused norm call for ‖before‖, ‖after‖, ‖Δ‖ of the samples and, for the NaN/Inf
         # probe, of each whole parameter; one vector, read at the flush (no sync here).
-        delta = list(torch._foreach_sub(after, before))
-        whole = [p.detach() for p in params] if self.config.check_nonfinite else []
-        norms = torch._foreach_norm(before + after + delta + whole)
-        try:
-            vec = torch.stack(norms)
-        except RuntimeError:  # mixed dtypes or devices
-            vec = torch.stack([n.float().to(norms[0].device) for n in norms])
+        vec = _without_grad(_update_norms, before, after, params if check else [])
         names = [self._names.param_name(p) or f"{info.name}{info.index}.param{i}"
                  for i, p in enumerate(params)]
-        if whole:
+        if check:
             lazy = [functools.partial(self._update_raw, weakref.ref(p), vb, where, step)
                     for p, vb in zip(params, versions)]
             self._nonfinite.queue_vector(vec, 0, 3 * k, lazy)  # sample before, whole after
@@ -1770,28 +1773,56 @@ def _sample(t: torch.Tensor) -> torch.Tensor | None:
     return flat.clone()
 
 
-def _samples(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """:func:`_sample` of each tensor, copied in one fused call (None where not sampled)."""
-    views: list[torch.Tensor] = []
-    where: list[int] = []
-    for i, t in enumerate(params):
-        if checkable(t):
-            v = t.detach()
-            step = _stride(v.numel())
-            if step > 1:
-                v = v.reshape(-1)[::step]
-            views.append(v)
-            where.append(i)
-    out: list[torch.Tensor | None] = [None] * len(params)
-    if not views:
-        return out
+def _without_grad(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with grad mode off, switched by torch's own function (no hook of ours)."""
+    enabled = _grad_enabled()
+    _original_set_grad_enabled(False)
     try:
-        copies = torch._foreach_mul(views, 1.0)  # exact copies (×1), one dispatch
-    except Exception:
-        copies = [v.clone() for v in views]
-    for i, c in zip(where, copies):
-        out[i] = c
-    return out
+        return fn(*args)
+    finally:
+        _original_set_grad_enabled(enabled)
+
+
+def _sample_step(params: list[torch.Tensor]) -> tuple[list[Any], list[Any], list[int]]:
+    """For a statistics step, before the optimizer writes: a strided view into each contiguous
+    parameter (it shows the values after the update, no second sample needed), the sampled
+    values now (one fused copy), and each parameter's data pointer (a rebound ``.data`` is
+    sampled afresh). Other sampleable tensors get a copy and no view. Call without grad."""
+    views: list[Any] = []
+    copies: list[Any] = [None] * len(params)
+    pointers: list[int] = []
+    live, where = [], []
+    for i, t in enumerate(params):
+        view = None
+        if checkable(t):
+            if t.is_contiguous():
+                step = _stride(t.numel())
+                view = t.view(-1)[::step] if step > 1 else t.view(-1)
+                live.append(view)
+                where.append(i)
+            else:
+                copies[i] = _sample(t)
+        views.append(view)
+        pointers.append(t.data_ptr() if view is not None else 0)
+    if live:
+        try:
+            fused = torch._foreach_mul(live, 1.0)  # exact copies (×1), one dispatch
+        except Exception:
+            fused = [v.clone() for v in live]
+        for i, c in zip(where, fused):
+            copies[i] = c
+    return views, copies, pointers
+
+
+def _update_norms(before: list[torch.Tensor], after: list[torch.Tensor],
+                  whole: list[torch.Tensor]) -> torch.Tensor:
+    """One vector: ‖before‖, ‖after‖, ‖after − before‖ per sample, then ‖p‖ per whole tensor."""
+    delta = list(torch._foreach_sub(after, before))
+    norms = torch._foreach_norm(before + after + delta + whole)
+    try:
+        return torch.stack(norms)
+    except RuntimeError:  # mixed dtypes or devices
+        return torch.stack([n.float().to(norms[0].device) for n in norms])
 
 
 def _change(before: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor | None:
