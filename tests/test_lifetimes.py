@@ -264,3 +264,22 @@ def test_event_buffer_bound_counts_events_not_records(level: str) -> None:
     assert 30 <= held < 30 + 20  # the bound, plus at most one batch less one event
     assert len(w.events) == 30
     assert w.counts["grad_accumulated"] == 50 * 20
+
+
+def test_step_that_raises_leaves_no_sample_views_behind() -> None:
+    """A statistics step keeps views into the parameters from the pre-step hook to the post-step
+    hook; when the step raises, the post hook never runs: closing the watch drops them."""
+
+    class Failing(torch.optim.SGD):
+        def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+            raise RuntimeError("boom")
+
+    model = nn.Linear(4, 4)
+    opt = Failing(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, on_anomaly="log") as w:
+        model(torch.randn(2, 4)).sum().backward()
+        with pytest.raises(RuntimeError, match="boom"):
+            opt.step()  # step 0: a statistics step
+        views = w._step_state[id(opt)]["samples"][0]
+        assert [v is not None and v._base is not None for v in views] == [True, True]
+    assert w._step_state == {}

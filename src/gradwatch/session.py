@@ -330,6 +330,7 @@ class Watch:
             self._guard("flush", self._step_boundary, final=True)
         finally:
             self._uninstall()
+            self._step_state.clear()  # a step that raised left its samples (views) here
             for sink in self._sinks:
                 try:
                     sink.close()
