@@ -86,7 +86,7 @@ GUARDED = [
     (Watch, "_before_backward", "backward", ("full", "light"), False),
     (Watch, "_after_update", "optimizer hooks", ("full", "light"), False),
     (Watch, "_step_boundary", "flush", ("full", "light"), False),
-    (JsonlSink, "write", "sink JsonlSink", ("full",), True),
+    (JsonlSink, "write_records", "sink JsonlSink", ("full",), True),
     (JsonlSink, "step", "sink JsonlSink", ("full",), True),
     (JsonlSink, "flush", "sink JsonlSink", ("full",), True),
 ]

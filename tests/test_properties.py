@@ -6,6 +6,7 @@ truth comes from running the same program without gradwatch."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -270,3 +271,56 @@ def test_deferred_accumulation_bookkeeping_reports_what_eager_does(level, progra
     with monkeypatch.context() as m:
         eager = _run_accumulation_program(program, level, True, m)
     assert deferred == eager
+
+
+# ----------------------------------------------------------------------------- JSONL lines
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_jsonl_lines_of_leaf_batches_match_their_events(tmp_path, monkeypatch, level) -> None:
+    """The JSONL sink writes the per-leaf events of a backward pass or a clipping call from
+    cached templates: the file must equal, line for line, the plain encoding of each event, also
+    when a leaf changes shape, dtype or name, loses its .grad or dies between steps."""
+    from gradwatch.sinks import jsonl
+
+    def run(directory, templated: bool) -> list[dict]:
+        if not templated:
+            def write_records(self, records, rank):  # type: ignore[no-untyped-def]
+                from gradwatch._records import build_event, expand
+
+                for r in expand(records):
+                    self._file.write(json.dumps(build_event(r, rank).to_dict(),
+                                                ensure_ascii=False, default=str) + "\n")
+
+            monkeypatch.setattr(jsonl.JsonlSink, "write_records", write_records)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+        extra = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD([*model.parameters(), *extra.parameters()], lr=0.1)
+        x = torch.randn(5, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with gradwatch.watch(model, opt, level=level, log_dir=str(directory),
+                                 on_anomaly="log"):
+                for step in range(8):
+                    loss = model(x).sum() + extra(x).sum()
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                    opt.step()
+                    opt.zero_grad()
+                    if step == 2:  # the same leaf object, another shape
+                        model[1].bias.data = torch.zeros(1, 1)
+                        model[1].bias.data = torch.zeros(1)
+                    if step == 3:  # another dtype, the same leaf objects
+                        for p in [*model.parameters(), *extra.parameters()]:
+                            p.data = p.data.double()
+                        x = x.double()
+                    if step == 5:  # a leaf dies; its successor may reuse its id
+                        del extra
+                        extra = torch.nn.Linear(3, 1).double()
+        monkeypatch.undo()
+        lines = (directory / "gradwatch.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    fast = run(tmp_path / "templated", True)
+    plain = run(tmp_path / "plain", False)
+    assert len(fast) == len(plain) > 8 * 9
+    assert fast == plain

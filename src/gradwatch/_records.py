@@ -169,21 +169,22 @@ class LeafBatch(NamedTuple):
     ratios = None
 
     def raws(self) -> list[Raw]:
-        out = []
+        return [self.raw(i) for i in range(len(self.leaves))]
+
+    def raw(self, i: int) -> Raw:
+        """The record of leaf ``i`` (its ``.grad`` for clipping writes)."""
         grads = self.kind is EventKind.INPLACE_NO_GRAD
-        for i, ref in enumerate(self.leaves):
-            p = ref()
-            t = (p.grad if grads else p) if p is not None else None
-            name = self.names.param_name(p) if p is not None else None
-            if grads and name:
-                name = f"{name}.grad"
-            vb, va = self.versions[i] if self.versions is not None else (None, None)
-            out.append(Raw(
-                self.kind, self.op, name, tuple(t.shape) if t is not None else None,
-                t.dtype if t is not None else None, t.device if t is not None else None,
-                vb, va, "no_grad" if grads else "enabled", None, self.where, self.step,
-            ))
-        return out
+        p = self.leaves[i]()
+        t = (p.grad if grads else p) if p is not None else None
+        name = self.names.param_name(p) if p is not None else None
+        if grads and name:
+            name = f"{name}.grad"
+        vb, va = self.versions[i] if self.versions is not None else (None, None)
+        return Raw(
+            self.kind, self.op, name, tuple(t.shape) if t is not None else None,
+            t.dtype if t is not None else None, t.device if t is not None else None,
+            vb, va, "no_grad" if grads else "enabled", None, self.where, self.step,
+        )
 
 
 def expand(records: Iterable[Any]) -> Iterator[Raw]:

@@ -43,6 +43,7 @@ from .detectors.saved_tensor import Mutation, SavedTensorRegistry
 from .errors import AnomalyError, GradWatchWarning
 from .events import Event, EventKind
 from .sinks import Sink, StepSummary
+from .sinks.jsonl import JsonlSink
 
 _dynamo_compiling = torch.compiler.is_dynamo_compiling  # folded to True by dynamo's tracer
 _compiler = torch.compiler
@@ -446,8 +447,6 @@ class Watch:
     def _make_sinks(self) -> None:
         cfg = self.config
         if cfg.log_dir is not None:
-            from .sinks.jsonl import JsonlSink
-
             self._sinks.append(JsonlSink(cfg.log_dir, rank=self.rank, world=self.world))
         if cfg.writer is not None or cfg.log_dir is not None:
             try:
@@ -634,7 +633,8 @@ class Watch:
                 buffer.take_unflushed()
         else:
             new = buffer.take_unflushed()
-            events = [build_event(r, self.rank) for r in expand(new) if r.kind.severity == "info"]
+            info = [r for r in new if r.kind.severity == "info"]
+            events = None  # built only for a sink that reads them
             counts = self._buffer.counts
             delta = {k: v - self._last_counts.get(k, 0) for k, v in counts.items()}
             self._last_counts = dict(counts)
@@ -648,8 +648,13 @@ class Watch:
             )
             for sink in self._sinks:
                 name = f"sink {type(sink).__name__}"
-                if events:
-                    self._guard(name, sink.write, events)
+                if info:
+                    if isinstance(sink, JsonlSink):
+                        self._guard(name, sink.write_records, info, self.rank)
+                    elif type(sink).write is not Sink.write:
+                        if events is None:
+                            events = [build_event(r, self.rank) for r in expand(info)]
+                        self._guard(name, sink.write, events)
                 self._guard(name, sink.step, summary)
                 if final:
                     self._guard(name, sink.flush)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
-from ..events import Event
+from .._records import LeafBatch, build_event
+from ..events import Event, EventKind
 from . import Sink
 
 __all__ = ["JsonlSink", "jsonl_name"]
@@ -40,8 +42,15 @@ class _Lines:
         self._templates: dict[tuple, str | None] = {}
 
     def line(self, e: Event) -> str:
-        if e.change is not None or e.update_ratios is not None or type(e.step) is not int:
+        tpl = self.template(e)
+        if tpl == "":
             return _encode(e.to_dict())
+        return _fill(tpl, e.step, e.version_before, e.version_after)
+
+    def template(self, e: Event) -> str:
+        """The event's line with its step and versions left as slots ("" when it has none)."""
+        if e.change is not None or e.update_ratios is not None or type(e.step) is not int:
+            return ""
         versions = _versions_text(e)
         message = e.message
         if versions is not None and versions in message:
@@ -54,10 +63,7 @@ class _Lines:
             if len(self._templates) >= _MAX_TEMPLATES:
                 self._templates.clear()
             self._templates[key] = tpl
-        if tpl == "":
-            return _encode(e.to_dict())
-        return tpl.format(s=e.step, b=_number(e.version_before), a=_number(e.version_after),
-                          v=versions or "")
+        return tpl
 
     @staticmethod
     def _template(e: Event, message: str) -> str:
@@ -75,6 +81,55 @@ class _Lines:
         return text.replace("\\u0001v", "{v}")
 
 
+def _fill(tpl: str, step: int, before: int | None, after: int | None) -> str:
+    versions = "" if before is None or after is None else f"(version {before} → {after})"
+    return tpl.format(s=step, b=_number(before), a=_number(after), v=versions)
+
+
+class _BatchLines:
+    """Lines of the per-leaf events in :class:`LeafBatch` records without building an Event
+    for each: per (kind, op, line of code, leaf) a template, made once from the real event and
+    used while the leaf (its ``.grad`` for clipping) keeps its name, shape, dtype and device."""
+
+    def __init__(self, lines: _Lines) -> None:
+        self._lines = lines
+        self._cache: dict[tuple, tuple] = {}
+
+    def lines(self, batch: LeafBatch, rank: int) -> list[str]:
+        out = []
+        grads = batch.kind is EventKind.INPLACE_NO_GRAD
+        where = batch.where
+        site = (batch.kind, batch.op, None if where is None else (id(where[0]), where[1]), rank)
+        versions = batch.versions
+        cache = self._cache
+        param_name = batch.names.param_name
+        for i, ref in enumerate(batch.leaves):
+            p = ref()
+            t = (p.grad if grads else p) if p is not None else None
+            if t is None:
+                out.append(self._lines.line(build_event(batch.raw(i), rank)))
+                continue
+            key = (site, id(p))
+            entry = cache.get(key)
+            name = param_name(p)
+            if (entry is None or entry[0]() is not p or entry[1] != name
+                    or entry[2] != t.shape or entry[3] is not t.dtype or entry[4] != t.device):
+                event = build_event(batch.raw(i), rank)
+                entry = (ref, name, t.shape, t.dtype, t.device, self._lines.template(event))
+                if len(cache) >= _MAX_TEMPLATES:
+                    cache.clear()
+                cache[key] = entry
+                if entry[5] == "":
+                    out.append(_encode(event.to_dict()))
+                    continue
+            elif entry[5] == "":
+                out.append(self._lines.line(build_event(batch.raw(i), rank)))
+                continue
+            vb, va = versions[i] if versions is not None else (None, None)
+            out.append(_fill(entry[5], batch.step, vb, va))
+        return out
+
+
 def jsonl_name(rank: int, world: int) -> str:
     return "gradwatch.jsonl" if world <= 1 else f"gradwatch.rank{rank}.jsonl"
 
@@ -85,6 +140,7 @@ class JsonlSink(Sink):
         self.path = os.path.join(log_dir, jsonl_name(rank, world))
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         self._lines = _Lines()
+        self._batch_lines = _BatchLines(self._lines)
 
     def _write_one(self, event: Event) -> None:
         self._file.write(_encode(event.to_dict()) + "\n")
@@ -99,6 +155,19 @@ class JsonlSink(Sink):
         self._file.write(
             "".join(self._lines.line(e) + "\n" for e in events)
         )
+
+    def write_records(self, records: Sequence[Any], rank: int) -> None:
+        """:meth:`write` for the session's info records (the same lines; per-leaf events of a
+        backward pass or a clipping call come from cached templates, no Event built)."""
+        if self._file.closed:
+            return
+        lines: list[str] = []
+        for r in records:
+            if type(r) is LeafBatch:
+                lines += self._batch_lines.lines(r, rank)
+            else:
+                lines.append(self._lines.line(build_event(r, rank)))
+        self._file.write("".join(line + "\n" for line in lines))
 
     def flush(self) -> None:
         if not self._file.closed:
