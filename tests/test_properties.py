@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import gradwatch
@@ -175,10 +175,14 @@ def test_reusing_a_no_grad_view_keeps_the_mode_on(level: str) -> None:
 
 # ----------------------------------------------------------------------------- gradwatch.jsonl lines
 _TEXT = st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
-                  st.sampled_from(["\x01v", "\x01s", "{s}", "{v}", '"\\u0001b"', "a}{b"]))
+                  st.sampled_from(["\x01v", "\x01s", "{s}", "{v}", '"\\u0001b"', "a}{b",
+                                   "\\u0001v", "\\u0001s"]))
 
 
 @settings(max_examples=300, deadline=None)
+# found by this test: a literal backslash-u0001v in the code text was taken for the marker
+@example(kind=gradwatch.EventKind.INPLACE_NO_GRAD, tensor="", op="", message="", code="\\u0001v",
+         step=0, versions=None, shape=None, with_versions_in_message=False)
 @given(kind=st.sampled_from(list(gradwatch.EventKind)), tensor=_TEXT, op=_TEXT, message=_TEXT,
        code=_TEXT, step=st.integers(0, 10**6), versions=st.one_of(
            st.none(), st.tuples(st.integers(0, 10**4), st.integers(0, 10**4))),
@@ -293,15 +297,15 @@ def test_jsonl_lines_of_leaf_batches_match_their_events(tmp_path, monkeypatch, l
             monkeypatch.setattr(jsonl.JsonlSink, "write_records", write_records)
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
-        extra = torch.nn.Linear(3, 1)
-        opt = torch.optim.SGD([*model.parameters(), *extra.parameters()], lr=0.1)
+        extra = torch.randn(3, 1, requires_grad=True)  # a leaf found in the graph, no optimizer
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x = torch.randn(5, 3)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with gradwatch.watch(model, opt, level=level, log_dir=str(directory),
                                  on_anomaly="log"):
                 for step in range(8):
-                    loss = model(x).sum() + extra(x).sum()
+                    loss = model(x).sum() + (x @ extra).sum()
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
                     opt.step()
@@ -310,12 +314,12 @@ def test_jsonl_lines_of_leaf_batches_match_their_events(tmp_path, monkeypatch, l
                         model[1].bias.data = torch.zeros(1, 1)
                         model[1].bias.data = torch.zeros(1)
                     if step == 3:  # another dtype, the same leaf objects
-                        for p in [*model.parameters(), *extra.parameters()]:
+                        for p in [*model.parameters(), extra]:
                             p.data = p.data.double()
                         x = x.double()
                     if step == 5:  # a leaf dies; its successor may reuse its id
                         del extra
-                        extra = torch.nn.Linear(3, 1).double()
+                        extra = torch.randn(3, 1, dtype=torch.float64, requires_grad=True)
         monkeypatch.undo()
         lines = (directory / "gradwatch.jsonl").read_text().splitlines()
         return [json.loads(line) for line in lines]

@@ -70,8 +70,9 @@ class _Lines:
         loc = e.location
         texts = (e.message, e.tensor, e.op, e.hint, e.dtype or "", e.device or "", e.grad_mode,
                  *((loc.filename, loc.function, loc.code) if loc is not None else ()))
-        if any("\x01" in t for t in texts):
-            return ""  # the template's marker occurs in the event's own text: no template
+        if any("\x01" in t or "\\u0001" in t for t in texts):
+            # the template's markers (or their escaped spelling) occur in the event's own text
+            return ""
         d = e.to_dict()
         d["step"], d["version_before"], d["version_after"] = _STEP, _BEFORE, _AFTER
         d["message"] = message
