@@ -55,12 +55,8 @@ def is_internal(code: CodeType) -> bool:
     return flag
 
 
-def user_frame(depth: int = 1) -> FrameType | None:
-    """The innermost frame of user code, skipping ``depth`` frames, then every internal one."""
-    try:
-        frame: FrameType | None = sys._getframe(depth)
-    except ValueError:
-        return None
+def _first_user(frame: FrameType | None) -> FrameType | None:
+    """``frame`` or the nearest frame below it that is not internal."""
     internal = _internal
     while frame is not None:
         code = frame.f_code
@@ -73,25 +69,24 @@ def user_frame(depth: int = 1) -> FrameType | None:
     return None
 
 
+def user_frame(depth: int = 1) -> FrameType | None:
+    """The innermost frame of user code, skipping ``depth`` frames, then every internal one."""
+    try:
+        return _first_user(sys._getframe(depth))
+    except ValueError:
+        return None
+
+
 def caller(skip: int = 0) -> tuple[CodeType, int] | None:
     """``(code, lineno)`` of the user's line: cheap, holds no frame. gradwatch's own frames are
     internal, so callers inside gradwatch need not count their depth; a hot path that knows
     ``skip`` frames above its own are gradwatch's passes it, and the walk starts above them
     (``sys._getframe`` jumps there without building a frame object for each)."""
     try:
-        frame: FrameType | None = sys._getframe(2 + skip)
+        frame = _first_user(sys._getframe(2 + skip))
     except ValueError:
         return None
-    internal = _internal
-    while frame is not None:
-        code = frame.f_code
-        flag = internal.get(id(code))
-        if flag is None:
-            flag = is_internal(code)
-        if not flag:
-            return code, frame.f_lineno
-        frame = frame.f_back
-    return None
+    return None if frame is None else (frame.f_code, frame.f_lineno)
 
 
 _locations: dict[tuple[int, int], Location] = {}
