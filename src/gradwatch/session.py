@@ -53,6 +53,8 @@ def _is_compiling() -> bool:
     """``torch.compiler.is_compiling()`` without its TorchScript check (our hooks never run
     scripted); hot paths inline it."""
     return _dynamo_compiling() or _compiler._is_compiling_flag
+
+
 _GRAD_GET = Action.GRAD_GET
 
 
