@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import weakref
 from types import CodeType
+from typing import Any
 
 import torch
 
@@ -131,20 +132,23 @@ class AccumulationTracker:
         """Apply the pending pass to the per-leaf states (what :meth:`fresh` and
         :meth:`stepped` would have done at the time)."""
         p, self.pending = self.pending, None
-        if p is None:
-            return
+        if p is not None:
+            self._open_windows(((leaf, key, gid, grad_version, leaf_version)
+                                for ref, key, gid, grad_version, leaf_version in p.entries
+                                if (leaf := ref()) is not None), p.where, p.steps)
+
+    def _open_windows(self, reached: Any, where: tuple[CodeType, int] | None, steps: int) -> None:
+        """Each (leaf, id(leaf), id(grad), grad version, leaf version) had no ``.grad`` before a
+        pass that reached it: a new window; ``steps`` optimizer steps have used it since."""
         leaves = self.leaves
         owner = self.grad_owner
         unconsumed = self.unconsumed
-        where = p.where
-        steps = p.steps
-        for ref, key, gid, grad_version, leaf_version in p.entries:
-            leaf = ref()
-            if leaf is None:
-                continue
+        trained = self.trained
+        for leaf, key, gid, grad_version, leaf_version in reached:
             st = leaves.get(key)
             if st is None or st.leaf() is not leaf:
                 st = self._state(leaf)
+            trained.add(key)
             st.token = (leaf_version, st.steps)
             st.trained = True
             st.last_edit = st.stale_where = None
@@ -153,7 +157,7 @@ class AccumulationTracker:
             st.accum = 1
             old = st.grad_id
             if gid != old:
-                if owner.get(old) is st:
+                if owner.get(old) is st:  # ids are reused: drop only our own entry
                     del owner[old]
                 st.grad_id = gid
                 owner[gid] = st
@@ -216,33 +220,8 @@ class AccumulationTracker:
         leaf and new grad): each opens a window; nothing can be stale."""
         if self.pending is not None:
             self.sync()
-        leaves = self.leaves
-        owner = self.grad_owner
-        unconsumed = self.unconsumed
-        for leaf, grad in pairs:
-            key = id(leaf)
-            self.trained.add(key)
-            st = leaves.get(key)
-            if st is None or st.leaf() is not leaf:
-                st = self._state(leaf)
-            try:
-                st.token = (leaf._version, st.steps)
-            except RuntimeError:
-                st.token = (-1, st.steps)
-            st.trained = True
-            st.last_edit = st.stale_where = None
-            st.consumed = st.read = st.reset = False
-            st.window_start = where
-            st.accum = 1
-            unconsumed.add(key)
-            gid = id(grad)
-            old = st.grad_id
-            if gid != old:
-                if owner.get(old) is st:  # ids are reused: drop only our own entry
-                    del owner[old]
-                st.grad_id = gid
-                owner[gid] = st
-            st.grad_version = grad._version
+        self._open_windows(((leaf, id(leaf), id(grad), grad._version, _version(leaf))
+                            for leaf, grad in pairs), where, 0)
 
     def stepped(self, leaves: list[torch.Tensor]) -> list[LeafState]:
         """An optimizer step is about to use these leaves' ``.grad``; returns the states whose
@@ -308,6 +287,13 @@ class AccumulationTracker:
         self.leaves.clear()
         self.grad_owner.clear()
         self.unconsumed.clear()
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # no version counter (inference tensors)
+        return -1
 
 
 def finite_nonzero(grad: torch.Tensor) -> bool:
