@@ -82,7 +82,7 @@ GUARDED = [
     (Watch, "_after_write", "mode", ("full", "light"), False),
     (AccumulationTracker, "accumulated", "accumulation", ("full", "light"), False),
     (Watch, "_zero_grad_check", "accumulation", ("full", "light"), False),
-    (SavedTensorRegistry, "pack", "saved tensors", ("full",), False),
+    (SavedTensorRegistry, "_pack", "saved tensors", ("full",), False),
     (Watch, "_before_backward", "backward", ("full", "light"), False),
     (Watch, "_after_update", "optimizer hooks", ("full", "light"), False),
     (Watch, "_step_boundary", "flush", ("full", "light"), False),
@@ -126,7 +126,6 @@ BOUNDARY = [
     (Watch, "_on_module_call", "naming", ("full", "light"), False),
     (Watch, "_wrap_backward", "backward", ("full", "light"), False),
     (Watch, "_wrap_zero_grad", "accumulation", ("full", "light"), False),
-    (Watch, "_unpack", "saved tensors", ("full",), False),
 ]
 
 
@@ -134,6 +133,31 @@ BOUNDARY = [
 def test_fault_at_hook_boundary_is_contained(monkeypatch, tmp_path, reference, clean, owner, attr,
                                              part, level, needs_dir) -> None:
     _check_fail_open(monkeypatch, tmp_path, reference, clean, owner, attr, part, level, needs_dir)
+
+
+def test_fault_in_unpack_keeps_torchs_version_check(monkeypatch, clean) -> None:
+    """torch calls the registry's unpack itself: a fault while it words a real version error is
+    reported once, and backward still fails as torch would (never with a silently wrong grad)."""
+    from gradwatch.detectors import saved_tensor
+
+    monkeypatch.setattr(saved_tensor, "_version_error", _boom)
+    w_ = nn.Parameter(torch.ones(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradwatch.watch(on_anomaly="log"):
+            h = w_ * 2
+            out = h.exp()  # saves its output
+            with torch.no_grad():
+                out.add_(1)
+            with pytest.raises(RuntimeError, match=r"modified by an inplace operation: is at "
+                                                   r"version 1; expected version 0 instead"):
+                out.sum().backward()
+            (w_ * 3).exp().sum().backward()  # saved tensors pass through from here on
+    ours = [str(c.message) for c in caught if issubclass(c.category, gradwatch.GradWatchWarning)]
+    assert [m[:61] for m in ours] == [
+        "gradwatch: internal error in saved tensors (Injected: injecte"]
+    assert torch.equal(w_.grad, 3 * torch.exp(torch.full((3,), 3.0)))
+    assert clean() == {}
 
 
 @pytest.mark.parametrize("level", ["full", "light"])

@@ -372,9 +372,11 @@ class Watch:
         self._mode = WatchMode(self)
         if cfg.level == "full":
             saved_tensor.torch_wording()  # read torch's error wording while torch still checks
-            if inst.saved_tensors_hooks(self._pack,  # guarded inside: falls back to the tensor
-                                        self._hook("saved tensors", self._unpack, fallback=_unpacked)):
-                self._saved = SavedTensorRegistry()
+            # torch calls the registry's own pack/unpack (guarded inside: an internal error is
+            # reported once and the tensors pass through from then on)
+            saved = SavedTensorRegistry(on_error=functools.partial(self._fail, "saved tensors"))
+            if inst.saved_tensors_hooks(saved.pack, saved.unpack):
+                self._saved = saved
             self._mode.__enter__()
             inst.add(self._exit_mode)
             # Batches loaded in this process (num_workers=0): torch's indexing and collation of
@@ -1478,31 +1480,6 @@ class Watch:
             self._nonfinite.queue_vector(vec, 0, 3 * k, lazy)  # sample before, whole after
         return None, UpdateStats(vec, names)
 
-    # ------------------------------------------------------------------ saved tensors hooks
-    def _pack(self, t: torch.Tensor) -> Any:
-        saved = self._saved
-        if saved is None or "saved tensors" in self._failed:
-            return t
-        try:
-            return saved.pack(t)
-        except Exception as exc:
-            self._fail("saved tensors", exc)
-            return t
-
-    def _unpack(self, s: Any) -> torch.Tensor:
-        if isinstance(s, _Tensor):
-            return s
-        saved = self._saved
-        if saved is None or "saved tensors" in self._failed:
-            return s.alias  # closed (or failed) while a graph was pending: hand back the tensor
-        try:
-            return saved.unpack(s)
-        except RuntimeError as exc:
-            if saved_tensor.is_version_error(exc):
-                raise
-            self._fail("saved tensors", exc)
-            return s.alias
-
     # ------------------------------------------------------------------ backward
     def _wrap_backward(self, accumulates: bool, wrapped: Callable, instance: Any, args: tuple,
                        kwargs: dict) -> Any:
@@ -1731,10 +1708,6 @@ def _with_parameter_list(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[A
     if args:
         return (again, *args[1:]), kwargs, params
     return args, {**kwargs, "parameters": again}, params
-
-
-def _unpacked(s: Any) -> Any:
-    return s if isinstance(s, torch.Tensor) else getattr(s, "alias", s)
 
 
 def describe_raw(raw: Raw) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any
@@ -82,8 +83,13 @@ class SavedTensorRegistry:
     references of freed graphs are dropped by :meth:`sweep` (after each backward pass, at step
     ends, and every ``_SWEEP_EVERY`` packs), not by a callback per saved tensor."""
 
-    def __init__(self, recent: int = 256) -> None:
+    def __init__(self, recent: int = 256,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self._by_storage: dict[int, list[weakref.ref[_Saved]]] = {}
+        # pack/unpack are torch's hooks themselves (no wrapper layer per saved tensor): an
+        # internal error is handed to on_error once and the hooks pass tensors through after it
+        self.off = False
+        self.on_error = on_error
         self._packed = 0  # since the last sweep
         # Mutation or raw inplace records (converted only when an error needs explaining)
         self.recent: deque[Any] = deque(maxlen=recent)
@@ -95,6 +101,15 @@ class SavedTensorRegistry:
 
     # -- the saved_tensors_hooks pair ----------------------------------------------------------
     def pack(self, t: torch.Tensor) -> Any:
+        if self.off:
+            return t
+        try:
+            return self._pack(t)
+        except Exception as exc:
+            self._failed(exc)
+            return t
+
+    def _pack(self, t: torch.Tensor) -> Any:
         try:
             version = t._version
             key = t.untyped_storage().data_ptr()
@@ -127,14 +142,31 @@ class SavedTensorRegistry:
         return s
 
     def unpack(self, s: Any) -> torch.Tensor:
+        """torch's check, repeated: the saved tensor must be at the version it was saved at.
+        Runs also after the watch closed (for graphs packed while it ran)."""
         if type(s) is not _Saved:
             return s
-        s.used = True
         alias = s.alias
-        if alias._version != s.version:
-            self.last_failure = s.mutated_by
-            raise _version_error(alias, s)
-        return alias
+        if self.off:
+            return alias
+        s.used = True
+        if alias._version == s.version:
+            return alias
+        self.last_failure = s.mutated_by
+        try:
+            error = _version_error(alias, s)
+        except Exception as exc:  # torch's check still holds, in fewer words
+            self._failed(exc)
+            error = RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: is at version {alias._version}; expected version "
+                f"{s.version} instead.")
+        raise error
+
+    def _failed(self, exc: BaseException) -> None:
+        self.off = True
+        if self.on_error is not None:
+            self.on_error(exc)
 
     def sweep(self) -> None:
         """Drop the references whose saved tensor is gone (its graph was used or freed)."""
