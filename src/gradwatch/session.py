@@ -838,14 +838,7 @@ class Watch:
                 requires = t.requires_grad
                 if grad_on and requires:
                     continue  # autograd records this one
-                acc = self._acc
-                if acc.pending is not None:
-                    acc.sync()
-                st = acc.grad_owner.get(id(t))
-                if st is not None:
-                    leaf = st.leaf()
-                    if leaf is None or leaf.grad is not t:
-                        st = None
+                st = self._acc.owner_of_grad(t)
                 if not requires and st is None:
                     if key is None:
                         key = storage_key(t)

@@ -68,13 +68,20 @@ class _Pass:
     """A backward pass that found no ``.grad`` on any tracked leaf: a fresh window on each leaf
     it reached, not yet applied per leaf; ``steps``: optimizer steps that used exactly these."""
 
-    __slots__ = ("entries", "ids", "steps", "where")
+    __slots__ = ("_grad_ids", "entries", "ids", "steps", "where")
 
     def __init__(self, entries: list[PassEntry], where: tuple[CodeType, int] | None) -> None:
         self.entries = entries
         self.ids = {e[1] for e in entries}
         self.where = where
         self.steps = 0
+        self._grad_ids: set[int] | None = None
+
+    def grad_ids(self) -> set[int]:
+        """ids of the gradients this pass created (built on first use: rare paths only)."""
+        if self._grad_ids is None:
+            self._grad_ids = {e[2] for e in self.entries}
+        return self._grad_ids
 
 
 class AccumulationTracker:
@@ -102,12 +109,23 @@ class AccumulationTracker:
         return st
 
     def get(self, leaf: torch.Tensor) -> LeafState | None:
-        if self.pending is not None:
-            self.sync()
+        if self.pending is not None and id(leaf) in self.pending.ids:
+            self.sync()  # (the pending pass changes only the states of the leaves it reached)
         st = self.leaves.get(id(leaf))
         if st is not None and st.leaf() is leaf:
             return st
         return None
+
+    def owner_of_grad(self, grad: torch.Tensor) -> LeafState | None:
+        """The state of the leaf whose ``.grad`` is ``grad`` now, if tracked."""
+        if self.pending is not None and id(grad) in self.pending.grad_ids():
+            self.sync()
+        st = self.grad_owner.get(id(grad))
+        if st is not None:
+            leaf = st.leaf()
+            if leaf is None or leaf.grad is not grad:
+                return None
+        return st
 
     def has_unconsumed(self) -> bool:
         """Whether some window holds gradients that no optimizer step has used yet."""
