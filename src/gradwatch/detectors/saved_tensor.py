@@ -174,12 +174,19 @@ class SavedTensorRegistry:
         by_storage = self._by_storage
         if not by_storage:
             return
-        for key, refs in list(by_storage.items()):
+        dead = []
+        for key, refs in by_storage.items():
+            if len(refs) == 1:  # the usual entry: one saved tensor on its storage
+                if refs[0]() is None:
+                    dead.append(key)
+                continue
             live = [r for r in refs if r() is not None]
             if not live:
-                del by_storage[key]
+                dead.append(key)
             elif len(live) != len(refs):
-                by_storage[key] = live
+                refs[:] = live
+        for key in dead:
+            del by_storage[key]
 
     # -- queries ------------------------------------------------------------------------------
     def pending(self, key: int | None) -> list[_Saved] | None:
