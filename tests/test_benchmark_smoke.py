@@ -49,3 +49,30 @@ def test_overhead_quick_runs_every_model_and_variant(tmp_path: Path) -> None:
     # The markdown table is printed.
     assert "| model | variant |" in proc.stdout
     assert "Targets (issue 6)" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_structure_benchmark_runs_every_model(tmp_path: Path) -> None:
+    """benchmarks/structure.py (the shrunk-structure absolute cost): 1 rep, 10 steps each."""
+    full_size = tmp_path / "full.json"
+    full_size.write_text(json.dumps({"results": {
+        "gpt": {"variants": {"unwatched": {"step_ms": 100.0}}}}}))
+    out = tmp_path / "structure.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "structure.py"), "--reps", "1", "--steps", "10",
+         "--warmup", "1", "--full-size", str(full_size), "--json", str(out)],
+        cwd=tmp_path, env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True,
+        text=True, timeout=280,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {row["model"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"mlp", "mlp@full", "cnn", "gpt", "resnet18"}
+    for row in rows.values():
+        assert row["problems"] == []
+        assert row["unwatched_ms"] > 0
+        assert set(row) >= {"empty_mode", "light", "full"}
+    assert rows["gpt"]["full_size_step_ms"] == 100.0
+    assert rows["cnn"]["full_size_step_ms"] is None
+    # the estimate column is Δ µs / (10 × full-size ms), in percent, for the model given
+    gpt_line = next(line for line in proc.stdout.splitlines() if line.startswith("| gpt |"))
+    assert gpt_line.endswith(f"| {rows['gpt']['full']['delta_us'] / 1000:+.2f}% |")
