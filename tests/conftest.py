@@ -14,6 +14,12 @@ from torch.optim import optimizer as _optimizer
 
 import gradwatch  # noqa: F401
 
+# torch patches an optimizer class's step (its profiling/hook wrapper) when the first instance
+# is made: make one of each here so that the state below is the patched one.
+_OPTIMIZER_CLASSES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+for _cls in _OPTIMIZER_CLASSES:
+    _cls([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
 
 def global_state() -> dict[str, Any]:
     """Everything gradwatch touches outside its own objects (compare with :func:`same_state`)."""
@@ -33,6 +39,7 @@ def global_state() -> dict[str, Any]:
         "Module.zero_grad": id(torch.nn.Module.__dict__["zero_grad"]),
         "_set_grad_enabled": id(torch._C._set_grad_enabled),
         "disable_saved_tensors_hooks": id(torch.autograd.graph.disable_saved_tensors_hooks),
+        **{f"{cls.__name__}.step": id(cls.__dict__.get("step")) for cls in _OPTIMIZER_CLASSES},
     }
 
 

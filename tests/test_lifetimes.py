@@ -283,3 +283,38 @@ def test_step_that_raises_leaves_no_sample_views_behind() -> None:
         views = w._step_state[id(opt)]["samples"][0]
         assert [v is not None and v._base is not None for v in views] == [True, True]
     assert w._step_state == {}
+
+
+def test_library_optimizer_step_runs_with_the_mode_aside_and_is_restored(clean) -> None:
+    """full: torch's own step wrapper (profiler record, hooks) runs with gradwatch's mode set
+    aside: the mode sees no call of a library optimizer's step; the class is restored at exit,
+    and the step still shows in torch's profiler under its usual name."""
+    from gradwatch._intercept import mode as mode_module
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    original = torch.optim.SGD.__dict__["step"]
+    seen: list[str] = []
+    real = mode_module.WatchMode.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        seen.append(getattr(func, "__name__", str(func)))
+        return real(self, func, types, args, kwargs)
+
+    mode_module.WatchMode.__torch_function__ = counting
+    try:
+        with gradwatch.watch(optimizer=opt, on_anomaly="raise") as w:
+            assert torch.optim.SGD.__dict__["step"] is not original
+            (p * 2).sum().backward()
+            seen.clear()
+            with torch.profiler.profile() as prof:
+                opt.step()
+            assert seen == []
+            assert torch.optim.SGD.__dict__["step"].hooked  # torch's own marker, seen through
+            opt.zero_grad()
+    finally:
+        mode_module.WatchMode.__torch_function__ = real
+    assert torch.optim.SGD.__dict__["step"] is original
+    assert "Optimizer.step#SGD.step" in {e.name for e in prof.events()}
+    assert w.counts["optimizer_update"] == 1
+    assert clean() == {}

@@ -204,6 +204,8 @@ class Watch:
         self._op_frame: Any = None
         self._discover_leaves = 8
         self._user_step_depth = 0
+        self._outer_step = False  # full: a library optimizer's whole step runs with the mode aside
+        self._steps_wrapped: set[type] = set()  # optimizer classes whose step is wrapped (full)
         self._step_state: dict[int, Any] = {}
         self._last_optimizer: tuple[weakref.ref[Any], _OptimizerInfo] | None = None
         self._recent_steps: deque[tuple] = deque(maxlen=8)
@@ -1293,6 +1295,8 @@ class Watch:
             foreign = code is None or is_internal(code) or _is_library(code.co_filename)
             info = _OptimizerInfo(foreign, index, f"{type(opt).__name__}")
             self._optimizers[opt] = info
+            if foreign and self._full:
+                self._wrap_step_of(type(opt))
             for p in self._names.add_optimizer(opt):
                 self._hook_leaf(p)
             for g in opt.param_groups:
@@ -1305,6 +1309,38 @@ class Watch:
                         entry[1].trained = True
         return info
 
+    def _wrap_step_of(self, cls: type) -> None:
+        """full: put the mode aside for the whole ``step`` of a library optimizer class, from
+        before torch's step wrapper (its ``record_function`` would otherwise pass through the
+        mode twice per step) to after the post hooks. The hooks do the checking as before."""
+        owner = next((c for c in cls.__mro__ if "step" in c.__dict__), None)
+        if owner is None or owner in self._steps_wrapped or owner is torch.optim.Optimizer:
+            return
+        self._steps_wrapped.add(owner)  # (AdamW runs Adam's step: wrapped once, on Adam)
+        self._installed.wrap_attribute(owner, "step", self._wrap_optimizer_step)
+
+    def _wrap_optimizer_step(self, wrapped: Callable, instance: Any, args: tuple,
+                             kwargs: dict) -> Any:
+        if (instance is None or self._outer_step or self._closed or _dynamo_compiling()
+                or _compiler._is_compiling_flag):
+            return wrapped(*args, **kwargs)
+        try:
+            last = self._last_optimizer
+            info = last[1] if last is not None and last[0]() is instance else \
+                self._optimizers.get(instance)
+            paused = info is not None and info.foreign and self._pause_mode()
+        except Exception as exc:
+            self._fail("optimizer hooks", exc)
+            return wrapped(*args, **kwargs)
+        if not paused:
+            return wrapped(*args, **kwargs)
+        self._outer_step = True
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            self._outer_step = False
+            self._resume_mode()
+
     def _on_step_pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
         if (self._closed or _dynamo_compiling() or _compiler._is_compiling_flag
                 or "optimizer hooks" in self._failed):
@@ -1312,8 +1348,8 @@ class Watch:
         t0 = time.perf_counter()
         result = None
         try:
-            if self._mode_paused:
-                self._resume_mode()
+            if self._mode_paused and not self._outer_step:
+                self._resume_mode()  # a step that raised left it paused
             with torch._C.DisableTorchFunction():
                 self.suspended = False
                 last = self._last_optimizer  # the usual case: the same optimizer again
@@ -1401,7 +1437,7 @@ class Watch:
         if info is not None and not info.foreign:
             self._user_step_depth = max(0, self._user_step_depth - 1)
         self.suspended = False
-        if self._mode_paused:
+        if self._mode_paused and not self._outer_step:
             self._resume_mode()
         if state is None or "optimizer hooks" in self._failed:
             return
