@@ -366,19 +366,42 @@ def test_location_with_a_user_mode(placement: str, level: str) -> None:
     assert [row[5] for row in r.rows()] == [_line(marker)]
 
 
-@pytest.mark.xfail(
-    reason="core bug: when a user TorchFunctionMode entered inside the watch is still open at "
-    "exit, gradwatch's mode is left on the function-mode stack for good (nobody pops it after "
-    "the user's mode exits): every later torch call pays for it and the Watch stays alive",
-    raises=AssertionError,
-    strict=True,
-)
 def test_user_mode_left_open_at_exit_is_reported_not_broken(clean) -> None:
+    from torch.overrides import _get_current_function_mode_stack
+
     user = CountingMode()
     with pytest.warns(gradwatch.GradWatchWarning, match="another TorchFunctionMode"), gradwatch.watch():
         user.__enter__()
-    user.__exit__(None, None, None)
+    assert _get_current_function_mode_stack() == [user]  # ours taken from beneath it
+    n = len(user.names)
     assert torch.ones(2).add(1).sum().item() == 4.0
+    assert len(user.names) > n  # the user's mode still sees calls
+    user.__exit__(None, None, None)
+    assert clean() == {}
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_light_mode_under_user_mode_left_open_is_removed(clean, nested: bool) -> None:
+    """light pushes its mode for a no_grad block; a user mode entered inside it and left open
+    when the watch ends: gradwatch's mode is taken from beneath, the user's stays."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    outer = CountingMode() if nested else None
+    if outer is not None:
+        outer.__enter__()
+    user = CountingMode()
+    no_grad = torch.no_grad()
+    w = gradwatch.watch(level="light")
+    w.__enter__()
+    no_grad.__enter__()
+    user.__enter__()
+    with pytest.warns(gradwatch.GradWatchWarning, match="another TorchFunctionMode"):
+        w.__exit__(None, None, None)
+    assert _get_current_function_mode_stack() == ([outer] if outer else []) + [user]
+    user.__exit__(None, None, None)
+    no_grad.__exit__(None, None, None)
+    if outer is not None:
+        outer.__exit__(None, None, None)
     assert clean() == {}
 
 

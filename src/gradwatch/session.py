@@ -62,6 +62,30 @@ _push_function_mode = torch._C._push_on_torch_function_stack
 _pop_function_mode = torch._C._pop_torch_function_stack
 
 
+_UNDER_USER_MODE = (
+    "gradwatch: another TorchFunctionMode entered inside watch() is still active; gradwatch's "
+    "mode was taken off the stack from beneath it (that mode is untouched and exits as usual)")
+
+
+def _remove_mode(mode: Any) -> bool:
+    """Take ``mode`` off this thread's function-mode stack wherever it is: the modes above it
+    are popped and pushed back in order (a mode's ``__exit__`` pops whatever is on top, so theirs
+    still work). True if it was there."""
+    above = []
+    while torch._C._len_torch_function_stack():
+        top = _pop_function_mode()
+        if top is mode:
+            break
+        above.append(top)
+    else:
+        for m in reversed(above):
+            _push_function_mode(m)
+        return False
+    for m in reversed(above):
+        _push_function_mode(m)
+    return True
+
+
 def _mode_stack_top() -> Any:
     n = torch._C._len_torch_function_stack()
     return torch._C._get_function_stack_at(n - 1) if n else None
@@ -443,12 +467,8 @@ class Watch:
         if stack and stack[-1] is mode:
             mode.__exit__(None, None, None)
         elif mode in stack:
-            warnings.warn(
-                "gradwatch: another TorchFunctionMode entered inside watch() is still active; "
-                "gradwatch's mode is switched off but stays on the stack until that mode exits",
-                GradWatchWarning,
-                stacklevel=3,
-            )
+            _remove_mode(mode)
+            warnings.warn(_UNDER_USER_MODE, GradWatchWarning, stacklevel=3)
 
     def _make_sinks(self) -> None:
         cfg = self.config
@@ -508,6 +528,9 @@ class Watch:
     def _exit_light_mode(self) -> None:
         if self._light_mode_pushed:
             self._pop_light_mode()
+        if self._light_mode_pushed and _remove_mode(self._mode):  # under a mode of the user's
+            self._light_mode_pushed = False
+            warnings.warn(_UNDER_USER_MODE, GradWatchWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ fail-open
     def _hook(self, part: str, fn: Callable[..., Any], fallback: Callable[..., Any] | None = None
