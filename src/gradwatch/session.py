@@ -71,19 +71,15 @@ def _remove_mode(mode: Any) -> bool:
     """Take ``mode`` off this thread's function-mode stack wherever it is: the modes above it
     are popped and pushed back in order (a mode's ``__exit__`` pops whatever is on top, so theirs
     still work). True if it was there."""
-    above = []
-    while torch._C._len_torch_function_stack():
+    above, found = [], False
+    while not found and torch._C._len_torch_function_stack():
         top = _pop_function_mode()
-        if top is mode:
-            break
-        above.append(top)
-    else:
-        for m in reversed(above):
-            _push_function_mode(m)
-        return False
+        found = top is mode
+        if not found:
+            above.append(top)
     for m in reversed(above):
         _push_function_mode(m)
-    return True
+    return found
 
 
 def _mode_stack_top() -> Any:
