@@ -318,3 +318,40 @@ def test_library_optimizer_step_runs_with_the_mode_aside_and_is_restored(clean) 
     assert "Optimizer.step#SGD.step" in {e.name for e in prof.events()}
     assert w.counts["optimizer_update"] == 1
     assert clean() == {}
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_library_step_that_raises_puts_the_mode_back(level: str, clean) -> None:
+    """The mode set aside for a library step is back right after a step that raised, and an
+    in-place edit in a closure (user code) run by a library step is still seen."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+
+    class Boom(Exception):
+        pass
+
+    def closure():  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            p.mul_(1.0)  # <closure-edit>
+        loss = (p * 2).sum()
+        loss.backward()
+        return loss
+
+    def failing_closure():  # type: ignore[no-untyped-def]
+        raise Boom
+
+    with gradwatch.watch(optimizer=opt, on_anomaly="log", level=level) as w:
+        with pytest.raises(Boom):
+            opt.step(failing_closure)
+        with torch.no_grad():
+            p.add_(0.0)  # <after-raise>
+        opt.zero_grad()
+        opt.step(closure)
+    lines = {}
+    with open(__file__) as f:
+        for i, text in enumerate(f, 1):
+            if "# <" in text:
+                lines[text.rstrip().rsplit("# <", 1)[1].rstrip(">")] = i
+    edits = [(e.op, e.location.lineno) for e in w.events if e.kind == "inplace_no_grad"]
+    assert edits == [("add_", lines["after-raise"]), ("mul_", lines["closure-edit"])]
+    assert clean() == {}

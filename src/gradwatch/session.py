@@ -224,8 +224,8 @@ class Watch:
         self._op_frame: Any = None
         self._discover_leaves = 8
         self._user_step_depth = 0
-        self._outer_step = False  # full: a library optimizer's whole step runs with the mode aside
-        self._steps_wrapped: set[type] = set()  # optimizer classes whose step is wrapped (full)
+        self._outer_step = False  # a library optimizer's whole step runs with the mode aside
+        self._steps_wrapped: set[type] = set()  # optimizer classes whose step is wrapped
         self._step_state: dict[int, Any] = {}
         self._last_optimizer: tuple[weakref.ref[Any], _OptimizerInfo] | None = None
         self._recent_steps: deque[tuple] = deque(maxlen=8)
@@ -1314,7 +1314,7 @@ class Watch:
             foreign = code is None or is_internal(code) or _is_library(code.co_filename)
             info = _OptimizerInfo(foreign, index, f"{type(opt).__name__}")
             self._optimizers[opt] = info
-            if foreign and self._full:
+            if foreign:
                 self._wrap_step_of(type(opt))
             for p in self._names.add_optimizer(opt):
                 self._hook_leaf(p)
@@ -1329,9 +1329,10 @@ class Watch:
         return info
 
     def _wrap_step_of(self, cls: type) -> None:
-        """full: put the mode aside for the whole ``step`` of a library optimizer class, from
-        before torch's step wrapper (its ``record_function`` would otherwise pass through the
-        mode twice per step) to after the post hooks. The hooks do the checking as before."""
+        """Step aside (see :meth:`_pause_mode`) for the whole ``step`` of a library optimizer
+        class, from before torch's step wrapper (at full its ``record_function`` would otherwise
+        pass through the mode twice per step) to after the post hooks, and step back in even if
+        the step raised. The step hooks do the checking as before."""
         owner = next((c for c in cls.__mro__ if "step" in c.__dict__), None)
         if owner is None or owner in self._steps_wrapped or owner is torch.optim.Optimizer:
             return
@@ -1353,11 +1354,12 @@ class Watch:
             return wrapped(*args, **kwargs)
         if not paused:
             return wrapped(*args, **kwargs)
-        self._outer_step = True
+        suspended, self._outer_step = self.suspended, True
         try:
             return wrapped(*args, **kwargs)
-        finally:
+        finally:  # also when the step raised (no post hook then): watching resumes at once
             self._outer_step = False
+            self.suspended = suspended
             self._resume_mode()
 
     def _on_step_pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
