@@ -216,6 +216,53 @@ def test_forgotten_zero_grad(level: str, fused: bool) -> None:
     assert w.counts["stale_grad_accumulation"] == 4  # 2 params x steps 2 and 3
 
 
+def _lbfgs_run(level: str, zero_in_closure: bool, **watch_args) -> gradwatch.Watch:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+    x = torch.randn(32, 3)
+    y = (x ** 2).sum(1, keepdim=True)
+    args = (model, opt) if watch_args.pop("named", True) else ()
+    with gradwatch.watch(*args, on_anomaly="log", level=level, **watch_args) as w:
+        for _ in range(2):
+            def closure():  # type: ignore[no-untyped-def]
+                if zero_in_closure:
+                    opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()  # <lbfgs_backward>
+                return loss
+
+            opt.step(closure)
+    return w
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_lbfgs_closure_called_several_times_per_step_is_silent(level: str) -> None:
+    """LBFGS calls the closure (zero_grad, forward, backward) up to max_iter times per step and
+    reads .grad after each call: zeroing the previous call's gradients discards nothing."""
+    w = _lbfgs_run(level, zero_in_closure=True)
+    assert w.anomalies == []
+    # 2 steps x 3 closure calls x 4 parameters
+    assert w.counts == {"grad_accumulated": 24, "optimizer_update": 2}
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_lbfgs_closure_without_zero_grad_is_stale(level: str) -> None:
+    w = _lbfgs_run(level, zero_in_closure=False)
+    line = line_of("lbfgs_backward")
+    assert {a[0] for a in anomalies(w)} == {"stale_grad_accumulation"}
+    assert {a[2] for a in anomalies(w)} == {line}
+    assert {a[1] for a in anomalies(w)} == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_parameters_first_seen_through_the_optimizer_take_their_module_names() -> None:
+    """Zero configuration: the optimizer hook names parameters after the optimizer; once their
+    module runs (here only inside the closure) its names replace those."""
+    w = _lbfgs_run("full", zero_in_closure=True, named=False)
+    names = {e.tensor for e in w.events if e.kind == "grad_accumulated"}
+    assert names == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
 def test_warned_once_per_distinct_anomaly() -> None:
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

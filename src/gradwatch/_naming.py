@@ -34,6 +34,8 @@ class TensorNames:
         self._params: dict[int, tuple[str, weakref.ref]] = {}  # id(param) -> (name, ref)
         self._known_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self._n_optimizers = 0
+        # ids of parameters named after an optimizer or not named: a module's name replaces these
+        self._provisional: set[int] = set()
 
     # -- registration -------------------------------------------------------------------------
     def add_module(self, module: torch.nn.Module, prefix: str = "") -> list[torch.nn.Parameter]:
@@ -42,9 +44,14 @@ class TensorNames:
         for sub in module.modules():
             self._known_modules.add(sub)
         for name, p in module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=True):
-            if id(p) not in self._params:
+            entry = self._params.get(id(p))
+            if entry is None or entry[1]() is not p:  # unseen (or a dead tensor's reused id)
                 new.append(p)
                 self._add(name, p, param=True)
+                self._provisional.discard(id(p))
+            elif id(p) in self._provisional:
+                self._provisional.discard(id(p))
+                self._rename(name, p)
         for name, b in module.named_buffers(prefix=prefix.rstrip("."), remove_duplicate=True):
             self._add(name, b)
         return new
@@ -65,6 +72,7 @@ class TensorNames:
                 if id(p) not in self._params:
                     new.append(p)
                     self._add(f"optimizer{index}.param_groups[{g}][{i}]", p, param=True)
+                    self._provisional.add(id(p))
         return new
 
     def add_leaf(self, t: torch.Tensor) -> None:
@@ -72,6 +80,7 @@ class TensorNames:
         if id(t) not in self._params:
             ref = weakref.ref(t)
             self._params[id(t)] = (None, ref)  # type: ignore[assignment]
+            self._provisional.add(id(t))
             key = storage_key(t)
             if key is not None and key not in self._by_storage:
                 self._by_storage[key] = (None, ref)  # type: ignore[assignment]
@@ -91,6 +100,16 @@ class TensorNames:
             self._params[id(t)] = (name, ref)
         key = storage_key(t)
         if key is not None and key not in self._by_storage:
+            self._by_storage[key] = (name, ref)
+
+    def _rename(self, name: str, p: torch.Tensor) -> None:
+        """Give a provisionally named parameter (and its storage) its module name."""
+        old = self._params[id(p)][0]
+        ref = weakref.ref(p)
+        self._params[id(p)] = (name, ref)
+        key = storage_key(p)
+        entry = self._by_storage.get(key) if key is not None else None
+        if key is not None and (entry is None or entry[0] == old):
             self._by_storage[key] = (name, ref)
 
     # -- lookup -------------------------------------------------------------------------------
@@ -172,4 +191,5 @@ class TensorNames:
         for key, (_, ref) in list(self._params.items()):
             if ref() is None:
                 del self._params[key]
+                self._provisional.discard(key)
 

@@ -237,6 +237,12 @@ class RecordBuffer:
         out.reverse()
         return out[-n:] if len(out) > n else out
 
+    def unfold_batches(self) -> None:
+        """Unfold held leaf batches into per-leaf records, reading names and shapes now (at the
+        end of a watch, while the leaves are alive: ``events`` read later still name them)."""
+        if any(type(r) is LeafBatch for r in self.records):
+            self.records = deque(expand(self.records))
+
     def take_unflushed(self) -> list[Raw]:
         """Resolve pending small tensors (one sync) and move records into the bounded buffer."""
         new, self.unflushed = self.unflushed, []

@@ -690,6 +690,8 @@ class Watch:
             self._module_hook = None
         if self._saved is not None:
             self._saved.sweep()
+        if final:
+            buffer.unfold_batches()  # names read while the leaves live
         if step % 50 == 0 or final:
             self._names.prune()
             self._acc.prune()
@@ -1412,9 +1414,11 @@ class Watch:
                 session.suspended, session._user_step_depth = suspended, depth
                 if paused:
                     session._pause_mode()
-            if not state["updated"]:
-                with torch._C.DisableTorchFunction():
+            with torch._C.DisableTorchFunction():
+                if not state["updated"]:
                     session._guard("optimizer hooks", session._about_to_update, opt, state)
+                else:  # called again within the step (LBFGS): the step reads these gradients
+                    session._guard("accumulation", session._closure_grads_used, opt)
             return out
 
         if len(args) > 1:
@@ -1422,6 +1426,10 @@ class Watch:
         kwargs = dict(kwargs)
         kwargs["closure"] = closure_watched
         return args, kwargs
+
+    def _closure_grads_used(self, opt: torch.optim.Optimizer) -> None:
+        self._acc.used_by_step([p for g in opt.param_groups for p in g["params"]
+                                if p.grad is not None])
 
     def _about_to_update(self, opt: torch.optim.Optimizer, state: dict) -> None:
         """Right before the optimizer writes: saved-tensor, stale and consumption checks."""

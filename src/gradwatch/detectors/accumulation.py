@@ -266,6 +266,19 @@ class AccumulationTracker:
             self.unconsumed.difference_update(map(id, leaves))
         return due
 
+    def used_by_step(self, leaves: list[torch.Tensor]) -> None:
+        """An optimizer step read these leaves' ``.grad`` without being a new step (what a
+        closure computed, for LBFGS and other closure optimizers that call it several times
+        per step): their windows are used; nothing becomes due."""
+        self.sync()
+        get = self.leaves.get
+        for leaf in leaves:
+            st = get(id(leaf))
+            if st is not None and st.leaf() is leaf and st.accum > 0:
+                st.consumed = True
+        if self.unconsumed:
+            self.unconsumed.difference_update(map(id, leaves))
+
     def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None) -> None:
         st = self.get(leaf)  # (syncs)
         if st is not None and st.accum > 0:
