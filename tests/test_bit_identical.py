@@ -135,3 +135,57 @@ def test_dropout_rng_stream_unchanged_under_no_grad_edits() -> None:
 
     for a, b in zip(masks(False), masks(True)):
         assert torch.equal(a, b)
+
+
+def _distill(watch_kwargs: dict | None, zero_config: bool = False) -> list[torch.Tensor]:
+    """A student trained on an eval-mode Transformer teacher's outputs (distillation)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    teacher = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    attention = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    student = nn.Linear(16, 16)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+
+    def body() -> None:
+        for _ in range(4):
+            x = torch.randn(4, 6, 16)
+            with torch.no_grad():
+                target = teacher(x) + attention(x, x, x)[0]
+            loss = (student(x) - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    if watch_kwargs is None:
+        body()
+    else:
+        args = () if zero_config else (student, opt)
+        with gradwatch.watch(*args, on_anomaly="raise", **watch_kwargs) as w:
+            body()
+        assert w.anomalies == []
+        for m in [*teacher.modules(), attention]:  # the per-module hooks are gone
+            assert not m._forward_pre_hooks and not m._forward_hooks
+    return [p.detach().clone() for p in student.parameters()]
+
+
+@pytest.mark.parametrize("zero_config", [False, True])
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_eval_transformer_fast_path_kept(level: str, zero_config: bool) -> None:
+    """Attention and encoder modules in eval take a fused fast path only when no function mode
+    is active; its outputs differ from the unfused ones in the last bits. The watch steps its
+    mode aside for them, so training fed by them stays bit-identical."""
+    ref = _distill(None)
+    got = _distill({"level": level}, zero_config)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_watching_resumes_after_an_eval_attention_forward_raised(level: str) -> None:
+    attention = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    w2 = nn.Parameter(torch.ones(3))
+    with gradwatch.watch(attention, level=level, on_anomaly="log") as w, torch.no_grad():
+        with pytest.raises((RuntimeError, AssertionError)):
+            attention(torch.randn(2, 4, 16), torch.randn(2, 4, 7), torch.randn(2, 4, 16))
+        w2.mul_(2.0)  # still seen: the mode is back
+    assert w.counts.get("inplace_no_grad") == 1

@@ -228,6 +228,10 @@ class Watch:
         self._steps_wrapped: set[type] = set()  # optimizer classes whose step is wrapped
         self._step_state: dict[int, Any] = {}
         self._last_optimizer: tuple[weakref.ref[Any], _OptimizerInfo] | None = None
+        # attention/encoder modules given forward hooks (their eval fast path), and what each
+        # running one stepped aside
+        self._fast_path_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self._fast_path_stack: list[tuple[Any, bool, bool, bool]] = []
         self._recent_steps: deque[tuple] = deque(maxlen=8)
         self._no_grad_regions: deque[tuple[tuple[CodeType, int] | None, int]] = deque(maxlen=8)
         self._busy = 0.0
@@ -373,6 +377,7 @@ class Watch:
         for prefix, m in iter_named(cfg.models, cfg.model_names):
             for p in self._names.add_module(m, prefix):
                 self._hook_leaf(p)
+            self._hook_fast_path_modules(m)
         for opt in cfg.optimizers:
             self._optimizer_info(opt)
         inst = self._installed
@@ -1297,9 +1302,48 @@ class Watch:
             with torch._C.DisableTorchFunction():
                 for p in self._names.add_module(module, prefix):
                     self._hook_leaf(p)
+                self._hook_fast_path_modules(module)
             self._last_discovery = self.step
         except Exception as exc:
             self._fail("naming", exc)
+
+    # ------------------------------------------------------------------ fused inference paths
+    def _hook_fast_path_modules(self, module: torch.nn.Module) -> None:
+        """Attention and Transformer encoder modules in eval mode take a fused fast path unless
+        a function mode is active: with gradwatch's mode their outputs would differ in the last
+        bits, and so would any training they feed (distillation, pseudo-labels, EMA teachers).
+        Their forward runs with the mode aside (library code that writes no tracked tensor),
+        bracketed by per-module hooks (a wrapper around ``forward`` would break dynamo)."""
+        for sub in module.modules():
+            if isinstance(sub, _FAST_PATH_MODULES) and sub not in self._fast_path_modules:
+                self._fast_path_modules.add(sub)
+                pre = sub.register_forward_pre_hook(self._hook("mode", self._fast_path_enter))
+                post = sub.register_forward_hook(self._hook("mode", self._fast_path_exit),
+                                                 always_call=True)
+                self._installed.add(pre.remove)
+                self._installed.add(post.remove)
+
+    def _fast_path_enter(self, module: torch.nn.Module, args: Any) -> None:
+        if module.training or self._closed or _is_compiling():
+            return  # (training never takes the fast path)
+        paused = self._pause_mode()  # full: the mode off the stack; light: torch's own switch
+        popped = (not self._full and self._light_mode_pushed
+                  and threading.get_ident() == self._thread and _mode_stack_top() is self._mode)
+        if popped:  # light, inside the user's no_grad block
+            _pop_function_mode()
+        if paused or popped:
+            self._fast_path_stack.append((module, paused, popped, self.suspended))
+            self.suspended = True
+
+    def _fast_path_exit(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        stack = self._fast_path_stack
+        if not stack or stack[-1][0] is not module:
+            return
+        _, paused, popped, self.suspended = stack.pop()
+        if popped and not self._closed:
+            _push_function_mode(self._mode)
+        if paused:
+            self._resume_mode()
 
     # ------------------------------------------------------------------ optimizer hooks
     def _optimizer_info(self, opt: torch.optim.Optimizer) -> _OptimizerInfo:
@@ -1746,6 +1790,9 @@ def _discard(ids: set[int], key: int, _ref: Any) -> None:
 
 
 _CLIP_OWNERS = (torch.nn.utils, torch.nn.utils.clip_grad)
+# modules whose inference fast path is skipped while any function mode is active
+_FAST_PATH_MODULES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
+                      torch.nn.TransformerEncoder)
 _CLIP_FUNCTIONS = ("clip_grad_norm_", "clip_grad_norm", "clip_grad_value_", "clip_grads_with_norm_")
 
 
