@@ -85,8 +85,9 @@ def test_plain_ddp_only_rank1_reports_its_bug(tmp_path, mode):
         assert res["rank"] == rank
         assert res["counts"]["optimizer_update"] == 4
         assert res["counts"]["grad_accumulated"] == 4 * 6
-        # BatchNorm's num_batches_tracked, once per step; DDP's own writes are not edits of ours
-        assert res["counts"]["inplace_no_grad"] == 4 + (rank == 1)
+        # rank 1's bug only: BatchNorm's num_batches_tracked update (grad on) and DDP's own
+        # writes are not edits under no_grad
+        assert res["counts"].get("inplace_no_grad", 0) == (rank == 1)
     assert results[0]["anomalies"] == []
     assert not set(results[0]["counts"]) & set(ANOMALY_KINDS)
     assert [(a["kind"], a["tensor"], a["location"]["filename"], a["location"]["lineno"], a["step"],
@@ -125,7 +126,7 @@ def test_lightning_ddp_only_rank1_reports_its_bug(tmp_path):
         assert (res["rank"], res["watch_rank"], res["output_dir"]) == (rank, rank, log_dir)
         assert res["counts"]["optimizer_update"] == 4
         assert res["counts"]["grad_accumulated"] == 4 * 6
-        assert res["counts"]["inplace_no_grad"] == 4 + (rank == 1)
+        assert res["counts"].get("inplace_no_grad", 0) == (rank == 1)  # the bug's edit only
     assert results[0]["anomalies"] == [] and not set(results[0]["counts"]) & set(ANOMALY_KINDS)
     assert [(a["kind"], a["tensor"], a["location"]["filename"], a["location"]["lineno"], a["step"],
              a["rank"]) for a in results[1]["anomalies"]] == [bug]

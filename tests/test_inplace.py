@@ -174,6 +174,24 @@ def test_untracked_tensors_and_grad_enabled_activations_are_not_events() -> None
     assert w.anomalies == []
 
 
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_buffer_updates_in_forward_are_not_edits_under_no_grad(level: str) -> None:
+    """BatchNorm's ``num_batches_tracked.add_(1)`` runs in forward with grad on: no
+    ``inplace_no_grad`` at either level; the same buffer edited under no_grad is one."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, level=level, on_anomaly="raise") as w:
+        for _ in range(3):
+            model(torch.randn(8, 3)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            model[1].running_mean.mul_(0.5)  # <buffer_edit>
+    assert [(e.tensor, e.grad_mode, e.location.lineno) for e in of_kind(w, "inplace_no_grad")] == [
+        ("1.running_mean", "no_grad", line_of("buffer_edit"))]
+    assert w.counts == {"grad_accumulated": 12, "optimizer_update": 3, "inplace_no_grad": 1}
+
+
 @pytest.mark.parametrize(
     "make",
     [

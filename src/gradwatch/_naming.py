@@ -133,6 +133,12 @@ class TensorNames:
         del self._by_storage[key]
         return False
 
+    def storage_requires_grad(self, key: int) -> bool:
+        """Whether the live tensor named for storage ``key`` requires grad (a parameter)."""
+        entry = self._by_storage.get(key)
+        owner = entry[1]() if entry is not None else None
+        return owner is not None and owner.requires_grad
+
     def param_name(self, p: torch.Tensor) -> str | None:
         entry = self._params.get(id(p))
         if entry is not None and entry[1]() is p:

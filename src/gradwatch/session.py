@@ -870,7 +870,11 @@ class Watch:
                 if not requires and st is None:
                     if key is None:
                         key = storage_key(t)
-                    if not self._names.has_storage(key) and not in_step:
+                    if not in_step and (not self._names.has_storage(key) or (
+                            grad_on and not self._names.storage_requires_grad(key))):
+                        # with grad on, only an alias of a tensor that requires grad (.data,
+                        # .detach()) writes behind autograd's back; a buffer update in forward
+                        # (BatchNorm's num_batches_tracked) is no edit under no_grad
                         continue
                 if st is not None and func in _ZEROING:
                     if where is None:
