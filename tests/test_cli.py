@@ -388,3 +388,61 @@ def test_run_a_script_that_starts_its_own_watch_shares_it(tmp_path, capsys) -> N
     line = _line_of(OWN_WATCH_SCRIPT, "zero_grad is forgotten")
     assert f"stale_grad_accumulation  weight  {_short(script)}:{line}" in out
     assert f"stale_grad_accumulation  bias    {_short(script)}:{line}" in out
+
+
+LIGHTNING_SCRIPT = """\
+import sys
+import torch
+from torch import nn
+from gradwatch.lightning import GradWatchCallback
+if sys.argv[2] == "lightning.pytorch":
+    import lightning.pytorch as pl
+else:
+    import pytorch_lightning as pl
+
+
+class M(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 1)
+
+    def training_step(self, batch, i):
+        return self.l(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), 0.1)
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.randn(16, 3))
+        return torch.utils.data.DataLoader(data, batch_size=4)
+
+
+cb = GradWatchCallback()
+pl.Trainer(max_steps=5, enable_progress_bar=False, logger=False, enable_checkpointing=False,
+           default_root_dir=sys.argv[1], callbacks=[cb]).fit(M())
+print("callback counts:", cb.counts)
+"""
+
+
+def test_run_a_lightning_script_whose_callback_joins_the_run(tmp_path, capsys) -> None:
+    """The callback's watch joins the run's: it opens no files of its own (before, an empty
+    gradwatch.jsonl in the trainer's directory and an unclosed file), the run's log has it all."""
+    import warnings
+
+    package = next((p for p in ("lightning.pytorch", "pytorch_lightning")
+                    if __import__("importlib").util.find_spec(p.split(".")[0])), None)
+    if package is None:
+        pytest.skip("no Lightning")
+    script = _script(tmp_path, "lit.py", LIGHTNING_SCRIPT)
+    root = tmp_path / "trainer"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = main(["run", "--log-dir", str(tmp_path / "logs"), str(script), str(root),
+                       package])
+    out, _err = capsys.readouterr()
+    assert status == 0
+    assert "callback counts: {'grad_accumulated': 10, 'optimizer_update': 5}" in out
+    assert not glob.glob(str(root / "**" / "gradwatch*.jsonl"), recursive=True)
+    assert not [c for c in caught if issubclass(c.category, ResourceWarning)]
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "gradwatch.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "optimizer_update" for r in rows) == 5

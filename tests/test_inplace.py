@@ -151,6 +151,25 @@ def test_relu_inplace_kwarg_on_tracked_tensor_and_nn_init() -> None:
     assert w.anomalies == []
 
 
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_building_and_moving_a_model_inside_the_watch_is_no_edit(level: str) -> None:
+    """A module built inside the watch initialises new tensors (nn.init on version 0), and
+    ``model.to()`` to its own device sets each ``.data`` to itself: neither is an edit. A later
+    re-initialisation and a real ``.data`` replacement are."""
+    with gradwatch.watch(level=level, on_anomaly="raise") as w:
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+        model.to("cpu")
+        model.to(torch.float32)
+        model(torch.randn(2, 3))  # (zero configuration: modules are named when they run)
+        with torch.no_grad():
+            nn.init.zeros_(model[2].bias)  # <reinit>
+            model[0].weight.data = torch.zeros(4, 3)  # <replace>
+    assert [(e.op, e.tensor, e.location.lineno) for e in of_kind(w, "inplace_no_grad")] == [
+        ("zero_", "2.bias", line_of("reinit")),
+        ("data.__set__", "0.weight", line_of("replace")),
+    ]
+
+
 def test_grad_edit_is_named_dot_grad() -> None:
     model = nn.Linear(2, 1)
     with gradwatch.watch(model, on_anomaly="raise") as w:

@@ -42,7 +42,7 @@ from .config import Config
 from .errors import GradWatchWarning
 from .events import Event
 from .report import format_report
-from .session import Watch
+from .session import Watch, shared_watch_running
 from .sinks.jsonl import JsonlSink, jsonl_name
 from .sinks.tensorboard import TensorBoardSink
 
@@ -246,7 +246,10 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
                 f"anomalies; read them from {out} (gradwatch report), or use strategy='ddp'."
             )
         where = jsonl_name(0, trainer.world_size)
-        if self._tb_writer is None:
+        if shared_watch_running():
+            rank_zero_info("GradWatchCallback: joining the watch of `gradwatch run` (its log "
+                           "directory and options apply)")
+        elif self._tb_writer is None:
             rank_zero_info(
                 f"GradWatchCallback: writing TensorBoard event files and {where} to {out}"
                 + (" (rank R > 0 under rank{R}/)" if trainer.world_size > 1 else "")
@@ -261,16 +264,17 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
             self.setup(trainer, pl_module, "fit")
         rank, world = trainer.global_rank, trainer.world_size
         sinks: list[Sink] = []
-        try:
-            sinks.append(JsonlSink(self.output_dir, rank=rank, world=world))  # type: ignore[arg-type]
-        except OSError as exc:
-            warnings.warn(f"gradwatch: cannot write {jsonl_name(rank, world)} in "
-                          f"{self.output_dir} ({exc}); continuing without it", GradWatchWarning,
-                          stacklevel=2)
-        sinks.append(TensorBoardSink(
-            writer=self._tb_writer, log_dir=self.output_dir, rank=rank, world=world,
-            every_n_steps=max(1, int(trainer.log_every_n_steps or 1)),
-        ))
+        if not shared_watch_running():  # (a joining watch writes nothing of its own)
+            try:
+                sinks.append(JsonlSink(self.output_dir, rank=rank, world=world))  # type: ignore[arg-type]
+            except OSError as exc:
+                warnings.warn(f"gradwatch: cannot write {jsonl_name(rank, world)} in "
+                              f"{self.output_dir} ({exc}); continuing without it",
+                              GradWatchWarning, stacklevel=2)
+            sinks.append(TensorBoardSink(
+                writer=self._tb_writer, log_dir=self.output_dir, rank=rank, world=world,
+                every_n_steps=max(1, int(trainer.log_every_n_steps or 1)),
+            ))
         # the trainer's optimizers name parameters; wrappers that are no torch Optimizer
         # (some strategies') are left out: global optimizer hooks still see every step
         optimizers = [o for o in trainer.optimizers if isinstance(o, torch.optim.Optimizer)]

@@ -106,6 +106,12 @@ _active_lock = threading.Lock()
 _active: Watch | None = None
 
 
+def shared_watch_running() -> bool:
+    """Whether a shared watch (``gradwatch run``) is running: a new watch joins it."""
+    with _active_lock:
+        return _active is not None and _active.shared and not _active._closed
+
+
 def watch(
     model: torch.nn.Module | Iterable[torch.nn.Module] | None = None,
     optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
@@ -352,6 +358,11 @@ class Watch:
             return
         if self._delegate is not None:  # joined a shared watch: that one owns everything
             self._closed = True
+            for sink in self._sinks:  # (given for a watch of its own, never written)
+                try:
+                    sink.close()
+                except Exception as exc:
+                    self._fail(f"sink {type(sink).__name__}", exc)
             return
         self._closed = True
         self.suspended = True
@@ -784,7 +795,10 @@ class Watch:
                 out = kwargs.get("out")
                 targets = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         elif action == A.INIT:
-            targets = (kwargs.get("tensor", first),)
+            target = kwargs.get("tensor", first)
+            if isinstance(target, _Tensor) and _version(target) == 0:
+                return None  # a new tensor's first values (a module being built): no edit
+            targets = (target,)
             grad_mode = "no_grad"
         elif action == A.EMBEDDING:
             if kwargs.get("max_norm") is None or len(args) < 2:
@@ -795,7 +809,7 @@ class Watch:
                 self._guard("accumulation", self._grad_replaced, first, args[1])
             return None
         elif action == A.DATA_SET:
-            return self._before_data_set(first)
+            return self._before_data_set(first, args[1] if len(args) > 1 else None)
         elif action == A.DETACH:
             if isinstance(first, _Tensor) and first.requires_grad:
                 return ("detach", func, first)
@@ -980,9 +994,9 @@ class Watch:
                 grad_mode, None, where, self.step, msg, saved_tensor.HINT),
         )
 
-    def _before_data_set(self, t: Any) -> Any:
-        if not isinstance(t, _Tensor):
-            return None
+    def _before_data_set(self, t: Any, value: Any) -> Any:
+        if not isinstance(t, _Tensor) or _same_data(t, value):
+            return None  # (``module.to()`` to the device it is on sets each .data to itself)
         name = self._names.param_name(t)
         if name is None and not t.requires_grad:
             return None
@@ -1926,6 +1940,18 @@ def _change(before: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor | None
     ref = before.abs().float().norm()
     return torch.stack([l2, l2 / ref.clamp_min(1e-12), delta.max(),
                         (~torch.isfinite(after).all()).float()])
+
+
+def _same_data(t: torch.Tensor, value: Any) -> bool:
+    """Whether ``t.data = value`` changes nothing (the same memory, seen the same way)."""
+    if value is t:
+        return True
+    try:
+        return (isinstance(value, _Tensor) and value.data_ptr() == t.data_ptr()
+                and value.device == t.device and value.dtype == t.dtype
+                and value.shape == t.shape and value.stride() == t.stride())
+    except Exception:  # no storage (meta, sparse, nested...): a change
+        return False
 
 
 def _is_library(filename: str) -> bool:
