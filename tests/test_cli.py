@@ -446,3 +446,12 @@ def test_run_a_lightning_script_whose_callback_joins_the_run(tmp_path, capsys) -
     assert not [c for c in caught if issubclass(c.category, ResourceWarning)]
     rows = [json.loads(line) for line in (tmp_path / "logs" / "gradwatch.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "optimizer_update" for r in rows) == 5
+
+
+def test_version(capsys) -> None:
+    import gradwatch
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gradwatch {gradwatch.__version__}"

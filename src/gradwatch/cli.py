@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="gradwatch",
         description="Name the line that silently corrupts your gradients.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{run,report}")
     rep = sub.add_parser(
         "report",
@@ -81,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--on-anomaly", choices=("log", "warn", "raise"), default="log",
                      help="what to do at an anomaly (default: log)")
     run.add_argument("script", help="the Python script to run")
-    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    run.add_argument("args", nargs=argparse.REMAINDER,
+                     help="arguments passed to the script (optional)")
     return parser
 
 
