@@ -170,6 +170,28 @@ def test_manual_sgd_rebinding_silently_stops_training() -> None:
     assert "`w_` was trained but has been replaced" in w.anomalies[0].message
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_functional_call_parameters_rebound_under_no_grad(level: str) -> None:
+    """``p - lr * p.grad`` of an nn.Parameter is a plain Tensor: still a cut, at its line."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    params = dict(model.named_parameters())
+    with (gradwatch.watch(model, level=level, on_anomaly="log") as w,
+          pytest.raises(RuntimeError, match="does not require grad") as info):
+        for _ in range(3):
+            x, y = torch.randn(4, 8), torch.randn(4, 1)
+            loss = (functional_call(model, params, (x,)) - y).pow(2).mean()
+            loss.backward()
+            with torch.no_grad():
+                params = {k: p - 0.1 * p.grad for k, p in params.items()}  # <dict_rebind>
+    line = line_of("dict_rebind")
+    assert [(a[0], a[2]) for a in anomalies(w)] == [("grad_flow_cut", line)]
+    assert w.anomalies[0].tensor in {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert f"{HERE}:{line}" in info.value.__notes__[0]
+
+
 def test_target_network_and_teacher_outputs_under_no_grad_are_fine() -> None:
     online, target = nn.Linear(4, 2), nn.Linear(4, 2)
     opt = torch.optim.SGD(online.parameters(), lr=0.1)

@@ -97,6 +97,7 @@ __all__ = ["Watch", "watch"]
 
 K = EventKind
 _Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
 _grad_enabled = torch.is_grad_enabled
 _inference_enabled = torch.is_inference_mode_enabled
 _ZEROING = {torch.Tensor.zero_, torch._foreach_zero_}
@@ -839,7 +840,10 @@ class Watch:
         if not isinstance(out, _Tensor):
             return
         try:
-            same = type(out) is type(source) and not out.is_nested and source.shape == out.shape
+            # (a Parameter's arithmetic gives a plain Tensor: ``p = p - lr * p.grad``)
+            same = ((type(out) is type(source)
+                     or (type(source) is _Parameter and type(out) is _Tensor))
+                    and not out.is_nested and source.shape == out.shape)
         except Exception:  # odd tensors (nested, symbolic shapes): no provenance for them
             return
         if same and not out.requires_grad:
