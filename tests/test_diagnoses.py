@@ -53,6 +53,35 @@ def test_gan_optimizer_step_on_saved_weight(level: str) -> None:
     assert f"{HERE}:{line}" in note and "Fix:" in note
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_retained_graph_gan_names_the_weight_torch_names(level: str) -> None:
+    """pytorch/pytorch#39141: D steps between ``D_loss.backward(retain_graph=True)`` and
+    ``G_loss.backward()`` through the same graph. Torch names a [128, 1] tensor (the last
+    layer's weight, saved transposed); D's first bias has as many elements and must not win."""
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(5, 128), nn.ReLU(), nn.Linear(128, 15))
+    D = nn.Sequential(nn.Linear(15, 128), nn.ReLU(), nn.Linear(128, 1), nn.Sigmoid())
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-4)
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-4)
+    with gradwatch.watch([G, D], [opt_g, opt_d], level=level, on_anomaly="log") as w:
+        prob_real, prob_fake = D(torch.randn(64, 15)), D(G(torch.randn(64, 5)))
+        d_loss = -torch.mean(torch.log(prob_real) + torch.log(1.0 - prob_fake))
+        g_loss = torch.mean(torch.log(1.0 - prob_fake))
+        opt_d.zero_grad()
+        d_loss.backward(retain_graph=True)
+        opt_d.step()  # <retained_step>
+        opt_g.zero_grad()
+        with pytest.raises(RuntimeError, match="is at version 2; expected version 1") as info:
+            g_loss.backward()
+    assert "[torch.FloatTensor [128, 1]]" in str(info.value)
+    line = line_of("retained_step")
+    assert [a for a in anomalies(w) if a[0] == "saved_tensor_mutated"] == [
+        ("saved_tensor_mutated", "D.2.weight", line)]
+    (mutated,) = [a for a in w.anomalies if a.kind == "saved_tensor_mutated"]
+    assert mutated.shape == (1, 128)
+    assert info.value.__notes__[0].startswith("gradwatch: `D.2.weight` was modified in place")
+
+
 def test_raise_stops_at_the_mutating_line_before_backward() -> None:
     a = torch.randn(3, requires_grad=True)
     w_ = nn.Parameter(torch.randn(3))

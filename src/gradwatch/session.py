@@ -1706,10 +1706,11 @@ class Watch:
 
     def _annotate(self, exc: RuntimeError, roots: tuple) -> None:
         if saved_tensor.is_version_error(exc):
-            reported = None
+            reported = key = None
             if self._saved is not None:
                 reported, self._saved.last_failure = self._saved.last_failure, None
-            mutation = reported or self._explain_version(str(exc))
+                key, self._saved.last_failure_key = self._saved.last_failure_key, None
+            mutation = reported or self._explain_version(str(exc), key)
             exc.add_note(saved_tensor.note_text(mutation))
             if mutation is not None and reported is None:
                 self._anomaly(Raw(
@@ -1745,7 +1746,10 @@ class Watch:
                     "backward was called on a tensor computed without grad", grad_flow.HINT_ROOT,
                 ), raise_now=False)
 
-    def _explain_version(self, message: str) -> Mutation | None:
+    def _explain_version(self, message: str, key: int | None = None) -> Mutation | None:
+        """The write behind torch's version error: a recorded in-place write, else a recent
+        optimizer step's write into a parameter that fits the error — on the failing storage
+        (``key``, full), else of the error's shape (transposed first for 2-D), else its size."""
         m = self._recent.note_for(message)
         parsed = saved_tensor.parse_version_error(message)
         if parsed is None:
@@ -1753,16 +1757,24 @@ class Watch:
         shape, _now, expected = parsed
         if m is not None and m.version_before == expected:
             return m
+        best, best_rank = None, 4
         for where, step, ids, versions in reversed(self._recent_steps):
             for pid, vb in zip(ids, versions):
-                name = None
                 entry = self._names._params.get(pid)
                 p = entry[1]() if entry else None
-                if p is None or p.numel() != saved_tensor._numel(shape) or vb != expected:
+                if p is None or vb != expected or p.numel() != saved_tensor._numel(shape):
                     continue
-                name = entry[0]
-                return Mutation(name, shape, vb, vb + 1, "optimizer.step", where, step)
-        return m
+                own = tuple(p.shape)
+                # nn.Linear saves weight.t(): a 2-D error shape is the transpose most often
+                rank = (0 if key is not None and storage_key(p) == key else
+                        1 if (own[::-1] if len(own) == 2 else own) == shape else
+                        2 if own == shape else 3)
+                if rank < best_rank:
+                    best_rank, best = rank, Mutation(entry[0], own, vb, vb + 1,
+                                                     "optimizer.step", where, step)
+            if best_rank == 0:
+                break
+        return best or m
 
     # ------------------------------------------------------------------ nonfinite
     def _update_raw(self, ref: weakref.ref[torch.Tensor], vb: int | None, where: Any,

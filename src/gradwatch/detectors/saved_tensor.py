@@ -95,6 +95,7 @@ class SavedTensorRegistry:
         self.recent: deque[Any] = deque(maxlen=recent)
         # The autograd engine re-creates exceptions raised in hooks: remember the culprit here.
         self.last_failure: Mutation | None = None
+        self.last_failure_key: int | None = None  # the storage of the tensor that failed
 
     def __bool__(self) -> bool:
         return bool(self._by_storage)
@@ -153,6 +154,7 @@ class SavedTensorRegistry:
         if alias._version == s.version:
             return alias
         self.last_failure = s.mutated_by
+        self.last_failure_key = s.key
         try:
             error = _version_error(alias, s)
         except Exception as exc:  # torch's check still holds, in fewer words
