@@ -510,14 +510,52 @@ def _saved_output_through_a_slice():
     return y.sum()
 
 
+def _sigmoid_then_setitem() -> torch.Tensor:
+    b = torch.tensor([1.0, 2.0, 3.0], requires_grad=True).sigmoid()  # saves its own output
+    b[1] = 2
+    return b.sum()
+
+
+def _relu_then_add() -> torch.Tensor:
+    out = torch.relu(torch.randn(4, requires_grad=True) * 2)
+    out += 1
+    return out.sum()
+
+
+def _mul_input_then_add() -> torch.Tensor:
+    y = torch.randn(4, requires_grad=True) * 2
+    z = y * y  # saves y, an input of a node of the same type as y's own
+    y.add_(1)
+    return z.sum()
+
+
+def _view_of_saved() -> torch.Tensor:
+    x = torch.randn(4, 4, requires_grad=True) * 1
+    y = x.exp()
+    y[0].mul_(2)
+    return y.sum()
+
+
+def _edit_under_no_grad() -> torch.Tensor:
+    w = torch.randn(3, 3, requires_grad=True)
+    out = (torch.randn(2, 3, requires_grad=True) @ w).sum()  # saves w (for the input's grad)
+    with torch.no_grad():
+        w.add_(1)
+    return out
+
+
 @pytest.mark.parametrize("make", [_saved_activation_edited_under_grad,
                                   _saved_weight_view_edited_under_no_grad,
                                   _saved_leaf_edited_under_no_grad,
                                   _saved_hidden_edited_then_dropped,
-                                  _saved_output_through_a_slice])
+                                  _saved_output_through_a_slice,
+                                  _sigmoid_then_setitem, _relu_then_add, _mul_input_then_add,
+                                  _view_of_saved, _edit_under_no_grad])
 def test_version_error_is_torchs_word_for_word(make) -> None:
     """With our saved-tensor hooks torch skips its own check and our unpack raises in its place:
-    same type and message as without gradwatch (only a note is added)."""
+    same type and message as without gradwatch (only a note is added). A node's own saved output
+    is named by that node when it is the one unpacking it (``b[1] = 2`` after ``sigmoid``); a
+    saved input by its grad_fn as it is after the write."""
     torch.manual_seed(0)
     with pytest.raises(RuntimeError) as plain:
         make().backward()

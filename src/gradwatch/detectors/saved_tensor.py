@@ -62,8 +62,8 @@ class Mutation:
 class _Saved:
     """What the pack hook returns: a detached alias (shares the version counter) + its version."""
 
-    __slots__ = ("__weakref__", "alias", "key", "mutated_by", "node", "output_nr", "used",
-                 "version")
+    __slots__ = ("__weakref__", "alias", "key", "mutated_by", "node", "output_nr", "renamed",
+                 "seq", "used", "version")
 
 
 class _VIEW:
@@ -125,9 +125,13 @@ class SavedTensorRegistry:
             s.node = None
         else:
             s.alias = t.detach()
-            # for the error text only (torch names the tensor's node): the class, never the node
-            s.node = _VIEW if t._is_view() else type(t.grad_fn)
+            # for the error text only (torch names the tensor's node): the class and sequence
+            # number, never the node itself
+            fn = t.grad_fn
+            s.node = _VIEW if t._is_view() else type(fn)
+            s.seq = fn._sequence_nr()
             s.output_nr = t.output_nr
+            s.renamed = None
         s.version = version
         s.used = False
         s.key = key
@@ -220,7 +224,7 @@ class SavedTensorRegistry:
             if s.mutated_by is None:
                 s.mutated_by = mutation
             if node is not None and s.node is not None and s.alias.shape == written.shape:
-                s.node, s.output_nr = node, written.output_nr
+                s.renamed = (node, written.output_nr)
 
     def note_for(self, message: str) -> Mutation | None:
         """The recorded mutation that explains torch's version error ``message``."""
@@ -266,12 +270,17 @@ def _version_error(alias: torch.Tensor, s: _Saved) -> RuntimeError:
     shape = ", ".join(str(d) for d in alias.shape)
     node = ""
     if s.node is not None:
-        # torch names the tensor's grad_fn as it is now (an in-place op under grad rebases it)
-        if s.node is _VIEW and not torch._C._is_view_replay_enabled():
+        saved_as, nr = s.node, s.output_nr
+        # torch names a saved input's grad_fn as it is now (an in-place op under grad rebases
+        # it) but a node's own saved output by that node: the one unpacking it now
+        if s.renamed is not None:
+            unpacking = torch._C._current_autograd_node()
+            if unpacking is None or unpacking._sequence_nr() != s.seq:
+                saved_as, nr = s.renamed
+        if saved_as is _VIEW and not torch._C._is_view_replay_enabled():
             name = "AsStridedBackward0"  # a view whose base changed gets a regenerated node
         else:
-            name = s.node.__name__
-        nr = s.output_nr
+            name = saved_as.__name__
         node = f", which is output {nr} of {_node_name(name)},"
     return RuntimeError(
         "one of the variables needed for gradient computation has been modified by an inplace "
