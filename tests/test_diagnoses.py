@@ -566,3 +566,14 @@ def test_version_error_is_torchs_word_for_word(make) -> None:
     assert str(watched.value) == str(plain.value)
     assert "is at version" in str(plain.value)
     assert [n[:10] for n in watched.value.__notes__] == ["gradwatch:"]
+
+
+def test_light_note_on_an_unseen_activation_edit_points_to_full() -> None:
+    """light does not watch in-place ops with grad on (documented): torch's error still gets a
+    note, which says so and how to find the line."""
+    with gradwatch.watch(level="light", on_anomaly="log") as w, \
+            pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
+        _relu_then_add().backward()
+    (note,) = info.value.__notes__
+    assert note.startswith("gradwatch: no in-place write") and 'rerun with level="full"' in note
+    assert w.anomalies == []

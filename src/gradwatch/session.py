@@ -1711,7 +1711,7 @@ class Watch:
                 reported, self._saved.last_failure = self._saved.last_failure, None
                 key, self._saved.last_failure_key = self._saved.last_failure_key, None
             mutation = reported or self._explain_version(str(exc), key)
-            exc.add_note(saved_tensor.note_text(mutation))
+            exc.add_note(saved_tensor.note_text(mutation, light=not self._full))
             if mutation is not None and reported is None:
                 self._anomaly(Raw(
                     K.SAVED_TENSOR_MUTATED, mutation.op, mutation.name, mutation.shape, None, None,

@@ -321,8 +321,13 @@ def _node_name(name: str) -> str:
     return re.sub(r"Backward\d*$", "", name) if torch_wording()[0] else name
 
 
-def note_text(m: Mutation | None, *, fallback: str = "") -> str:
+def note_text(m: Mutation | None, *, fallback: str = "", light: bool = False) -> str:
     if m is None:
+        if light and not fallback:
+            return ("gradwatch: no in-place write to a tensor of this shape and version was seen; "
+                    'level="light" does not watch in-place ops while grad mode is on (an '
+                    "activation edited in forward, `x += y` after an in-place ReLU): rerun with "
+                    'level="full" to name the line')
         return "gradwatch: " + (fallback or (
             "no in-place write to a tensor of this shape and version was seen: it happened where "
             "gradwatch cannot look (a C++ kernel, another thread, a compiled region) or before "
