@@ -17,6 +17,8 @@ import gradwatch  # noqa: F401
 # torch patches an optimizer class's step (its profiling/hook wrapper) when the first instance
 # is made: make one of each here so that the state below is the patched one.
 _OPTIMIZER_CLASSES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+_FAST_PATH_CLASSES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
+                      torch.nn.TransformerEncoder)
 for _cls in _OPTIMIZER_CLASSES:
     _cls([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
 
@@ -39,6 +41,8 @@ def global_state() -> dict[str, Any]:
         "Module.zero_grad": id(torch.nn.Module.__dict__["zero_grad"]),
         "_set_grad_enabled": id(torch._C._set_grad_enabled),
         "disable_saved_tensors_hooks": id(torch.autograd.graph.disable_saved_tensors_hooks),
+        "Tensor.backward": id(torch.Tensor.__dict__["backward"]),
+        **{f"{cls.__name__}.forward": id(cls.__dict__["forward"]) for cls in _FAST_PATH_CLASSES},
         **{f"{cls.__name__}.step": id(cls.__dict__.get("step")) for cls in _OPTIMIZER_CLASSES},
     }
 
