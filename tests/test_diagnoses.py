@@ -577,3 +577,39 @@ def test_light_note_on_an_unseen_activation_edit_points_to_full() -> None:
     (note,) = info.value.__notes__
     assert note.startswith("gradwatch: no in-place write") and 'rerun with level="full"' in note
     assert w.anomalies == []
+
+
+def test_failed_graph_is_freed_at_once_no_false_report_at_the_next_step() -> None:
+    """full raises torch's version error from its unpack hook: no reference cycle may keep the
+    failed graph (and its saved-tensor entries) alive until the next gc."""
+    import gc
+
+    gc.disable()
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gradwatch.watch(model, opt, on_anomaly="log") as w:
+            loss = model(torch.randn(2, 3)).sum()
+            with torch.no_grad():
+                model[2].weight.mul_(0.5)  # <edit>
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+            loss = model(torch.randn(2, 3)).sum()
+            loss.backward()
+            opt.step()  # the failed graph is gone: nothing pending saved these weights
+    finally:
+        gc.enable()
+    assert anomalies(w) == [("saved_tensor_mutated", "2.weight", line_of("edit"))]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_user_exception_wins_over_an_anomaly_raised_at_close(level: str) -> None:
+    """on_anomaly="raise": a NaN found by the final flush must not replace the user's exception."""
+    model = nn.Linear(3, 1)
+    with (pytest.raises(ValueError, match="user error") as info,
+          gradwatch.watch(model, level=level, on_anomaly="raise")):
+        model(torch.randn(2, 3)).sum().backward()
+        with torch.no_grad():
+            model.bias.div_(0.0)
+        raise ValueError("user error")
+    assert info.value.__context__ is None

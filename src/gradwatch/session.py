@@ -350,7 +350,13 @@ class Watch:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except AnomalyError:  # recorded; the user's exception is the one that propagates
+            pass
 
     def close(self) -> None:
         """Flush everything and remove all hooks (idempotent)."""

@@ -167,7 +167,10 @@ class SavedTensorRegistry:
                 "one of the variables needed for gradient computation has been modified by an "
                 f"inplace operation: is at version {alias._version}; expected version "
                 f"{s.version} instead.")
-        raise error
+        try:
+            raise error
+        finally:  # no cycle error -> traceback -> this frame: the failed graph is freed at once
+            del error
 
     def _failed(self, exc: BaseException) -> None:
         self.off = True
