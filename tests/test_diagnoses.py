@@ -589,7 +589,8 @@ def test_failed_graph_is_freed_at_once_no_false_report_at_the_next_step() -> Non
         model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with gradwatch.watch(model, opt, on_anomaly="log") as w:
-            loss = model(torch.randn(2, 3)).sum()
+            # an input that requires grad: the first layer's weight is saved too (and intact)
+            loss = model(torch.randn(2, 3, requires_grad=True)).sum()
             with torch.no_grad():
                 model[2].weight.mul_(0.5)  # <edit>
             with pytest.raises(RuntimeError, match="modified by an inplace operation"):
