@@ -1,7 +1,7 @@
 """What any design like gradwatch's pays before doing any work: the floors under the MLP numbers.
 
-    python benchmarks/floor.py             # MLP step, 1 thread, 25 interleaved repetitions
-    python benchmarks/floor.py --reps 41
+    python -m benchmarks.floor             # MLP step, 1 thread, 25 interleaved repetitions
+    python -m benchmarks.floor --reps 41
 
 Side by side in one process, interleaved, median per repetition, paired differences in µs:
 
@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -27,11 +25,9 @@ from collections.abc import Iterator
 import torch
 import wrapt
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from overhead import SPECS
-
 import gradwatch
+
+from ._models import SPECS
 
 
 def _passthrough(wrapped, instance, args, kwargs):  # type: ignore[no-untyped-def]

@@ -1,7 +1,7 @@
 """Where does gradwatch's time go? cProfile over steady-state steps, gradwatch frames only.
 
-    python benchmarks/profile_gradwatch.py --model mlp --level full --steps 200
-    python benchmarks/profile_gradwatch.py --model gpt --level light --steps 20 --sort cumulative
+    python -m benchmarks.profile_gradwatch --model mlp --level full --steps 200
+    python -m benchmarks.profile_gradwatch --model gpt --level light --steps 20 --sort cumulative
 
 Prints, per function defined in ``src/gradwatch`` (and the hooks/wrappers it installs), the calls
 per training step and the time per call and per step, so that the numbers can be compared with
@@ -22,11 +22,9 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from overhead import SPECS
-
 import gradwatch
+
+from ._models import SPECS
 
 GW_DIR = os.path.dirname(os.path.abspath(gradwatch.__file__))
 

@@ -1,8 +1,8 @@
 """gradwatch's added time per step at each benchmark model's *structure*, with its tensors shrunk.
 
-    python benchmarks/structure.py                       # all models, 21 reps
-    python benchmarks/structure.py --models gpt --reps 41
-    python benchmarks/structure.py --full-size benchmarks/results/cpu_latest.json
+    python -m benchmarks.structure                       # all models, 21 reps
+    python -m benchmarks.structure --models gpt --reps 41
+    python -m benchmarks.structure --full-size benchmarks/results/cpu_latest.json
 
 Why: on a shared 2-core machine the full-size CNN/GPT/ResNet steps (40-150 ms) scatter by
 ±5-10 % between repetitions, far more than the 1-3 % targets. What gradwatch adds to a step
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -35,44 +34,43 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import overhead as bench
-
 import gradwatch
+
+from ._harness import EmptyMode
+from ._models import MLP, ResNet18, SmallCNN, build_mlp, classify_step, make_gpt
 
 # name -> (builder of (model, optimizer, batch, step function), what was shrunk)
 _CPU = torch.device("cpu")
 
 
 def _mlp() -> tuple:
-    model = bench.MLP(width=16)
+    model = MLP(width=16)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    return model, opt, (torch.randn(4, 16), torch.randint(0, 10, (4,))), bench._classify_step
+    return model, opt, (torch.randn(4, 16), torch.randint(0, 10, (4,))), classify_step
 
 
 def _cnn() -> tuple:
-    model = bench.SmallCNN()
+    model = SmallCNN()
     model.fc = torch.nn.Linear(64 * 2 * 2, 10)  # for 8×8 images
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     return (model, opt, (torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))),
-            bench._classify_step)
+            classify_step)
 
 
 def _gpt() -> tuple:
-    return bench._gpt(256, 32, 4, 4, 16, 2, _CPU)
+    return make_gpt(256, 32, 4, 4, 16, 2, _CPU)
 
 
 def _resnet18() -> tuple:
-    model = bench.ResNet18(width=4)
+    model = ResNet18(width=4)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     return (model, opt, (torch.randn(2, 3, 32, 32), torch.randint(0, 100, (2,))),
-            bench._classify_step)
+            classify_step)
 
 
 SHRUNK: dict[str, tuple[Callable[[], tuple], str]] = {
     "mlp": (_mlp, "width 16, batch 4"),
-    "mlp@full": (lambda: bench.build_mlp(False, _CPU), "the real MLP (calibration)"),
+    "mlp@full": (lambda: build_mlp(False, _CPU), "the real MLP (calibration)"),
     "cnn": (_cnn, "8×8 images, batch 2"),
     "gpt": (_gpt, "d=32, seq 16, batch 2 (4 layers, 4 heads, AdamW as at full size)"),
     "resnet18": (_resnet18, "width 4, 32×32, batch 2 (all 18 layers)"),
@@ -84,7 +82,7 @@ def _context(variant: str, model: Any, opt: Any) -> Any:
     if variant == "unwatched":
         return contextlib.nullcontext()
     if variant == "empty_mode":  # the naive floor: an always-on pass-through function mode
-        return bench.EmptyMode()
+        return EmptyMode()
     return gradwatch.watch(model, opt, level=variant, on_anomaly="log")
 
 

@@ -1,4 +1,5 @@
-"""The overhead benchmark must keep running: a --quick pass in a subprocess, no timed assertions."""
+"""The benchmarks must keep running: ``python -m benchmarks.overhead --quick`` and a one-rep
+``python -m benchmarks.structure`` in subprocesses, no timed assertions."""
 
 from __future__ import annotations
 
@@ -11,20 +12,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "overhead.py"
 VARIANTS = ("unwatched", "empty_mode", "full", "light", "anomaly", "anomaly_nan")
 MODELS = ("mlp", "cnn", "gpt", "resnet18", "lightning")
+TARGET_HEADER = "| model | full target | full | full ≤ ⅓ anomaly | light target | light |"
+
+
+def _run_module(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m benchmarks.<module> ARGS`` from ``cwd`` (the repository root on the path)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path)
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=280)
 
 
 @pytest.mark.timeout(300)
 def test_overhead_quick_runs_every_model_and_variant(tmp_path: Path) -> None:
     pytest.importorskip("pytorch_lightning")
     out = tmp_path / "bench.json"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--json", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280,
-    )
+    proc = _run_module("overhead", ["--quick", "--threads", "1", "--json", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["config"]["quick"] is True
@@ -46,24 +51,20 @@ def test_overhead_quick_runs_every_model_and_variant(tmp_path: Path) -> None:
     # A clean loop: gradwatch must not report anything (an anomaly here is a false positive).
     problems = [p for res in data["results"].values() for p in res["problems"]]
     assert problems == []
-    # The markdown table is printed.
+    # The markdown tables are printed: the results and the targets.
     assert "| model | variant |" in proc.stdout
-    assert "Targets (issue 6)" in proc.stdout
+    assert TARGET_HEADER in proc.stdout
 
 
 @pytest.mark.timeout(300)
 def test_structure_benchmark_runs_every_model(tmp_path: Path) -> None:
-    """benchmarks/structure.py (the shrunk-structure absolute cost): 1 rep, 10 steps each."""
+    """``python -m benchmarks.structure`` (the shrunk-structure absolute cost): 1 rep, 10 steps."""
     full_size = tmp_path / "full.json"
     full_size.write_text(json.dumps({"results": {
         "gpt": {"variants": {"unwatched": {"step_ms": 100.0}}}}}))
     out = tmp_path / "structure.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "structure.py"), "--reps", "1", "--steps", "10",
-         "--warmup", "1", "--full-size", str(full_size), "--json", str(out)],
-        cwd=tmp_path, env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True,
-        text=True, timeout=280,
-    )
+    proc = _run_module("structure", ["--reps", "1", "--steps", "10", "--warmup", "1",
+                                     "--full-size", str(full_size), "--json", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {row["model"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"mlp", "mlp@full", "cnn", "gpt", "resnet18"}
