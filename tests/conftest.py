@@ -54,11 +54,11 @@ def _force_clean() -> None:
     """Undo a watch a core bug left installed (so that later tests start clean)."""
     from gradwatch._intercept.mode import WatchMode
 
-    wm = sys.modules["gradwatch.session"]
+    wm = sys.modules["gradwatch.api"]
     active = getattr(wm, "_active", None)
     if active is not None:
         try:
-            active._installed.undo()
+            active._runtime.installed.undo()
         except Exception:
             pass
         wm._active = None

@@ -125,7 +125,7 @@ def _same(a, b) -> None:
 
 
 def _jsonl(w):
-    return next(s for s in w._sinks if type(s).__name__ == "JsonlSink")
+    return next(s for s in w._runtime.emit.sinks if type(s).__name__ == "JsonlSink")
 
 
 def test_disk_full_while_logging(tmp_path: Path, clean) -> None:

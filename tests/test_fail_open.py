@@ -12,9 +12,16 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.detectors.accumulation import AccumulationTracker
-from gradwatch.detectors.saved_tensor import SavedTensorRegistry
-from gradwatch.session import Watch
+from gradwatch._assembly import Runtime
+from gradwatch._failopen import Part
+from gradwatch._intercept.backward import Backward
+from gradwatch._intercept.modules import Modules
+from gradwatch._intercept.optimizer import Optimizers
+from gradwatch._intercept.writes import Writes
+from gradwatch._intercept.zero_grad import ZeroGrad
+from gradwatch.detectors._saved_registry import SavedTensorRegistry
+from gradwatch.detectors._windows import AccumulationTracker
+from gradwatch.detectors.accumulation import AccumulationDetector
 from gradwatch.sinks.jsonl import JsonlSink
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,28 +81,29 @@ def _assert_identical(reference, model, losses) -> None:
         assert torch.equal(a, b)
 
 
-# (owner, attribute, part named in the warning, levels where that layer runs, needs log_dir)
+# Fault injection keyed by part: (part, owner, attribute the fault is injected into, levels where
+# that part runs, needs log_dir). The warning names the part; a sink is named "sink <class>".
 GUARDED = [
-    (Watch, "before", "mode", ("full", "light"), False),
-    (Watch, "after", "mode", ("full", "light"), False),
-    (Watch, "_before_write", "mode", ("full", "light"), False),
-    (Watch, "_after_write", "mode", ("full", "light"), False),
-    (AccumulationTracker, "accumulated", "accumulation", ("full", "light"), False),
-    (Watch, "_zero_grad_check", "accumulation", ("full", "light"), False),
-    (SavedTensorRegistry, "_pack", "saved tensors", ("full",), False),
-    (Watch, "_before_backward", "backward", ("full", "light"), False),
-    (Watch, "_after_update", "optimizer hooks", ("full", "light"), False),
-    (Watch, "_step_boundary", "flush", ("full", "light"), False),
-    (JsonlSink, "write_records", "sink JsonlSink", ("full",), True),
-    (JsonlSink, "step", "sink JsonlSink", ("full",), True),
-    (JsonlSink, "flush", "sink JsonlSink", ("full",), True),
+    (Part.MODE, Writes, "on_inplace", ("full", "light"), False),
+    (Part.MODE, Writes, "_after_write", ("full", "light"), False),
+    (Part.MODE, Writes, "_before_write", ("full", "light"), False),
+    (Part.ACCUMULATION, AccumulationTracker, "accumulated", ("full", "light"), False),
+    (Part.ACCUMULATION, AccumulationDetector, "zero_grad", ("full", "light"), False),
+    (Part.SAVED_TENSORS, SavedTensorRegistry, "_pack", ("full",), False),
+    (Part.BACKWARD, Backward, "_before", ("full", "light"), False),
+    (Part.OPTIMIZER, Optimizers, "_after_update", ("full", "light"), False),
+    (Part.FLUSH, Runtime, "_end_step", ("full", "light"), False),
+    ("sink JsonlSink", JsonlSink, "write_records", ("full",), True),
+    ("sink JsonlSink", JsonlSink, "step", ("full",), True),
+    ("sink JsonlSink", JsonlSink, "flush", ("full",), True),
 ]
 
 
 def _cases(table):
     return [
-        pytest.param(owner, attr, part, level, needs_dir, id=f"{owner.__name__}.{attr}-{level}")
-        for owner, attr, part, levels, needs_dir in table
+        pytest.param(owner, attr, getattr(part, "value", part), level, needs_dir,
+                     id=f"{getattr(part, 'name', part)}-{owner.__name__}.{attr}-{level}")
+        for part, owner, attr, levels, needs_dir in table
         for level in levels
     ]
 
@@ -118,14 +126,14 @@ def test_fault_in_layer_is_contained(monkeypatch, tmp_path, reference, clean, ow
 
 
 # The callables torch (or the mode) calls directly. A fault in them must not escape either: the
-# brief's "a hook, e.g. Watch._accumulations / _on_step_pre".
+# boundaries (backward, optimizer step hooks, module discovery, zero_grad).
 BOUNDARY = [
-    (Watch, "_accumulations", "accumulation", ("full", "light"), False),
-    (Watch, "_on_step_pre", "optimizer hooks", ("full", "light"), False),
-    (Watch, "_on_step_post", "optimizer hooks", ("full", "light"), False),
-    (Watch, "_on_module_call", "naming", ("full", "light"), False),
-    (Watch, "_wrap_backward", "backward", ("full", "light"), False),
-    (Watch, "_wrap_zero_grad", "accumulation", ("full", "light"), False),
+    (Part.ACCUMULATION, Backward, "_accumulated", ("full", "light"), False),
+    (Part.OPTIMIZER, Optimizers, "on_step_pre", ("full", "light"), False),
+    (Part.OPTIMIZER, Optimizers, "on_step_post", ("full", "light"), False),
+    (Part.NAMING, Modules, "_on_call", ("full", "light"), False),
+    (Part.BACKWARD, Backward, "_wrapper", ("full", "light"), False),
+    (Part.ACCUMULATION, ZeroGrad, "_wrapper", ("full", "light"), False),
 ]
 
 
@@ -138,9 +146,9 @@ def test_fault_at_hook_boundary_is_contained(monkeypatch, tmp_path, reference, c
 def test_fault_in_unpack_keeps_torchs_version_check(monkeypatch, clean) -> None:
     """torch calls the registry's unpack itself: a fault while it words a real version error is
     reported once, and backward still fails as torch would (never with a silently wrong grad)."""
-    from gradwatch.detectors import saved_tensor
+    from gradwatch.detectors import _saved_registry
 
-    monkeypatch.setattr(saved_tensor, "_version_error", _boom)
+    monkeypatch.setattr(_saved_registry, "_version_error", _boom)
     w_ = nn.Parameter(torch.ones(3))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -183,20 +191,20 @@ def test_sink_anomaly_fault_keeps_anomaly_in_memory(monkeypatch, tmp_path, clean
 
 @pytest.mark.parametrize("level", ["full", "light"])
 def test_failed_optimizer_layer_causes_no_false_anomalies(monkeypatch, reference, level) -> None:
-    """Regression (fixed in 0439710): a failed optimizer-hook layer used to leave the
-    accumulation detector blind, with a false accumulated_grad_discarded at every zero_grad."""
-    monkeypatch.setattr(Watch, "_about_to_update", _boom)
+    """A failed optimizer-hook part leaves the accumulation detector off too (it cannot know
+    when gradients are consumed): no false accumulated_grad_discarded at every zero_grad."""
+    monkeypatch.setattr(Optimizers, "_about_to_update", _boom)
     model, losses, ours, w = _train(True, level=level)
     _assert_identical(reference, model, losses)
     assert w.anomalies == []
     assert len(ours) == 1 and "internal error in optimizer hooks" in ours[0]
 
 
-@pytest.mark.parametrize("attr", ["before", "after"])
+@pytest.mark.parametrize("attr", ["on_inplace", "_after_write"])
 def test_fault_while_leaving_no_grad_keeps_grad_mode(monkeypatch, clean, attr) -> None:
-    """light: the mode is pushed/popped around no_grad; a fault there must not leave grad off
-    (before 0439710 it escaped from no_grad.__exit__ and left grad mode disabled)."""
-    monkeypatch.setattr(Watch, attr, _boom)
+    """light: the mode is pushed/popped around no_grad; a fault in its handlers must not escape
+    from no_grad.__exit__ and leave grad mode disabled."""
+    monkeypatch.setattr(Writes, attr, _boom)
     p = nn.Parameter(torch.ones(3))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -213,7 +221,7 @@ def test_fault_while_leaving_no_grad_keeps_grad_mode(monkeypatch, clean, attr) -
 
 
 # ----------------------------------------------------------------------------- public entry point
-@pytest.mark.parametrize("first", ["gradwatch.session", "gradwatch.lightning"])
+@pytest.mark.parametrize("first", ["gradwatch.api", "gradwatch.session", "gradwatch.lightning"])
 def test_watch_stays_callable_after_submodule_import(first: str) -> None:
     import subprocess
     import sys

@@ -250,7 +250,7 @@ def test_events_hold_no_tensors() -> None:
 @pytest.mark.parametrize("level", ["full", "light"])
 def test_event_buffer_bound_counts_events_not_records(level: str) -> None:
     """One backward over many leaves is one record internally: the bound still counts events."""
-    from gradwatch.session import Watch
+    from gradwatch import Watch
 
     model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(10)])  # 20 leaves
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -260,7 +260,7 @@ def test_event_buffer_bound_counts_events_not_records(level: str) -> None:
             opt.step()
             opt.zero_grad()
         assert isinstance(w, Watch)
-        held = w._buffer.held
+        held = w._runtime.emit.buffer.held
     assert 30 <= held < 30 + 20  # the bound, plus at most one batch less one event
     assert len(w.events) == 30
     assert w.counts["grad_accumulated"] == 50 * 20
@@ -280,9 +280,10 @@ def test_step_that_raises_leaves_no_sample_views_behind() -> None:
         model(torch.randn(2, 4)).sum().backward()
         with pytest.raises(RuntimeError, match="boom"):
             opt.step()  # step 0: a statistics step
-        views = w._step_state[id(opt)]["samples"][0]
+        running = w._runtime.optimizers.running
+        views = running[id(opt)].samples[0]
         assert [v is not None and v._base is not None for v in views] == [True, True]
-    assert w._step_state == {}
+    assert running == {}
 
 
 def test_library_optimizer_step_runs_with_the_mode_aside_and_is_restored(clean) -> None:

@@ -217,7 +217,7 @@ ACC_OPS = ["backward", "backward", "step", "step", "step_d", "zero_none", "zero_
 
 def _run_accumulation_program(program: list[str], level: str, eager: bool,
                               monkeypatch: pytest.MonkeyPatch) -> tuple:
-    from gradwatch.detectors.accumulation import AccumulationTracker
+    from gradwatch.detectors._windows import AccumulationTracker
 
     if eager:
         original = AccumulationTracker.fresh_pass
@@ -288,7 +288,7 @@ def test_jsonl_lines_of_leaf_batches_match_their_events(tmp_path, monkeypatch, l
     def run(directory, templated: bool) -> list[dict]:
         if not templated:
             def write_records(self, records, rank):  # type: ignore[no-untyped-def]
-                from gradwatch._records import build_event, expand
+                from gradwatch.records.raw import build_event, expand
 
                 for r in expand(records):
                     self._file.write(json.dumps(build_event(r, rank).to_dict(),

@@ -28,14 +28,14 @@ _EXPORTS = {
     "Event": "events",
     "EventKind": "events",
     "Location": "events",
-    "Watch": "session",
-    "watch": "session",
+    "Watch": "api",
+    "watch": "api",
 }
 
 if TYPE_CHECKING:
+    from .api import Watch, watch
     from .errors import AnomalyError, GradWatchWarning
     from .events import Change, Event, EventKind, Location
-    from .session import Watch, watch
 
 
 def __getattr__(name: str) -> Any:

@@ -169,14 +169,3 @@ def rebound_name(where: tuple[CodeType, int] | None) -> str | None:
         if any(isinstance(n, ast.Name) and n.id == target for n in ast.walk(stmt.value)):
             return target
     return None
-
-
-_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def op_caller() -> FrameType | None:
-    """The frame that called the torch function being intercepted (gradwatch's frames skipped)."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
-        frame = frame.f_back
-    return frame

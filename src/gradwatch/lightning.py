@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .api import Watch, active_watch, shared_watch_running
 from .config import Config
 from .errors import GradWatchWarning
 from .events import Event
 from .report import format_report
-from .session import Watch, shared_watch_running
 from .sinks.jsonl import JsonlSink, jsonl_name
 from .sinks.tensorboard import TensorBoardSink
 
@@ -189,7 +189,7 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
                 f"Trainer has {len(mine)} GradWatchCallback instances; gradwatch watches one "
                 "training loop at a time. Pass a single GradWatchCallback(...) in callbacks=[...]."
             )
-        active = _active_watch()
+        active = active_watch()
         if active is not None and not getattr(active, "shared", False):
             raise _misconfigured(
                 trainer,
@@ -258,7 +258,7 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
             rank_zero_info(f"GradWatchCallback: writing to the TensorBoard logger and {where} in {out}")
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.watch is not None and not self.watch._closed:
+        if self.watch is not None and not self.watch.closed:
             self.watch.close()  # a previous fit's, still open
         if self.output_dir is None:  # setup() not run for fit (should not happen)
             self.setup(trainer, pl_module, "fit")
@@ -281,8 +281,7 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
         ref = weakref.ref(trainer)
         try:
             w = Watch(Config.build(trainer.lightning_module, optimizers, **self._options),
-                      sinks=sinks)
-            w._step_override = lambda: ref().global_step  # type: ignore[union-attr]
+                      sinks=sinks, step_source=lambda: ref().global_step)  # type: ignore[union-attr]
             w.__enter__()
         except Exception as exc:
             for sink in sinks:
@@ -314,7 +313,7 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
     def _close(self) -> None:
         self._tb_writer = None  # the logger's; not ours to keep
         w = self.watch
-        if w is not None and not w._closed:
+        if w is not None and not w.closed:
             w.close()
 
 
@@ -326,10 +325,6 @@ def _misconfigured(trainer: Any, message: str) -> Exception:
     module = sys.modules.get(f"{package}.utilities.exceptions")
     cls = getattr(module, "MisconfigurationException", MisconfigurationException)
     return cls(message)
-
-
-def _active_watch() -> Watch | None:
-    return getattr(sys.modules[Watch.__module__], "_active", None)
 
 
 def _is_tensorboard_logger(logger: Any) -> bool:

@@ -1,9 +1,14 @@
 """The private function mode. Its only job: classify (memoised), return early, hand the rare
-interesting call to the session. No strings, no names, no syncs here."""
+interesting call to its handler. No strings, no names, no syncs here.
+
+``handlers[action](func, args, kwargs)`` runs before the op; it returns None or a pair
+``(after, state)``, and ``after(state, out)`` runs once the op returned. Whether the mode looks
+at all is the gate's business (:mod:`.gate` writes ``suspended``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -11,12 +16,13 @@ from torch.overrides import TorchFunctionMode
 from ..errors import AnomalyError
 from .ops import ACTIONS, Action, classify
 
-if TYPE_CHECKING:
-    from ..session import Watch
+__all__ = ["Handler", "WatchMode"]
 
-__all__ = ["WatchMode"]
+Handler = Callable[[Any, tuple, dict], Any]
 
 _PASS = Action.PASS
+_KWARG_WRITE = Action.KWARG_WRITE
+_NO_GRAD_OP = Action.NO_GRAD_OP
 _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
 
@@ -26,49 +32,54 @@ _dynamo_compiling = torch.compiler.is_dynamo_compiling
 _compiler = torch.compiler
 
 
-class WatchMode(TorchFunctionMode):
-    """Sees every torch call while active. Calls ``func`` exactly once; around the rare
-    interesting call it asks the session for ``before`` work and hands the result to ``after``.
-    A failure in either is the session's to report: the user's op always runs."""
+def _nothing(*_: Any) -> None:
+    return None
 
-    def __init__(self, session: Watch) -> None:
+
+class WatchMode(TorchFunctionMode):
+    """Sees every torch call while active. Calls ``func`` exactly once; a handler's failure is
+    handed to ``on_fail``: the user's op always runs."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.session = session
+        self.suspended = True  # pass everything through (written by the gate only)
+        self.handlers: list[Handler] = [_nothing] * Action.COUNT
+        self.on_no_grad: Callable[[], None] = _nothing  # user code switched grad mode off
+        self.on_fail: Callable[[BaseException], None] = _nothing
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         if kwargs is None:
             kwargs = {}
-        s = self.session
-        if s.suspended or _dynamo_compiling() or _compiler._is_compiling_flag:
-            # first: dynamo (or export) must trace nothing of ours
+        # hot: the suspended/compile check first (dynamo, or export, must trace nothing of ours)
+        if self.suspended or _dynamo_compiling() or _compiler._is_compiling_flag:
             return func(*args, **kwargs)
-        action = ACTIONS.get(func)
+        action = ACTIONS.get(func)  # hot: memoised classification, identity tests
         if action is None:
             action = classify(func)
         if action is _PASS:
             if kwargs and ("out" in kwargs or kwargs.get("inplace") is True):
-                action = Action.KWARG_WRITE
+                action = _KWARG_WRITE
             elif func is _set_grad_enabled:
                 if args and args[0] is False:
-                    s.on_no_grad_entered()
+                    self.on_no_grad()
                 return func(*args, **kwargs)
             elif not _grad_enabled():
-                action = Action.NO_GRAD_OP
+                action = _NO_GRAD_OP
             else:
                 return func(*args, **kwargs)
         try:
-            pre = s.before(action, func, args, kwargs)
+            pre = self.handlers[action](func, args, kwargs)
         except AnomalyError:
             raise
         except Exception as exc:
-            s.mode_failed(exc)
+            self.on_fail(exc)
             pre = None
         out = func(*args, **kwargs)
         if pre is not None:
             try:
-                s.after(pre, out)
+                pre[0](pre[1], out)
             except AnomalyError:
                 raise
             except Exception as exc:
-                s.mode_failed(exc)
+                self.on_fail(exc)
         return out

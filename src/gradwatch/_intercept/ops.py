@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ACTIONS", "Action", "classify", "op_name"]
+__all__ = ["ACTIONS", "Action", "classify"]
 
 
 class Action:
@@ -23,6 +23,7 @@ class Action:
     EMBEDDING = 8  # F.embedding(max_norm=...) renormalises args[1] in place under no_grad
     KWARG_WRITE = 9  # out=... or inplace=True (decided per call, never memoised)
     NO_GRAD_OP = 10  # an out-of-place op with grad off (decided per call, never memoised)
+    COUNT = 11  # the size of the mode's handler table
 
 
 _INPLACE_DUNDERS = frozenset(
@@ -40,15 +41,6 @@ _NOT_DATA = frozenset(
 )
 
 ACTIONS: dict[Any, int] = {}
-
-
-def op_name(func: Any) -> str:
-    """The user-facing name: ``sub_``, ``copy_``, ``__setitem__``, ``grad.__set__``…"""
-    name = getattr(func, "__name__", None) or str(func)
-    owner = getattr(func, "__self__", None)
-    if name in ("__get__", "__set__") and owner is not None:
-        return f"{getattr(owner, '__name__', '?')}.{name}"
-    return name
 
 
 def classify(func: Any) -> int:
@@ -95,6 +87,3 @@ def _classify(func: Any) -> int:
         return Action.PASS
     return Action.INPLACE
 
-
-def is_torch_tensor(x: Any) -> bool:
-    return isinstance(x, torch.Tensor)

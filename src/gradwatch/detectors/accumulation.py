@@ -1,35 +1,31 @@
-"""``stale_grad_accumulation`` and ``accumulated_grad_discarded``: the life of a leaf's ``.grad``.
+"""``stale_grad_accumulation`` and ``accumulated_grad_discarded``: the gradient-window contract.
 
-Per leaf, a *window* runs from one reset of ``.grad`` (zeroed or set to None) to the next. Each
-backward pass that accumulates into the leaf is stamped with the leaf's *token*: its version
-counter plus the number of optimizer steps that updated it (fused optimizers bump no version).
-
-* stale: an accumulation lands on a sum whose earlier part was taken at another token. If no
-  optimizer step consumed the earlier part, it is reported at once (an in-place edit between two
-  backward passes); otherwise it is reported only when a step then uses the mixed sum (a GAN's
-  discriminator picking up the generator's gradient, zeroed before its own step, is correct).
-* discarded: the window is reset after accumulating, no step consumed it, the user never read
-  it, and it is finite and non-zero (checked only then: one sync on a rare path).
-
-The usual loop (zero_grad with set_to_none, backward, step) needs no per-leaf bookkeeping: a
-backward pass that finds no ``.grad`` on any tracked leaf is kept as one :class:`_Pass` (lists
-of ints and weak references), a step that uses exactly its leaves only counts itself on it, and
-the next such pass replaces it. Per-leaf states are brought up to date from the pending pass
-(:meth:`AccumulationTracker.sync`) only when something else asks about a leaf.
+The window state machine lives in :mod:`._windows`; this detector feeds it from the boundaries
+(``.grad`` reads and writes, backward passes, zeroing, optimizer steps) and reports what it finds.
 """
 
 from __future__ import annotations
 
-import weakref
-from types import CodeType
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["AccumulationTracker", "LeafState", "PassEntry"]
+from .._context import RunContext
+from .._location import caller, is_internal, location_of
+from .._naming import describe
+from ..errors import AnomalyError
+from ..events import EventKind
+from ..records.emit import Emitter
+from ..records.raw import LeafBatch, Raw, op_str
+from ._windows import AccumulationTracker, LeafState, PassEntry, finite_nonzero
 
-# One leaf reached by a pass: (weak reference, id(leaf), id(grad), grad version, leaf version).
-PassEntry = tuple[weakref.ref, int, int, int, int]
+__all__ = ["HINT_DISCARDED", "HINT_STALE", "AccumulationDetector"]
+
+K = EventKind
+_Tensor = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
 
 HINT_STALE = (
     "call optimizer.zero_grad() (or set .grad to None) after each step and after editing the "
@@ -41,299 +37,232 @@ HINT_DISCARDED = (
 )
 
 
-class LeafState:
-    __slots__ = ("accum", "consumed", "grad_id", "grad_version", "last_edit", "leaf", "optimized",
-                 "read", "read_where", "reset", "stale_where", "steps", "token", "trained",
-                 "window_start")
 
-    def __init__(self, leaf: torch.Tensor) -> None:
-        self.leaf = weakref.ref(leaf)
-        self.accum = 0
-        self.consumed = False
-        self.read = False
-        self.read_where: tuple[CodeType, int] | None = None
-        self.reset = False
-        self.grad_id = 0
-        self.grad_version = -1
-        self.steps = 0
-        self.token: tuple[int, int] | None = None
-        self.stale_where: tuple[CodeType, int] | None = None
-        self.optimized = False
-        self.trained = False
-        self.window_start: tuple[CodeType, int] | None = None
-        self.last_edit: tuple[CodeType, int] | None = None  # last in-place edit under no_grad
+class AccumulationDetector:
+    """Owns the windows of every tracked leaf's ``.grad`` and the reports about them."""
 
+    def __init__(self, ctx: RunContext, emit: Emitter, fail: Callable[[BaseException], None]) -> None:
+        self.ctx = ctx
+        self.emit = emit
+        self.windows = AccumulationTracker()
+        self._fail = fail
+        self.off = False
 
-class _Pass:
-    """A backward pass that found no ``.grad`` on any tracked leaf: a fresh window on each leaf
-    it reached, not yet applied per leaf; ``steps``: optimizer steps that used exactly these."""
-
-    __slots__ = ("_grad_ids", "entries", "ids", "steps", "where")
-
-    def __init__(self, entries: list[PassEntry], where: tuple[CodeType, int] | None) -> None:
-        self.entries = entries
-        self.ids = {e[1] for e in entries}
-        self.where = where
-        self.steps = 0
-        self._grad_ids: set[int] | None = None
-
-    def grad_ids(self) -> set[int]:
-        """ids of the gradients this pass created (built on first use: rare paths only)."""
-        if self._grad_ids is None:
-            self._grad_ids = {e[2] for e in self.entries}
-        return self._grad_ids
-
-
-class AccumulationTracker:
-    """State machine per leaf; the session feeds it hooks and zeroing ops and emits its findings.
-    Read ``leaves``, ``grad_owner`` and ``unconsumed`` only after :meth:`sync`."""
-
-    def __init__(self) -> None:
-        self.leaves: dict[int, LeafState] = {}
-        self.grad_owner: dict[int, LeafState] = {}  # id(p.grad) -> state of p
-        # leaves whose window holds gradients no step has used yet (zero_grad checks only these)
-        self.unconsumed: set[int] = set()
-        self.pending: _Pass | None = None
-        self.trained: set[int] = set()  # ids of leaves some backward pass reached
-
-    def state(self, leaf: torch.Tensor) -> LeafState:
-        if self.pending is not None:
-            self.sync()
-        return self._state(leaf)
-
-    def _state(self, leaf: torch.Tensor) -> LeafState:
-        st = self.leaves.get(id(leaf))
-        if st is None or st.leaf() is not leaf:
-            st = LeafState(leaf)
-            self.leaves[id(leaf)] = st
-        return st
-
-    def get(self, leaf: torch.Tensor) -> LeafState | None:
-        if self.pending is not None and id(leaf) in self.pending.ids:
-            self.sync()  # (the pending pass changes only the states of the leaves it reached)
-        st = self.leaves.get(id(leaf))
-        if st is not None and st.leaf() is leaf:
-            return st
+    # -- per .grad read (hot: every p.grad read while the mode is on, mostly torch's own) ------
+    def on_grad_get(self, func: Any, args: tuple, kwargs: dict) -> None:
+        """The mode's handler for ``p.grad`` reads: a read by user code of a window nobody read
+        yet makes it "used" (a discarded window that was read is no finding)."""
+        if not args or self.off:
+            return None
+        w = self.windows
+        key = id(args[0])
+        pending = w.pending
+        if pending is not None and key in pending.ids:
+            unread = True  # accumulated into by the pass not applied yet, never read since
+        else:
+            st = w.leaves.get(key)
+            unread = st is not None and st.accum and not st.read
+        if unread:
+            frame = sys._getframe(2)  # on_grad_get <- __torch_function__ <- the reader
+            if not is_internal(frame.f_code):  # torch reading it (clip, step) is no use
+                try:
+                    self._grad_read(args[0], frame)
+                except AnomalyError:
+                    raise
+                except Exception as exc:
+                    self._fail(exc)
         return None
 
-    def owner_of_grad(self, grad: torch.Tensor) -> LeafState | None:
-        """The state of the leaf whose ``.grad`` is ``grad`` now, if tracked."""
-        if self.pending is not None and id(grad) in self.pending.grad_ids():
-            self.sync()
-        st = self.grad_owner.get(id(grad))
-        if st is not None:
-            leaf = st.leaf()
-            if leaf is None or leaf.grad is not grad:
+    def _grad_read(self, p: Any, frame: Any) -> None:
+        if not isinstance(p, _Tensor):
+            return
+        st = self.windows.get(p)
+        if st is None or st.accum == 0 or st.read:
+            return
+        self.windows.grad_read(p, (frame.f_code, frame.f_lineno))
+
+    def on_grad_set(self, func: Any, args: tuple, kwargs: dict) -> None:
+        """The mode's handler for ``p.grad = value``: dropping an unused window discards it."""
+        if self.off or len(args) < 2:
+            return None
+        p, value = args[0], args[1]
+        try:
+            if not isinstance(p, _Tensor):
                 return None
-        return st
+            st = self.windows.get(p)
+            if st is None:
+                return None
+            old = p.grad
+            if old is None or value is old:
+                return None
+            # the user's line is looked up only when the dropped gradient was never used
+            where = caller() if id(p) in self.windows.unconsumed else None
+            self.zeroing(st, old, where, "grad = None" if value is None else "grad =")
+        except AnomalyError:
+            raise
+        except Exception as exc:
+            self._fail(exc)
+        return None
+
+    # -- queries for the boundaries -----------------------------------------------------------
+    def owner_of_grad(self, t: torch.Tensor) -> LeafState | None:
+        """The window whose ``.grad`` is ``t``, if tracked."""
+        return self.windows.owner_of_grad(t)
 
     def has_unconsumed(self) -> bool:
-        """Whether some window holds gradients that no optimizer step has used yet."""
-        return bool(self.unconsumed) or (self.pending is not None and self.pending.steps == 0)
+        return self.windows.has_unconsumed()
 
-    # -- the usual loop, without per-leaf work ------------------------------------------------
-    def fresh_pass(self, entries: list[PassEntry], where: tuple[CodeType, int] | None) -> None:
-        """A backward pass found no ``.grad`` on any tracked leaf and reached ``entries``."""
-        last = self.pending
-        if last is not None:
-            if last.steps == 0:
-                self.sync()  # its gradients were dropped unused: keep what the leaves say
-            else:  # used by a step, then reset: nothing about it can matter any more
-                self.pending = None
-                if self.unconsumed:
-                    self.unconsumed.difference_update(last.ids)
-        p = _Pass(entries, where)
-        self.trained |= p.ids
-        self.pending = p
+    def is_trained(self, p: torch.Tensor) -> bool:
+        """Whether a backward pass reached ``p`` or an optimizer holds it."""
+        if id(p) in self.windows.reached:
+            return True
+        st = self.windows.get(p)
+        return st is not None and st.optimized
 
-    def sync(self) -> None:
-        """Apply the pending pass to the per-leaf states (what :meth:`fresh` and
-        :meth:`stepped` would have done at the time)."""
-        p, self.pending = self.pending, None
-        if p is not None:
-            self._open_windows(((leaf, key, gid, grad_version, leaf_version)
-                                for ref, key, gid, grad_version, leaf_version in p.entries
-                                if (leaf := ref()) is not None), p.where, p.steps)
+    def optimized(self, p: torch.Tensor) -> None:
+        """An optimizer holds ``p``."""
+        self.windows.state(p).optimized = True
 
-    def _open_windows(self, reached: Any, where: tuple[CodeType, int] | None, steps: int) -> None:
-        """Each (leaf, id(leaf), id(grad), grad version, leaf version) had no ``.grad`` before a
-        pass that reached it: a new window; ``steps`` optimizer steps have used it since."""
-        leaves = self.leaves
-        owner = self.grad_owner
-        unconsumed = self.unconsumed
-        trained = self.trained
-        for leaf, key, gid, grad_version, leaf_version in reached:
-            st = leaves.get(key)
-            if st is None or st.leaf() is not leaf:
-                st = self._state(leaf)
-            trained.add(key)
-            st.token = (leaf_version, st.steps)
-            st.trained = True
-            st.last_edit = st.stale_where = None
-            st.read = st.reset = False
-            st.window_start = where
-            st.accum = 1
-            old = st.grad_id
-            if gid != old:
-                if owner.get(old) is st:  # ids are reused: drop only our own entry
-                    del owner[old]
-                st.grad_id = gid
-                owner[gid] = st
-            st.grad_version = grad_version
-            if steps:
-                st.optimized = True
-                st.steps += steps
-                st.consumed = True
-                unconsumed.discard(key)
-            else:
-                st.consumed = False
-                unconsumed.add(key)
+    def edited(self, t: torch.Tensor, where: Any) -> None:
+        """``t`` was edited in place under no_grad at ``where``: a later stale sum points there."""
+        st = self.windows.get(t)
+        if st is not None:
+            st.last_edit = where
 
-    def accumulated(self, leaf: torch.Tensor, grad: torch.Tensor, fresh: bool,
-                    where: tuple[CodeType, int] | None) -> LeafState | None:
-        """A backward pass accumulated into ``leaf.grad`` (``grad``); ``fresh``: the leaf had no
-        ``.grad`` before that pass. Returns the state when a stale sum is to be reported now."""
-        st = self.state(leaf)
-        self.trained.add(id(leaf))
-        st.trained = True
-        try:
-            leaf_version = leaf._version
-        except RuntimeError:
-            leaf_version = -1
-        token = (leaf_version, st.steps)
-        gid = id(grad)
-        # A fresh .grad (after set_to_none) is a new tensor; ids alone are reused.
-        same_sum = (not fresh and st.accum > 0 and not st.reset and gid == st.grad_id
-                    and grad._version > st.grad_version)
-        finding = None
-        if same_sum and st.token != token:
-            if st.consumed:
-                if st.stale_where is None:
-                    st.stale_where = where
-            else:
-                finding = st
-        if not same_sum:
-            st.last_edit = None
-            st.accum = 0
-            st.consumed = False
-            st.read = False
-            st.stale_where = None
-            st.window_start = where
-        st.reset = False
-        st.accum += 1
-        if not st.consumed:
-            self.unconsumed.add(id(leaf))
-        st.token = token
-        if gid != st.grad_id:
-            if self.grad_owner.get(st.grad_id) is st:  # ids are reused: drop only our own entry
-                del self.grad_owner[st.grad_id]
-            st.grad_id = gid
-            self.grad_owner[gid] = st
-        st.grad_version = grad._version
-        return finding
+    # -- zeroing ------------------------------------------------------------------------------
+    def zeroing(self, st: LeafState, grad: torch.Tensor, where: Any, op: Any) -> None:
+        """The window ``st`` (holding ``grad``) is zeroed or dropped at ``where``."""
+        if not self.windows.resetting(st, where) or self.off:
+            return
+        if not finite_nonzero(grad):
+            return
+        name = self._name(st.leaf())
+        self.emit.anomaly(Raw(
+            K.ACCUMULATED_GRAD_DISCARDED, op_str(op),
+            f"{name}.grad", tuple(grad.shape), grad.dtype, grad.device, None, None,
+            "no_grad" if not _grad_enabled() else "enabled", None, where, self.ctx.step(),
+            f"`{name}.grad` held {st.accum} accumulated gradient(s) that no optimizer step used; "
+            "they are discarded here",
+            HINT_DISCARDED,
+        ))
 
-    def fresh(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
-              where: tuple[CodeType, int] | None) -> None:
-        """:meth:`accumulated` for leaves that had no ``.grad`` before the pass (``pairs`` of
-        leaf and new grad): each opens a window; nothing can be stale."""
-        if self.pending is not None:
-            self.sync()
-        self._open_windows(((leaf, id(leaf), id(grad), grad._version, _version(leaf))
-                            for leaf, grad in pairs), where, 0)
+    def zero_grad(self, owner: Any) -> None:
+        """``owner.zero_grad()`` (an optimizer or a module) is about to reset its leaves."""
+        if isinstance(owner, torch.optim.Optimizer):
+            params = [p for g in owner.param_groups for p in g["params"]]
+        elif isinstance(owner, torch.nn.Module):
+            params = list(owner.parameters())
+        else:
+            return
+        w = self.windows
+        w.sync()
+        leaves = w.leaves
+        if not w.unconsumed:  # the usual case right after a step: only mark the resets
+            for p in params:
+                st = leaves.get(id(p))
+                if st is not None:
+                    st.reset = True
+            return
+        where = None
+        for p in params:
+            st = leaves.get(id(p))
+            if st is None or st.leaf() is not p or p.grad is None:
+                continue
+            if where is None:
+                where = caller()
+            self.zeroing(st, p.grad, where, "zero_grad")
 
-    def stepped(self, leaves: list[torch.Tensor]) -> list[LeafState]:
-        """An optimizer step is about to use these leaves' ``.grad``; returns the states whose
-        stale sum is now due (consumed by this step)."""
-        p = self.pending
-        if p is not None:
-            if p.ids == set(map(id, leaves)):  # the usual loop: it uses what the pass left
-                p.steps += 1
+    # -- backward -----------------------------------------------------------------------------
+    def backward(self, refs: list[Any], before: list[Any], where: Any, *, per_leaf: bool
+                 ) -> list[torch.Tensor]:
+        """After a backward pass at ``where``: the tracked leaves (``refs``, whose ``.grad`` was
+        ``before``) whose ``.grad`` it changed were accumulated into. ``per_leaf``: return them
+        (else the usual loop is kept as one pending record and nothing is returned)."""
+        step = self.ctx.step()
+        names = self.ctx.names
+        if not per_leaf and not any(before):
+            # The usual loop: no tracked leaf had a .grad; one record for the whole pass.
+            entries: list[PassEntry] | None
+            try:
+                entries = [(ref, id(p), id(g), g._version, p._version) for ref in refs
+                           if (p := ref()) is not None and (g := p.grad) is not None]
+            except RuntimeError:  # a tensor without a version counter: leaf by leaf below
+                entries = None
+            if entries is not None:
+                if entries:
+                    self.windows.fresh_pass(entries, where)
+                    self.emit.record_batch(LeafBatch(K.GRAD_ACCUMULATED, "backward",
+                                                     [e[0] for e in entries], None, where, step,
+                                                     names))
                 return []
-            self.sync()
-        due = []
-        get = self.leaves.get
-        for leaf in leaves:
-            st = get(id(leaf))
-            if st is None or st.leaf() is not leaf:
-                st = self._state(leaf)
-            st.optimized = True
-            st.steps += 1
-            if st.accum > 0:
-                if st.stale_where is not None and not st.reset:
-                    due.append(st)
-                st.consumed = True
-        if self.unconsumed:
-            self.unconsumed.difference_update(map(id, leaves))
-        return due
+        n = len(before)
+        reached, fresh, added = [], [], []  # fresh: no .grad before; added: summed into one
+        for i, ref in enumerate(refs):
+            p = ref()
+            if p is None:
+                continue
+            g = p.grad
+            if g is None:
+                continue
+            prev = before[i] if i < n else None
+            if prev is None:
+                fresh.append((p, g))
+            elif prev[0] == id(g) and prev[1] == g._version:
+                continue  # not reached by this backward
+            else:
+                added.append((p, g))
+            reached.append(ref)
+        if not reached:
+            return []
+        w = self.windows
+        if fresh:
+            w.fresh(fresh, where)
+        stale = []
+        for p, g in added:
+            finding = w.accumulated(p, g, False, where)
+            if finding is not None:  # reported at once: an in-place edit changed the leaf
+                stale.append((finding, p))
+        self.emit.record_batch(LeafBatch(K.GRAD_ACCUMULATED, "backward", reached, None, where,
+                                         step, names))
+        for st, p in stale:
+            self.stale(st, where, p, edited=True)
+        return [p for p, _ in fresh + added]
 
-    def used_by_step(self, leaves: list[torch.Tensor]) -> None:
-        """An optimizer step read these leaves' ``.grad`` without being a new step (what a
-        closure computed, for LBFGS and other closure optimizers that call it several times
-        per step): their windows are used; nothing becomes due."""
-        self.sync()
-        get = self.leaves.get
-        for leaf in leaves:
-            st = get(id(leaf))
-            if st is not None and st.leaf() is leaf and st.accum > 0:
-                st.consumed = True
-        if self.unconsumed:
-            self.unconsumed.difference_update(map(id, leaves))
+    # -- optimizer steps ----------------------------------------------------------------------
+    def stepped(self, params: list[torch.Tensor]) -> None:
+        """An optimizer step is about to use these leaves' ``.grad``: report the stale sums it
+        consumes."""
+        for st in self.windows.stepped(params):
+            where = st.stale_where
+            st.stale_where = None
+            self.stale(st, where, st.leaf())
 
-    def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None) -> None:
-        st = self.get(leaf)  # (syncs)
-        if st is not None and st.accum > 0:
-            st.read = True
-            st.read_where = where
+    def closure_used(self, opt: torch.optim.Optimizer) -> None:
+        """A closure ran again within one step (LBFGS): the step reads these gradients."""
+        self.windows.used_by_step([p for g in opt.param_groups for p in g["params"]
+                                   if p.grad is not None])
 
-    def resetting(self, st: LeafState, where: tuple[CodeType, int] | None = None) -> bool:
-        """The leaf's gradient is about to be zeroed or dropped at ``where``. True if that discards
-        a window worth checking (accumulated, unconsumed, unread, leaf trained by an optimizer).
-        A read on the zeroing line itself (``p.grad.zero_()``) is not a use."""
-        read = st.read and st.read_where != where
-        candidate = st.accum > 0 and not st.consumed and not read and not st.reset and st.optimized
-        st.reset = True
-        leaf = st.leaf()
-        if leaf is not None:
-            self.unconsumed.discard(id(leaf))
-        st.stale_where = None
-        return candidate
+    def stale(self, st: LeafState, where: Any, p: torch.Tensor | None = None,
+              edited: bool = False) -> None:
+        p = p if p is not None else st.leaf()
+        name = self._name(p)
+        edit = location_of(st.last_edit) if edited and st.last_edit is not None else None
+        cause = f"; it was last edited at {edit} (`{edit.code}`)" if edit is not None else ""
+        self.emit.anomaly(Raw(
+            K.STALE_GRAD_ACCUMULATION, "backward", name,
+            tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
+            p.device if p is not None else None, None, None, "enabled", None, where,
+            self.ctx.step(),
+            f"`{name}.grad` now sums gradients taken at different versions of `{name}` (it "
+            f"changed between two backward passes and .grad was not zeroed{cause})",
+            HINT_STALE,
+        ))
 
-    def forget_grad(self, grad_id: int) -> None:
-        self.grad_owner.pop(grad_id, None)
+    def prune(self, tracked: set[int]) -> None:
+        self.windows.prune()
+        self.windows.reached.intersection_update(tracked)
 
-    def prune(self) -> None:
-        if self.pending is not None:
-            self.sync()
-        for key, st in list(self.leaves.items()):
-            if st.leaf() is None:
-                del self.leaves[key]
-                self.unconsumed.discard(key)
-                self.trained.discard(key)
-                if self.grad_owner.get(st.grad_id) is st:
-                    del self.grad_owner[st.grad_id]
-
-    def clear(self) -> None:
-        self.pending = None
-        self.trained.clear()
-        self.leaves.clear()
-        self.grad_owner.clear()
-        self.unconsumed.clear()
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # no version counter (inference tensors)
-        return -1
-
-
-def finite_nonzero(grad: torch.Tensor) -> bool:
-    """Whether ``grad`` holds finite, non-zero values (one sync; used on rare paths only)."""
-    if grad.is_sparse:
-        grad = grad.coalesce().values()
-    if grad.numel() == 0:
-        return False
-    if grad.is_floating_point() or grad.is_complex():
-        ok = torch.stack([torch.isfinite(grad).all(), grad.ne(0).any()]).tolist()
-        return bool(ok[0] and ok[1])
-    return bool(grad.ne(0).any())
+    def _name(self, p: torch.Tensor | None) -> str:
+        if p is None:
+            return "tensor"
+        return self.ctx.names.param_name(p) or describe(p)

@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
+from collections.abc import Callable
 from types import CodeType
+from typing import Any
 
 import torch
 
-from .._location import location_of
+from .._context import RunContext
+from .._location import is_internal, local_name, location_of, rebound_name, user_frame
+from .._naming import describe
+from ..errors import is_no_grad_root_error
+from ..events import EventKind
+from ..records.emit import Emitter
+from ..records.raw import Raw, op_str
 
-__all__ = ["Cut", "CutTracker"]
+__all__ = ["Cut", "CutTracker", "GradFlowDetector"]
+
+K = EventKind
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
 
 HINT_REBIND = (
     "update the tensor in place (w -= lr * w.grad, or w.copy_(...)) instead of rebinding it "
@@ -30,15 +42,14 @@ HINT_ROOT = (
 
 
 class Cut:
-    __slots__ = ("__weakref__", "op", "result", "shape", "source", "source_name", "step",
-                 "trained", "var", "where")
+    __slots__ = ("__weakref__", "op", "result", "shape", "source_name", "step", "trained", "var",
+                 "where")
 
-    def __init__(self, op: str, result: torch.Tensor, source: torch.Tensor, source_name: str,
+    def __init__(self, op: str, result: torch.Tensor, source_name: str,
                  where: tuple[CodeType, int] | None, step: int, var: str | None = None) -> None:
         self.op = op
         self.var = var
         self.result = weakref.ref(result)
-        self.source = None
         self.source_name = source_name
         self.shape = tuple(result.shape)
         self.where = where
@@ -95,11 +106,134 @@ class CutTracker:
                 return c
         return live[-1] if live else None
 
-    def clear(self) -> None:
-        self.ring.clear()
-        self.replaced.clear()
-        self._watching.clear()
+    @property
+    def watching(self) -> bool:
+        """Whether some cut's source is watched (its death would be a replacement)."""
+        return bool(self._watching)
+
+    def mark_trained(self, leaf: torch.Tensor) -> None:
+        """:meth:`source_trained` for a leaf an optimizer holds."""
+        entry = self._watching.get(id(leaf))
+        if entry is not None:
+            entry[1].trained = True
 
 
-def is_no_grad_root_error(exc: BaseException) -> bool:
-    return isinstance(exc, RuntimeError) and "does not require grad and does not have a grad_fn" in str(exc)
+
+class GradFlowDetector:
+    """Records cuts (ops under no_grad on a leaf that requires grad, ``.detach()``, ``.data``),
+    reports a trained tensor replaced by a cut, and explains "does not require grad"."""
+
+    def __init__(self, ctx: RunContext, emit: Emitter,
+                 is_trained: Callable[[torch.Tensor], bool]) -> None:
+        self.ctx = ctx
+        self.emit = emit
+        # whether a leaf is trained (a backward pass reached it, or an optimizer holds it)
+        self.is_trained = is_trained
+        self.cuts = CutTracker()
+        # `with torch.no_grad():` blocks entered in user code: (where, step)
+        self.no_grad_regions: deque[tuple[tuple[CodeType, int] | None, int]] = deque(maxlen=8)
+        self.off = False
+
+    @property
+    def watching(self) -> bool:
+        return self.cuts.watching
+
+    def no_grad_entered(self, frame: Any) -> None:
+        """User code switched grad mode off at ``frame`` (the first frame outside torch)."""
+        if frame is not None and not is_internal(frame.f_code):
+            self.no_grad_regions.append(((frame.f_code, frame.f_lineno), self.ctx.step()))
+
+    def no_grad_source(self, args: tuple) -> torch.Tensor | None:
+        """Before an op under no_grad: the leaf requiring grad it reads, if any (a cut's
+        source; the first tensor argument that requires grad decides)."""
+        for a in args:
+            if isinstance(a, _Tensor) and a.requires_grad:
+                try:
+                    return a if a.is_leaf else None
+                except RuntimeError:  # e.g. a view made under no_grad: no is_leaf
+                    return None
+        return None
+
+    def no_grad_op(self, func: Any, source: torch.Tensor, out: Any) -> None:
+        """After an op under no_grad read ``source``: a same-shaped result without grad is a
+        cut (``p = p - lr * p.grad``)."""
+        if not isinstance(out, _Tensor):
+            return
+        try:
+            # (a Parameter's arithmetic gives a plain Tensor: ``p = p - lr * p.grad``)
+            same = ((type(out) is type(source)
+                     or (type(source) is _Parameter and type(out) is _Tensor))
+                    and not out.is_nested and source.shape == out.shape)
+        except Exception:  # odd tensors (nested, symbolic shapes): no provenance for them
+            return
+        if not same or out.requires_grad:
+            return
+        name = self.ctx.names.param_name(source)
+        frame = user_frame(2)
+        where = (frame.f_code, frame.f_lineno) if frame is not None else None
+        var = local_name(frame, source) or rebound_name(where)
+        cut = Cut(op_str(func), out, name or describe(source), where, self.ctx.step(), var)
+        cut.trained = self.is_trained(source)
+        self.cuts.add(cut, source, watch_source=True)
+
+    def detached(self, func: Any, source: torch.Tensor, out: Any, frame: Any) -> None:
+        """``.detach()`` or ``.data`` read by the code at ``frame``."""
+        if frame is None or is_internal(frame.f_code) or not isinstance(out, _Tensor):
+            return
+        name = self.ctx.names.param_name(source)
+        op = "detach" if getattr(func, "__name__", "") == "detach" else ".data"
+        cut = Cut(op, out, name or describe(source), (frame.f_code, frame.f_lineno),
+                  self.ctx.step())
+        self.cuts.add(cut, source, watch_source=False)
+
+    def trained(self, leaves: list[torch.Tensor]) -> None:
+        """These leaves received gradients: a cut replacing one of them matters."""
+        for p in leaves:
+            self.cuts.source_trained(p)
+
+    def end_step(self) -> None:
+        """Report each trained tensor that died while a tensor cut from it lives on."""
+        if not self.cuts.replaced:
+            return
+        for cut in self.cuts.take_replaced():
+            r = cut.result()
+            self.emit.anomaly(Raw(
+                K.GRAD_FLOW_CUT, cut.op, cut.source_name, cut.shape,
+                r.dtype if r is not None else None, r.device if r is not None else None,
+                None, None, "no_grad", None, cut.where, self.ctx.step(),
+                f"`{cut.var or cut.source_name}` was trained but has been replaced by a tensor "
+                f"computed from it under no_grad ({cut.op}); the new tensor does not require grad "
+                "and will never be trained",
+                HINT_REBIND,
+            ))
+
+    def annotate(self, exc: RuntimeError, roots: tuple) -> bool:
+        """Add a note naming the cut behind "does not require grad"; False if not that error."""
+        if not is_no_grad_root_error(exc):
+            return False
+        cut = self.cuts.explain(roots)
+        if cut is not None:
+            exc.add_note(f"gradwatch: the gradient was cut here: {cut.describe()}. "
+                         f"Fix: {HINT_ROOT}.")
+            r = cut.result()
+            self.emit.anomaly(Raw(
+                K.GRAD_FLOW_CUT, cut.op, cut.source_name, cut.shape,
+                r.dtype if r is not None else None, r.device if r is not None else None,
+                None, None, "no_grad", None, cut.where, self.ctx.step(),
+                f"{cut.describe()}; backward was then called on a result without grad",
+                HINT_ROOT,
+            ), raise_now=False)
+        elif self.no_grad_regions:
+            where, _ = self.no_grad_regions[-1]
+            loc = location_of(where)
+            exc.add_note(
+                f"gradwatch: the loss does not require grad; the last no_grad block was "
+                f"entered at {loc} (`{loc.code if loc else ''}`). Fix: {HINT_ROOT}."
+            )
+            self.emit.anomaly(Raw(
+                K.GRAD_FLOW_CUT, "no_grad", describe(roots[0]) if roots else "loss",
+                tuple(roots[0].shape) if roots else None, None, None, None, None,
+                "no_grad", None, where, self.ctx.step(),
+                "backward was called on a tensor computed without grad", HINT_ROOT,
+            ), raise_now=False)
+        return True

@@ -7,39 +7,27 @@ boundary, backward, or flush. The first write whose before is finite and after i
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["NonfiniteTracker", "max_abs"]
+from .._context import RunContext, version
+from ..events import EventKind
+from ..records.emit import Emitter
+from ..records.raw import Raw, describe_shape, op_str
+
+K = EventKind
+
+__all__ = ["NonfiniteDetector", "NonfiniteTracker"]
 
 HINT = (
     "guard the division/log/sqrt on this line (e.g. x / norm.clamp_min(eps)), or lower the "
     "learning rate; check the inputs of this update for zeros and overflow"
 )
-
-
-def max_abs(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """A 0-d finiteness probe per tensor, without a sync: the L2 norm (one fused kernel; NaN and
-    Inf propagate; ~45x cheaper on CPU than the inf-norm). Finite values above ~1e19 overflow it
-    in float32, which only matters for weights that have already blown up."""
-    if not tensors:
-        return []
-    try:
-        return list(torch._foreach_norm(list(tensors)))
-    except Exception:
-        return [torch.linalg.vector_norm(t.detach()) for t in tensors]
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def checkable(t: torch.Tensor) -> bool:
-    return ((t.is_floating_point() or t.is_complex()) and t.layout == torch.strided
-            and not t.is_nested and t.device.type != "meta" and t.numel() > 0
-            and type(t) in _PLAIN)
 
 
 class _Vector(NamedTuple):
@@ -95,5 +83,60 @@ class NonfiniteTracker:
                         report(info)
                 j += e.vec.numel()
 
-    def clear(self) -> None:
-        self.pending.clear()
+
+
+class NonfiniteDetector:
+    """Queues finiteness probes of watched writes and optimizer steps; reports, once per tensor,
+    the first write that made a finite tensor non-finite."""
+
+    def __init__(self, ctx: RunContext, emit: Emitter) -> None:
+        self.ctx = ctx
+        self.emit = emit
+        self.queue = NonfiniteTracker()
+        self.reported: set[str] = set()
+        self.off = False
+
+    def wrote(self, before: list[torch.Tensor], after: list[torch.Tensor], raws: list[Raw]) -> None:
+        """Probes (see :func:`gradwatch._stats.probe`) of tensors before and after the writes
+        recorded as ``raws``."""
+        if self.queue.queue(before, after, raws):
+            self.queue.resolve(self.report)
+
+    def stepped(self, vec: torch.Tensor, k: int, params: list[torch.Tensor],
+                versions: list[int | None], where: Any, step: int) -> None:
+        """An optimizer step's probes: ``vec[i]`` before and ``vec[2k + ... ]`` layout of
+        :func:`gradwatch._stats.update_norms` (sample before, whole parameter after)."""
+        lazy = [functools.partial(self._update_raw, weakref.ref(p), vb, where, step)
+                for p, vb in zip(params, versions)]
+        self.queue.queue_vector(vec, 0, 3 * k, lazy)
+
+    def end_step(self, final: bool) -> None:
+        """One read of the queued probes (a sync on GPU) per statistics step, not per step."""
+        q = self.queue
+        if q.pending and (final or self.ctx.is_stats_step() or len(q.pending) > q.limit // 2):
+            q.resolve(self.report)
+
+    def _update_raw(self, ref: weakref.ref[torch.Tensor], vb: int | None, where: Any,
+                    step: int) -> Raw:
+        """The record of an optimizer step's write into one parameter (built only when its NaN
+        check fails)."""
+        p = ref()
+        return Raw(K.NONFINITE_INTRODUCED, "optimizer.step",
+                   self.ctx.names.param_name(p) if p is not None else None,
+                   tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
+                   p.device if p is not None else None, vb, version(p) if p is not None else None,
+                   "no_grad", None, where, step)
+
+    def report(self, raw: Raw | Callable[[], Raw]) -> None:
+        if callable(raw):
+            raw = raw()
+        name = raw.name or describe_shape(raw.shape, raw.dtype)
+        if name in self.reported:
+            return
+        self.reported.add(name)
+        op = op_str(raw.op)
+        self.emit.anomaly(raw._replace(
+            kind=K.NONFINITE_INTRODUCED, change=None,
+            message=f"{op} wrote NaN/Inf into `{name}`, which was finite before",
+            hint=HINT,
+        ))

@@ -1,245 +1,181 @@
 """``saved_tensor_mutated``: an in-place op changes a tensor a pending graph saved for backward.
 
-A weak registry of saved tensors, filled by a ``saved_tensors_hooks`` pair, is keyed by storage
-so that writes through views and ``.data`` aliases are caught at the mutating line. Registering
-hooks switches off torch's own saved-version check, so ``unpack`` repeats it. Without the hooks
-(``level="light"``, or hooks of the user's already active) torch's own error is annotated from a
-bounded log of recent mutations.
+At ``level="full"`` the registry (:mod:`._saved_registry`) knows every saved tensor of pending
+graphs: a write into one is reported at the mutating line, before or after the write. Torch's
+own version error is explained after the fact from a bounded log of recent writes and optimizer
+steps (both levels).
 """
 
 from __future__ import annotations
 
-import re
-import weakref
+import functools
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from types import CodeType
 from typing import Any
 
 import torch
 
-from .._location import location_of
-
-__all__ = ["Mutation", "SavedTensorRegistry", "parse_version_error"]
-
-_ref = weakref.ref
-_SWEEP_EVERY = 4096  # packs between sweeps when no backward pass comes
-
-_VERSION_ERROR = re.compile(
-    r"modified by an inplace operation: \[(?P<type>[\w.]+) \[(?P<shape>[\d, ]*)\]\].*?"
-    r"is at version (?P<now>\d+); expected version (?P<expected>\d+)",
-    re.S,
+from .._context import RunContext, version
+from .._naming import storage_key
+from ..errors import is_version_error
+from ..events import EventKind
+from ..records.emit import Emitter
+from ..records.raw import Raw, describe_shape, op_str
+from ._saved_registry import (
+    HINT,
+    Mutation,
+    SavedTensorRegistry,
+    note_text,
+    numel,
+    parse_version_error,
+    torch_wording,
 )
 
-HINT = (
-    "compute the loss again after this in-place update (or call backward before it); "
-    "for a value you only read, use a clone: x = x.clone()"
-)
+__all__ = ["HINT", "Mutation", "SavedTensorDetector"]
+
+K = EventKind
 
 
-@dataclass(frozen=True)
-class Mutation:
-    """One in-place write, remembered (without the tensor) to explain a later version error."""
+class SavedTensorDetector:
+    """Owns the registry, the log of recent writes and steps, and every message of its kind."""
 
-    name: str
-    shape: tuple[int, ...]
-    version_before: int | None
-    version_after: int | None
-    op: str
-    where: tuple[CodeType, int] | None
-    step: int
-
-    def describe(self) -> str:
-        loc = location_of(self.where)
-        place = f"{loc} (`{loc.code}`)" if loc else "an unknown line"
-        versions = ""
-        if self.version_before is not None and self.version_after is not None:
-            versions = f", version {self.version_before} → {self.version_after}"
-        return f"`{self.name}` was modified in place by {self.op} at {place}{versions}"
-
-
-class _Saved:
-    """What the pack hook returns: a detached alias (shares the version counter) + its version."""
-
-    __slots__ = ("__weakref__", "alias", "key", "mutated_by", "node", "output_nr", "renamed",
-                 "seq", "used", "version")
-
-
-class _VIEW:
-    """Marks a saved view in ``_Saved.node`` (torch regenerates a changed view's node)."""
-
-
-def parse_version_error(message: str) -> tuple[tuple[int, ...], int, int] | None:
-    m = _VERSION_ERROR.search(message)
-    if m is None:
-        return None
-    shape = tuple(int(s) for s in m.group("shape").replace(" ", "").split(",") if s)
-    return shape, int(m.group("now")), int(m.group("expected"))
-
-
-class SavedTensorRegistry:
-    """Saved tensors of pending graphs by storage address; weak, so freed graphs vanish. The
-    references of freed graphs are dropped by :meth:`sweep` (after each backward pass, at step
-    ends, and every ``_SWEEP_EVERY`` packs), not by a callback per saved tensor."""
-
-    def __init__(self, recent: int = 256,
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
-        self._by_storage: dict[int, list[weakref.ref[_Saved]]] = {}
-        # pack/unpack are torch's hooks themselves (no wrapper layer per saved tensor): an
-        # internal error is handed to on_error once and the hooks pass tensors through after it
+    def __init__(self, ctx: RunContext, emit: Emitter) -> None:
+        self.ctx = ctx
+        self.emit = emit
+        self.registry: SavedTensorRegistry | None = None
+        self.log: deque[Any] = deque(maxlen=256)  # Mutations and inplace Raws (notes only)
+        self.recent_steps: deque[tuple] = deque(maxlen=8)  # (where, step, param ids, versions)
         self.off = False
-        self.on_error = on_error
-        self._packed = 0  # since the last sweep
-        # Mutation or raw inplace records (converted only when an error needs explaining)
-        self.recent: deque[Any] = deque(maxlen=recent)
-        # The autograd engine re-creates exceptions raised in hooks: remember the culprit here.
-        self.last_failure: Mutation | None = None
-        self.last_failure_key: int | None = None  # the storage of the tensor that failed
 
-    def __bool__(self) -> bool:
-        return bool(self._by_storage)
+    def install(self, installed: Any, on_error: Callable[[BaseException], None]) -> None:
+        """Push the registry's pack/unpack pair (full): torch calls them directly (guarded
+        inside: an internal error is reported once, tensors pass through from then on)."""
+        torch_wording()  # read torch's error wording while torch still checks
+        registry = SavedTensorRegistry(on_error=on_error)
+        if installed.saved_tensors_hooks(registry.pack, registry.unpack):
+            self.registry = registry
+            installed.add(functools.partial(setattr, self, "registry", None))
 
-    # -- the saved_tensors_hooks pair ----------------------------------------------------------
-    def pack(self, t: torch.Tensor) -> Any:
-        if self.off:
-            return t
-        try:
-            return self._pack(t)
-        except Exception as exc:
-            self._failed(exc)
-            return t
+    # -- at a write ---------------------------------------------------------------------------
+    def pending(self, key: int | None) -> list[Any] | None:
+        """Intact saved tensors of pending graphs on storage ``key`` (None without any)."""
+        registry = self.registry
+        return registry.pending(key) if registry else None
 
-    def _pack(self, t: torch.Tensor) -> Any:
-        try:
-            version = t._version
-            key = t.untyped_storage().data_ptr()
-        except Exception:  # no version counter or no storage: keep torch's behaviour
-            return t
-        s = _Saved()
-        # An alias sharing t's version counter; detached only when t has a grad_fn (an output
-        # saved by its own node would otherwise make a cycle). Leaves (parameters, inputs) are
-        # kept as they are, as torch itself keeps them.
-        if t.is_leaf:
-            s.alias = t
-            s.node = None
+    def mutated(self, func: Any, t: torch.Tensor, saved: list[Any], key: int | None, where: Any,
+                grad_mode: str, *, after: bool) -> None:
+        """``t`` (on storage ``key``) is written in place by ``func`` at ``where`` while the
+        graphs that saved ``saved`` are pending: report it (``after``: the write happened)."""
+        name = self.ctx.names.name_of(t, key)
+        now = version(t)
+        vb = (now - 1) if (after and now is not None) else now
+        first = saved[0]
+        silent = after and first.alias._version == first.version
+        op = op_str(func)
+        step = self.ctx.step()
+        mutation = Mutation(name, tuple(t.shape), vb, now if after else None, op, where, step)
+        if self.registry is not None:
+            self.registry.mark(saved, mutation, t if after and grad_mode == "enabled" else None)
+        self.log.append(mutation)
+        if silent:
+            msg = (f"`{name}` was written in place by {op} through an alias with its own version "
+                   "counter (.data/.detach()) while a pending graph saved it: torch cannot detect "
+                   "this, backward will silently use the new values")
+            vb = va = None
         else:
-            s.alias = t.detach()
-            # for the error text only (torch names the tensor's node): the class and sequence
-            # number, never the node itself
-            fn = t.grad_fn
-            s.node = _VIEW if t._is_view() else type(fn)
-            s.seq = fn._sequence_nr()
-            s.output_nr = t.output_nr
-            s.renamed = None
-        s.version = version
-        s.used = False
-        s.key = key
-        s.mutated_by = None
-        refs = self._by_storage.get(key)
-        if refs is None:
-            self._by_storage[key] = [_ref(s)]
-        else:
-            refs.append(_ref(s))
-        self._packed += 1
-        if self._packed >= _SWEEP_EVERY:  # graphs built and dropped without a backward pass
-            self.sweep()
-        return s
+            msg = (f"`{name}` is modified in place by {op} while a graph that has not run backward "
+                   f"yet saved it at version {first.version}: backward through that graph will fail "
+                   "(or use the new values)")
+            va = now if after else None
+        self.emit.anomaly(Raw(K.SAVED_TENSOR_MUTATED, op, name, tuple(t.shape), t.dtype, t.device,
+                              vb, va, grad_mode, None, where, step, msg, HINT))
 
-    def unpack(self, s: Any) -> torch.Tensor:
-        """torch's check, repeated: the saved tensor must be at the version it was saved at.
-        Runs also after the watch closed (for graphs packed while it ran)."""
-        if type(s) is not _Saved:
-            return s
-        alias = s.alias
-        if self.off:
-            return alias
-        s.used = True
-        if alias._version == s.version:
-            return alias
-        self.last_failure = s.mutated_by
-        self.last_failure_key = s.key
-        try:
-            error = _version_error(alias, s)
-        except Exception as exc:  # torch's check still holds, in fewer words
-            self._failed(exc)
-            error = RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an "
-                f"inplace operation: is at version {alias._version}; expected version "
-                f"{s.version} instead.")
-        try:
-            raise error
-        finally:  # no cycle error -> traceback -> this frame: the failed graph is freed at once
-            del error
+    def wrote(self, raw: Raw) -> None:
+        """An in-place write was recorded: remember it for a later version error's note."""
+        self.log.append(raw)
 
-    def _failed(self, exc: BaseException) -> None:
-        self.off = True
-        if self.on_error is not None:
-            self.on_error(exc)
+    def check_tensors(self, op: Any, tensors: list[torch.Tensor], where: Any) -> None:
+        """Library code (an optimizer step, clipping) is about to write these tensors."""
+        for t in tensors:
+            key = storage_key(t)
+            saved = self.pending(key)
+            if saved is not None:
+                where = where() if callable(where) else where
+                self.mutated(op, t, saved, key, where, "no_grad", after=False)
 
-    def sweep(self) -> None:
-        """Drop the references whose saved tensor is gone (its graph was used or freed)."""
-        self._packed = 0
-        by_storage = self._by_storage
-        if not by_storage:
-            return
-        dead = []
-        for key, refs in by_storage.items():
-            if len(refs) == 1:  # the usual entry: one saved tensor on its storage
-                if refs[0]() is None:
-                    dead.append(key)
-                continue
-            live = [r for r in refs if r() is not None]
-            if not live:
-                dead.append(key)
-            elif len(live) != len(refs):
-                refs[:] = live
-        for key in dead:
-            del by_storage[key]
+    def stepped(self, where: Any, step: int, params: list[torch.Tensor],
+                versions: list[int | None]) -> None:
+        """An optimizer step wrote ``params`` (their versions before it): for later notes."""
+        self.recent_steps.append((where, step, list(map(id, params)), versions))
 
-    # -- queries ------------------------------------------------------------------------------
-    def pending(self, key: int | None) -> list[_Saved] | None:
-        """Intact saved tensors on this storage whose graph no backward has used yet."""
-        if key is None:
-            return None
-        refs = self._by_storage.get(key)
-        if not refs:
-            return None
-        found = None
-        for ref in refs:
-            s = ref()
-            if s is not None and not s.used and s.alias._version == s.version:
-                if found is None:
-                    found = [s]
-                else:
-                    found.append(s)
-        return found
+    def end_step(self) -> None:
+        if self.registry is not None:
+            self.registry.sweep()  # freed graphs' entries
 
-    def mark(self, saved: list[_Saved], mutation: Mutation, written: torch.Tensor | None = None
-             ) -> None:
-        """Remember who mutated them so the unpack error can name it. ``written``: the tensor
-        after an in-place op under grad, which gave it a new node (torch's error names that)."""
-        node = None
-        if written is not None and not written._is_view():
-            fn = written.grad_fn
-            node = type(fn) if fn is not None else None
-        for s in saved:
-            if s.mutated_by is None:
-                s.mutated_by = mutation
-            if node is not None and s.node is not None and s.alias.shape == written.shape:
-                s.renamed = (node, written.output_nr)
+    # -- when torch raises --------------------------------------------------------------------
+    def annotate(self, exc: RuntimeError) -> bool:
+        """Add a note naming the write behind torch's version error; False if not one."""
+        if not is_version_error(exc):
+            return False
+        reported = key = None
+        registry = self.registry
+        if registry is not None:
+            reported, registry.last_failure = registry.last_failure, None
+            key, registry.last_failure_key = registry.last_failure_key, None
+        mutation = reported or self.explain(str(exc), key)
+        exc.add_note(note_text(mutation, light=not self.ctx.full))
+        if mutation is not None and reported is None:
+            self.emit.anomaly(Raw(
+                K.SAVED_TENSOR_MUTATED, mutation.op, mutation.name, mutation.shape, None, None,
+                mutation.version_before, mutation.version_after, "no_grad", None,
+                mutation.where, mutation.step,
+                f"`{mutation.name}` was modified in place after a graph saved it; backward "
+                "failed on it", HINT,
+            ), raise_now=False)
+        return True
 
-    def note_for(self, message: str) -> Mutation | None:
-        """The recorded mutation that explains torch's version error ``message``."""
+    def explain(self, message: str, key: int | None = None) -> Mutation | None:
+        """The write behind torch's version error: a recorded in-place write, else a recent
+        optimizer step's write into a parameter that fits the error — on the failing storage
+        (``key``, full), else of the error's shape (transposed first for 2-D), else its size."""
+        m = self._logged(message)
+        parsed = parse_version_error(message)
+        if parsed is None:
+            return m
+        shape, _now, expected = parsed
+        if m is not None and m.version_before == expected:
+            return m
+        params = self.ctx.names._params
+        best, best_rank = None, 4
+        for where, step, ids, versions in reversed(self.recent_steps):
+            for pid, vb in zip(ids, versions):
+                entry = params.get(pid)
+                p = entry[1]() if entry else None
+                if p is None or vb != expected or p.numel() != numel(shape):
+                    continue
+                own = tuple(p.shape)
+                # nn.Linear saves weight.t(): a 2-D error shape is the transpose most often
+                rank = (0 if key is not None and storage_key(p) == key else
+                        1 if (own[::-1] if len(own) == 2 else own) == shape else
+                        2 if own == shape else 3)
+                if rank < best_rank:
+                    best_rank, best = rank, Mutation(entry[0], own, vb, vb + 1,
+                                                     "optimizer.step", where, step)
+            if best_rank == 0:
+                break
+        return best or m
+
+    def _logged(self, message: str) -> Mutation | None:
+        """The logged write that explains torch's version error ``message``."""
         parsed = parse_version_error(message)
         if parsed is None:
             return None
         shape, _now, expected = parsed
-        numel = _numel(shape)
+        n = numel(shape)
         best = None
-        for entry in reversed(self.recent):
+        for entry in reversed(self.log):
             m = entry if isinstance(entry, Mutation) else _from_raw(entry)
-            if _numel(m.shape) != numel:  # the saved tensor may be a view (weight.t())
+            if numel(m.shape) != n:  # the saved tensor may be a view (weight.t())
                 continue
             if m.version_before is not None and m.version_before == expected:
                 return m
@@ -247,96 +183,7 @@ class SavedTensorRegistry:
                 best = m
         return best
 
-    def clear(self) -> None:
-        self._by_storage.clear()
-        self.recent.clear()
 
-
-def _from_raw(r: Any) -> Mutation:
-    from .._records import _op, describe_shape
-
+def _from_raw(r: Raw) -> Mutation:
     return Mutation(r.name or describe_shape(r.shape, r.dtype), r.shape, r.version_before,
-                    r.version_after, _op(r.op), r.where, r.step)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _version_error(alias: torch.Tensor, s: _Saved) -> RuntimeError:
-    """torch's own version error, word for word (torch skips its check while saved-tensor
-    hooks are registered, so ``unpack`` raises it in torch's place)."""
-    kind = f"{alias.type()}" if alias.device.type != "meta" else "torch.Tensor"
-    shape = ", ".join(str(d) for d in alias.shape)
-    node = ""
-    if s.node is not None:
-        saved_as, nr = s.node, s.output_nr
-        # torch names a saved input's grad_fn as it is now (an in-place op under grad rebases
-        # it) but a node's own saved output by that node: the one unpacking it now
-        if s.renamed is not None:
-            unpacking = torch._C._current_autograd_node()
-            if unpacking is None or unpacking._sequence_nr() != s.seq:
-                saved_as, nr = s.renamed
-        if saved_as is _VIEW and not torch._C._is_view_replay_enabled():
-            name = "AsStridedBackward0"  # a view whose base changed gets a regenerated node
-        else:
-            name = saved_as.__name__
-        node = f", which is output {nr} of {_node_name(name)},"
-    return RuntimeError(
-        "one of the variables needed for gradient computation has been modified by an inplace "
-        f"operation: [{kind} [{shape}]]{node} is at version {alias._version}; expected version "
-        f"{s.version} instead.{torch_wording()[1]}"
-    )
-
-
-_WORDING: list[tuple[bool, str]] = []
-
-
-def torch_wording() -> tuple[bool, str]:
-    """(whether torch names nodes without their ``Backward0`` suffix, the hint after
-    "instead."), read once from an error torch raises itself (call it before registering
-    saved-tensor hooks: torch checks versions only without them); a fixed text if it cannot."""
-    if not _WORDING:
-        strip, hint = False, (" Hint: enable anomaly detection to find the operation that failed "
-                              "to compute its gradient, with torch.autograd.set_detect_anomaly(True).")
-        try:
-            with torch.enable_grad(), torch._C.DisableTorchFunction():
-                top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-                if top is None:  # torch checks versions only while no hooks are registered
-                    out = (torch.ones(1, requires_grad=True) * 2).exp()
-                    out.add_(1)
-                    try:
-                        out.backward()
-                    except RuntimeError as exc:
-                        text = str(exc)
-                        strip = "of ExpBackward" not in text
-                        hint = text[text.index(" instead.") + len(" instead."):]
-        except Exception:
-            pass
-        _WORDING.append((strip, hint))
-    return _WORDING[0]
-
-
-def _node_name(name: str) -> str:
-    return re.sub(r"Backward\d*$", "", name) if torch_wording()[0] else name
-
-
-def note_text(m: Mutation | None, *, fallback: str = "", light: bool = False) -> str:
-    if m is None:
-        if light and not fallback:
-            return ("gradwatch: no in-place write to a tensor of this shape and version was seen; "
-                    'level="light" does not watch in-place ops while grad mode is on (an '
-                    "activation edited in forward, `x += y` after an in-place ReLU): rerun with "
-                    'level="full" to name the line')
-        return "gradwatch: " + (fallback or (
-            "no in-place write to a tensor of this shape and version was seen: it happened where "
-            "gradwatch cannot look (a C++ kernel, another thread, a compiled region) or before "
-            "watch() started"))
-    return f"gradwatch: {m.describe()} after a pending graph saved it for backward. Fix: {HINT}."
-
-
-def is_version_error(exc: BaseException) -> bool:
-    return isinstance(exc, RuntimeError) and "modified by an inplace operation" in str(exc)
+                    r.version_after, op_str(r.op), r.where, r.step)

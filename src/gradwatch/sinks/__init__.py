@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..events import Event
 
@@ -30,6 +31,11 @@ class Sink:
 
     def write(self, events: Sequence[Event]) -> None:
         """Info events of the step that just ended."""
+
+    def write_records(self, records: Sequence[Any], rank: int) -> None:
+        """Optional, instead of :meth:`write`: the step's info records as gradwatch keeps them
+        (``gradwatch.records.raw``; build events with ``build_event``/``expand``). A sink that
+        overrides it gets records, not events (the JSONL sink writes them from templates)."""
 
     def step(self, summary: StepSummary) -> None:
         """End of an optimizer step."""

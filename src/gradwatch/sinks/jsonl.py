@@ -8,8 +8,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .._records import LeafBatch, build_event
 from ..events import Event, EventKind
+from ..records.raw import LeafBatch, build_event
 from . import Sink
 
 __all__ = ["JsonlSink", "jsonl_name"]

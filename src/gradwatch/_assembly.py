@@ -1,0 +1,163 @@
+"""The composition root: builds one watch's parts, installs and removes them in one place, and
+runs the step boundary.
+
+Data flows one way: interception (``_intercept``: the mode and one module per boundary) calls
+detectors (``detectors``), which emit records (``records``), which reach the sinks (``sinks``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import time
+
+import torch
+
+from ._context import RunContext, process_group
+from ._failopen import FailOpen, Part
+from ._intercept.backward import Backward
+from ._intercept.clipping import Clipping
+from ._intercept.gate import ModeGate
+from ._intercept.installed import Installed
+from ._intercept.modules import Modules
+from ._intercept.optimizer import Optimizers
+from ._intercept.writes import Writes
+from ._intercept.zero_grad import ZeroGrad
+from .config import Config, iter_named
+from .detectors.accumulation import AccumulationDetector
+from .detectors.grad_flow import GradFlowDetector
+from .detectors.nonfinite import NonfiniteDetector
+from .detectors.saved_tensor import SavedTensorDetector
+from .errors import AnomalyError
+from .records.emit import Emitter
+from .sinks import Sink
+from .sinks.jsonl import JsonlSink
+
+__all__ = ["Runtime"]
+
+_PRUNE_EVERY = 50  # steps between prunes of dead tensors' entries
+
+
+class Runtime:
+    """Everything one watch runs."""
+
+    def __init__(self, config: Config, sinks: list[Sink]) -> None:
+        self.ctx = ctx = RunContext(config)
+        self.fail = fail = FailOpen()
+        self.emit = emit = Emitter(config.max_events, config.on_anomaly, sinks)
+        self.installed = Installed()
+        # detectors
+        self.saved = SavedTensorDetector(ctx, emit)
+        self.acc = AccumulationDetector(ctx, emit, functools.partial(fail.fail, Part.ACCUMULATION))
+        self.grad_flow = GradFlowDetector(ctx, emit, self.acc.is_trained)
+        self.nonfinite = NonfiniteDetector(ctx, emit)
+        # interception
+        self.gate = gate = ModeGate(ctx.full, fail.hook(Part.GRAD_FLOW, self.grad_flow.no_grad_entered),
+                                    functools.partial(fail.fail, Part.LIGHT_SWITCH))
+        self.writes = Writes(ctx, gate, emit, fail, self.saved, self.acc, self.grad_flow,
+                             self.nonfinite)
+        self.optimizers = Optimizers(ctx, gate, emit, fail, self.installed, self.saved, self.acc,
+                                     self.grad_flow, self.nonfinite, self.step_boundary)
+        self.backward = Backward(ctx, gate, fail, self.saved, self.acc, self.grad_flow)
+        self.zero_grad = ZeroGrad(ctx, gate, fail, self.acc)
+        self.clipping = Clipping(ctx, gate, emit, fail, self.saved)
+        self.modules = Modules(ctx, gate, fail)
+        for part, owner in ((Part.MODE, self.writes), (Part.ACCUMULATION, self.acc),
+                            (Part.GRAD_FLOW, self.grad_flow), (Part.OPTIMIZER, self.optimizers),
+                            (Part.CLIPPING, self.clipping), (Part.NAMING, self.modules)):
+            fail.register(part, owner)
+
+    # -- install / uninstall ------------------------------------------------------------------
+    def install(self) -> None:
+        """Install every part (on one undo stack); the mode starts looking last."""
+        ctx, inst = self.ctx, self.installed
+        cfg = ctx.config
+        ctx.rank, ctx.world = process_group()
+        self.emit.rank = ctx.rank
+        self._make_sinks()
+        self.adopt(cfg)
+        self.optimizers.install()
+        self.modules.install(inst)
+        self.backward.install(inst)
+        self.zero_grad.install(inst)
+        self.clipping.install(inst)
+        self.writes.install(self.gate.mode)
+        if ctx.full:
+            self.saved.install(inst, functools.partial(self.fail.fail, Part.SAVED_TENSORS))
+        self.gate.install(inst)
+        atexit.register(self.close)
+        inst.add(functools.partial(atexit.unregister, self.close))
+        self.gate.suspended = False
+
+    def adopt(self, config: Config) -> None:
+        """Name and track the models and optimizers of ``config``; from here on the watch holds
+        them only weakly."""
+        try:
+            with torch._C.DisableTorchFunction():
+                for prefix, m in iter_named(config.models, config.model_names):
+                    if not self.ctx.names.knows_module(m):
+                        self.modules.add(m, prefix)
+                for opt in config.optimizers:
+                    self.optimizers.info(opt)
+        except Exception as exc:
+            self.fail.fail(Part.NAMING, exc)
+        config.models, config.optimizers = [], []
+
+    def _make_sinks(self) -> None:
+        ctx = self.ctx
+        cfg = ctx.config
+        sinks = self.emit.sinks
+        if cfg.log_dir is not None:
+            sinks.append(JsonlSink(cfg.log_dir, rank=ctx.rank, world=ctx.world))
+        if cfg.writer is not None or cfg.log_dir is not None:
+            from .sinks.tensorboard import TensorBoardSink
+
+            sinks.append(TensorBoardSink(writer=cfg.writer, log_dir=cfg.log_dir, rank=ctx.rank,
+                                         world=ctx.world))
+
+    def uninstall(self) -> None:
+        self.gate.close()
+        self.installed.undo()
+
+    def close(self) -> None:
+        """Flush everything and remove all hooks (idempotent)."""
+        if self.ctx.closed:
+            return
+        self.ctx.closed = True
+        self.gate.close()
+        try:
+            self.step_boundary(final=True)
+        finally:
+            self.uninstall()
+            self.emit.close_sinks()
+
+    # -- the step boundary --------------------------------------------------------------------
+    def step_boundary(self, step: int | None = None, final: bool = False) -> None:
+        """End of an optimizer step (or of the watch): resolve what waited for it, flush."""
+        if self.fail.is_off(Part.FLUSH):
+            return
+        try:
+            with torch._C.DisableTorchFunction():
+                self._end_step(step, final)
+        except AnomalyError:
+            raise
+        except Exception as exc:
+            self.fail.fail(Part.FLUSH, exc)
+
+    def _end_step(self, step: int | None, final: bool) -> None:
+        t0 = time.perf_counter()
+        ctx = self.ctx
+        self.nonfinite.end_step(final)
+        self.grad_flow.end_step()
+        if step is None:
+            step = ctx.step()
+        self.emit.flush(step, final, ctx.busy + (time.perf_counter() - t0))
+        ctx.busy = 0.0
+        self.modules.end_step(ctx.step())
+        self.saved.end_step()
+        if final:
+            self.emit.buffer.unfold_batches()  # names read while the leaves live
+        if step % _PRUNE_EVERY == 0 or final:
+            ctx.names.prune()
+            self.acc.prune(ctx.leaves.ids)
+            ctx.leaves.prune()

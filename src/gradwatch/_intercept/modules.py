@@ -1,0 +1,105 @@
+"""Module boundaries: naming modules as they first run (zero configuration), the fused
+inference path of attention modules, and data loading.
+
+Nothing here is attached to a user's object: the discovery hook is torch's global module hook,
+and the fast-path bracket wraps the modules' classes (a module pickles, deep-copies and prints
+as it would without gradwatch).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._context import RunContext
+from .._failopen import FailOpen, Part
+from .._location import local_name, user_frame
+from .gate import ModeGate, is_compiling
+
+__all__ = ["Modules"]
+
+_DISCOVERY_STEPS = 8  # module discovery stops after this many steps without a new module
+# modules whose inference fast path is skipped while any function mode is active
+FAST_PATH_CLASSES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
+                     torch.nn.TransformerEncoder)
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_compiler = torch.compiler
+
+
+class Modules:
+    """Discovery (``Part.NAMING``), the fast-path bracket and the data-fetch pause."""
+
+    def __init__(self, ctx: RunContext, gate: ModeGate, fail: FailOpen) -> None:
+        self.ctx = ctx
+        self.gate = gate
+        self.fail = fail
+        self._hook: Any = None
+        self._last_discovery = 0  # step at which a module was last discovered
+        self.off = False
+
+    def install(self, installed: Any) -> None:
+        self._hook = installed.module_forward_pre_hook(self.fail.hook(Part.NAMING, self._on_call))
+        for cls in FAST_PATH_CLASSES:
+            installed.replace_attribute(cls, "forward", _bracketed(cls.__dict__["forward"],
+                                                                  self._fast_path_enter, self.gate))
+        if self.ctx.full:
+            # Batches loaded in this process (num_workers=0): torch's indexing and collation of
+            # every sample would each pass through the mode; the loader's own code needs no look.
+            installed.wrap_attribute(torch.utils.data.dataloader._BaseDataLoaderIter, "__next__",
+                                     self.fail.wrapper(Part.DATA_LOADING, self._fetch))
+
+    def add(self, module: torch.nn.Module, prefix: str = "") -> None:
+        """Name ``module``'s parameters and buffers and track its leaves."""
+        track = self.ctx.leaves.track
+        for p in self.ctx.names.add_module(module, prefix):
+            track(p)
+
+    def _on_call(self, module: torch.nn.Module, args: Any) -> None:
+        if is_compiling() or self.off:  # traced by dynamo: stay out of the graph
+            return
+        names = self.ctx.names
+        if self.gate.suspended or names.knows_module(module):
+            return
+        prefix = ""
+        if names.has_roots():  # a second model: prefix it by the user's variable name
+            var = local_name(user_frame(2), module)
+            prefix = f"{var or type(module).__name__}."
+        with torch._C.DisableTorchFunction():
+            self.add(module, prefix)
+        self._last_discovery = self.ctx.step()
+
+    def end_step(self, step: int) -> None:
+        if self._hook is not None and step - self._last_discovery >= _DISCOVERY_STEPS:
+            # every module has run several times: stop paying a hook call per module call
+            self._hook.remove()
+            self._hook = None
+
+    def _fast_path_enter(self, module: torch.nn.Module) -> bool:
+        return bool(self.fail.guard(Part.MODE, self.gate.fast_path_enter, module))
+
+    def _fetch(self, call: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        return self.gate.call_paused(call, args, kwargs)
+
+
+def _bracketed(forward: Callable, enter: Callable[[torch.nn.Module], bool], gate: ModeGate
+               ) -> Callable:
+    """``forward`` of an attention/encoder class, run with the mode aside in eval mode: there it
+    takes a fused fast path unless a function mode is active, and with gradwatch's mode its
+    outputs would differ in the last bits, and so would any training they feed (distillation,
+    pseudo-labels, EMA teachers). A plain function (dynamo traces it as one)."""
+
+    @functools.wraps(forward)
+    def bracketed(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.training or _dynamo_compiling() or _compiler._is_compiling_flag:
+            return forward(self, *args, **kwargs)
+        entered = enter(self)
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            if entered:
+                gate.fast_path_exit(self)
+
+    return bracketed

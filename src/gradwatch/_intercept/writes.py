@@ -1,0 +1,285 @@
+"""The mode's handlers for writes and cuts: in-place ops, ``out=``, ``nn.init``, embedding
+renorm, ``.data = ...``, ``.detach()``/``.data`` reads and ops under no_grad.
+
+Before a write: the saved-tensor check (raised before the write with ``on_anomaly="raise"``),
+zeroing of a tracked ``.grad``, and the finiteness probes and samples of the tensors that are
+about to change. After it: one ``inplace_no_grad`` record per tracked tensor, the probes queued.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from .._context import RunContext, version
+from .._failopen import FailOpen, Part
+from .._location import caller, is_internal
+from .._naming import storage_key
+from .._stats import change, checkable, probe, sample
+from ..detectors.accumulation import AccumulationDetector
+from ..detectors.grad_flow import GradFlowDetector
+from ..detectors.nonfinite import NonfiniteDetector
+from ..detectors.saved_tensor import SavedTensorDetector
+from ..errors import AnomalyError
+from ..events import EventKind
+from ..records.emit import Emitter
+from ..records.raw import Raw
+from .gate import ModeGate
+from .mode import WatchMode
+from .ops import Action
+
+__all__ = ["Writes"]
+
+K = EventKind
+_Tensor = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
+_inference_enabled = torch.is_inference_mode_enabled
+_ZEROING = {torch.Tensor.zero_, torch._foreach_zero_}
+
+
+class _PendingWrite:
+    """What a write's ``after`` needs from its ``before``."""
+
+    __slots__ = ("checks", "flags", "func", "grad_mode", "hits", "in_step", "samples", "tracked",
+                 "where")
+
+
+def _grad_mode_now() -> str:
+    return "inference_mode" if _inference_enabled() else "enabled" if _grad_enabled() else "no_grad"
+
+
+class Writes:
+    """The write and cut handlers of the mode (``Part.MODE``: ``off`` once it failed)."""
+
+    def __init__(self, ctx: RunContext, gate: ModeGate, emit: Emitter, fail: FailOpen,
+                 saved: SavedTensorDetector, acc: AccumulationDetector,
+                 grad_flow: GradFlowDetector, nonfinite: NonfiniteDetector) -> None:
+        self.ctx = ctx
+        self.gate = gate
+        self.emit = emit
+        self.fail = fail
+        self.saved = saved
+        self.acc = acc
+        self.grad_flow = grad_flow
+        self.nonfinite = nonfinite
+        cfg = ctx.config
+        self.check_nonfinite = cfg.check_nonfinite
+        self.change_stats = cfg.change_stats
+        self.off = False
+
+    def install(self, mode: WatchMode) -> None:
+        """Fill the mode's handler table (indexed by the memoised action)."""
+        h = mode.handlers
+        h[Action.INPLACE] = self.on_inplace
+        h[Action.FOREACH] = self.on_foreach
+        h[Action.KWARG_WRITE] = self.on_kwarg_write
+        h[Action.INIT] = self.on_init
+        h[Action.EMBEDDING] = self.on_embedding
+        h[Action.DATA_SET] = self.on_data_set
+        h[Action.DETACH] = self.on_detach
+        h[Action.NO_GRAD_OP] = self.on_no_grad_op
+        h[Action.GRAD_GET] = self.acc.on_grad_get
+        h[Action.GRAD_SET] = self.acc.on_grad_set
+        mode.on_fail = self._mode_failed
+
+    def _mode_failed(self, exc: BaseException) -> None:
+        self.fail.fail(Part.MODE, exc)
+
+    # -- handlers: the tensors an op is about to write ----------------------------------------
+    def on_inplace(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if self.off or not args:
+            return None
+        return self._before(func, (args[0],), None, sys._getframe(2))
+
+    def on_foreach(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if self.off:
+            return None
+        seq = args[0] if args else kwargs.get("self")
+        if not isinstance(seq, (list, tuple)):
+            return None
+        return self._before(func, tuple(seq), None, sys._getframe(2))
+
+    def on_kwarg_write(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if self.off:
+            return None
+        if kwargs.get("inplace") is True:
+            targets = (args[0] if args else None,)
+        else:
+            out = kwargs.get("out")
+            targets = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return self._before(func, targets, None, sys._getframe(2))
+
+    def on_init(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if self.off:
+            return None
+        target = kwargs.get("tensor", args[0] if args else None)
+        if isinstance(target, _Tensor) and version(target) == 0:
+            return None  # a new tensor's first values (a module being built): no edit
+        return self._before(func, (target,), "no_grad", sys._getframe(2))
+
+    def on_embedding(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if self.off or kwargs.get("max_norm") is None or len(args) < 2:
+            return None
+        return self._before(torch.embedding_renorm_, (args[1],), "no_grad", sys._getframe(2))
+
+    def _before(self, func: Any, targets: tuple, grad_mode: str | None, frame: Any) -> Any:
+        targets = tuple(t for t in targets if isinstance(t, _Tensor))
+        if not targets:
+            return None
+        pending = self._before_write(func, targets, grad_mode, frame)
+        return None if pending is None else (self._after_write, pending)
+
+    def _before_write(self, func: Any, targets: tuple, grad_mode: str | None,
+                      frame: Any) -> _PendingWrite | None:
+        grad_on = _grad_enabled() if grad_mode is None else grad_mode == "enabled"
+        if grad_mode is None:
+            grad_mode = "inference_mode" if _inference_enabled() else "enabled" if grad_on else "no_grad"
+        saved = self.saved if self.saved.registry else None
+        in_step = self.gate.step_depth > 0
+        names = self.ctx.names
+        tracked: list[list[Any]] = []
+        hits: list[tuple[Any, Any]] = []
+        where = None
+        for t in targets:
+            try:
+                key = None
+                if saved is not None:
+                    key = storage_key(t)
+                    s = saved.pending(key)
+                    if s is not None:
+                        if where is None:
+                            where = caller()
+                        hits.append((t, s))
+                        if self.ctx.raise_now:
+                            saved.mutated(func, t, s, key, where, grad_mode, after=False)
+                requires = t.requires_grad
+                if grad_on and requires:
+                    continue  # autograd records this one
+                st = self.acc.owner_of_grad(t)
+                if not requires and st is None:
+                    if key is None:
+                        key = storage_key(t)
+                    if not in_step and (not names.has_storage(key) or (
+                            grad_on and not names.storage_requires_grad(key))):
+                        # with grad on, only an alias of a tensor that requires grad (.data,
+                        # .detach()) writes behind autograd's back; a buffer update in forward
+                        # (BatchNorm's num_batches_tracked) is no edit under no_grad
+                        continue
+                if st is not None and func in _ZEROING:
+                    if where is None:
+                        where = caller()
+                    self.acc.zeroing(st, t, where, func)
+                tracked.append([t, key, version(t), st])
+            except AnomalyError:
+                raise
+            except Exception:  # an odd tensor (nested, fake, ...): skip it, keep watching
+                continue
+        if not tracked and not hits:
+            return None
+        p = _PendingWrite()
+        p.func, p.tracked, p.hits, p.grad_mode, p.in_step = func, tracked, hits, grad_mode, in_step
+        p.where = where if where is not None else caller()
+        # Values are checked only for writes made by user code (your loop, your optimizer): torch's
+        # own utilities (clip_grad_norm_, zero_grad, ...) do not create NaN from finite values.
+        p.checks, p.flags, p.samples = [], [], None
+        if tracked and (in_step or (frame is not None and not is_internal(frame.f_code))):
+            if self.check_nonfinite and not self.nonfinite.off:
+                p.checks = [e[0] for e in tracked if checkable(e[0])]
+                p.flags = probe(p.checks) if p.checks else []
+            if self.change_stats and not in_step and self.ctx.is_stats_step():
+                p.samples = [sample(e[0]) for e in tracked]
+        return p
+
+    def _after_write(self, p: _PendingWrite, out: Any) -> None:
+        step = self.ctx.step()
+        func, where = p.func, p.where
+        if not self.ctx.raise_now:
+            for t, s in p.hits:
+                self.saved.mutated(func, t, s, storage_key(t), where, p.grad_mode, after=True)
+        if not p.tracked:
+            return
+        checks = p.checks
+        after_flags = probe(checks) if checks else []
+        flag_of = {id(t): i for i, t in enumerate(checks)}
+        names = self.ctx.names
+        probed = []
+        for i, (t, key, vb, st) in enumerate(p.tracked):
+            if st is not None:
+                leaf = st.leaf()
+                pname = names.param_name(leaf) if leaf is not None else None
+                name = f"{pname}.grad" if pname else None
+            else:
+                name = names.lookup(t, key)
+            delta = change(p.samples[i], t) if p.samples is not None else None
+            raw = Raw(K.INPLACE_NO_GRAD, func, name, tuple(t.shape), t.dtype, t.device, vb,
+                      version(t), p.grad_mode, delta, where, step)
+            if not p.in_step:
+                self.emit.record(raw)
+                self.acc.edited(t, where)  # the edit a later stale accumulation will point to
+            self.saved.wrote(raw)
+            j = flag_of.get(id(t))
+            if j is not None:
+                probed.append((j, raw))
+        if probed:
+            self.nonfinite.wrote([p.flags[j] for j, _ in probed],
+                                 [after_flags[j] for j, _ in probed], [raw for _, raw in probed])
+
+    # -- .data = value ------------------------------------------------------------------------
+    def on_data_set(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if self.off or not args:
+            return None
+        t, value = args[0], args[1] if len(args) > 1 else None
+        if not isinstance(t, _Tensor) or _same_data(t, value):
+            return None  # (``module.to()`` to the device it is on sets each .data to itself)
+        name = self.ctx.names.param_name(t)
+        if name is None and not t.requires_grad:
+            return None
+        return (self._after_data_set, (t, name, version(t), caller()))
+
+    def _after_data_set(self, state: tuple, out: Any) -> None:
+        t, name, vb, where = state
+        if self.gate.step_depth:
+            return
+        self.emit.record(Raw(K.INPLACE_NO_GRAD, "data.__set__", name, tuple(t.shape), t.dtype,
+                             t.device, vb, version(t), _grad_mode_now(), None, where,
+                             self.ctx.step()))
+        if name is not None:
+            self.ctx.names._add(name, t, param=True)
+
+    # -- cuts ---------------------------------------------------------------------------------
+    def on_detach(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if self.off or self.grad_flow.off or not args:
+            return None
+        first = args[0]
+        if isinstance(first, _Tensor) and first.requires_grad:
+            return (self._after_detach, (func, first, sys._getframe(2)))
+        return None
+
+    def _after_detach(self, state: tuple, out: Any) -> None:
+        func, source, frame = state
+        self.fail.guard(Part.GRAD_FLOW, self.grad_flow.detached, func, source, out, frame)
+
+    def on_no_grad_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if self.off or self.grad_flow.off:
+            return None
+        source = self.grad_flow.no_grad_source(args)
+        return None if source is None else (self._after_no_grad_op, (func, source))
+
+    def _after_no_grad_op(self, state: tuple, out: Any) -> None:
+        func, source = state
+        if isinstance(out, _Tensor) and not out.requires_grad:
+            self.fail.guard(Part.GRAD_FLOW, self.grad_flow.no_grad_op, func, source, out)
+
+
+def _same_data(t: torch.Tensor, value: Any) -> bool:
+    """Whether ``t.data = value`` changes nothing (the same memory, seen the same way)."""
+    if value is t:
+        return True
+    try:
+        return (isinstance(value, _Tensor) and value.data_ptr() == t.data_ptr()
+                and value.device == t.device and value.dtype == t.dtype
+                and value.shape == t.shape and value.stride() == t.stride())
+    except Exception:  # no storage (meta, sparse, nested...): a change
+        return False

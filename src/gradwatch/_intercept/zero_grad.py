@@ -1,0 +1,56 @@
+"""The ``zero_grad`` boundary (optimizers' and modules'): the accumulation detector checks the
+windows it resets; at full the mode steps aside while torch resets them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._context import RunContext
+from .._failopen import FailOpen, Part
+from ..detectors.accumulation import AccumulationDetector
+from .gate import ModeGate
+
+__all__ = ["ZeroGrad"]
+
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_compiler = torch.compiler
+
+
+class ZeroGrad:
+    def __init__(self, ctx: RunContext, gate: ModeGate, fail: FailOpen,
+                 acc: AccumulationDetector) -> None:
+        self.ctx = ctx
+        self.gate = gate
+        self.fail = fail
+        self.acc = acc
+
+    def install(self, installed: Any) -> None:
+        wrapper = self.fail.wrapper(Part.ACCUMULATION, self._wrapper)
+        installed.wrap_attribute(torch.optim.Optimizer, "zero_grad", wrapper)
+        installed.wrap_attribute(torch.nn.Module, "zero_grad", wrapper)
+
+    def _wrapper(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        gate = self.gate
+        if (gate.suspended or instance is None or _dynamo_compiling()
+                or _compiler._is_compiling_flag):
+            return wrapped(*args, **kwargs)
+        # Usual case, right after a step with set_to_none: nothing unconsumed to check, and the
+        # next backward sees each .grad start afresh (None before it): no per-leaf work here.
+        set_to_none = args[0] if args else kwargs.get("set_to_none", True)
+        if self.acc.has_unconsumed() or not set_to_none:
+            t0 = time.perf_counter()
+            with torch._C.DisableTorchFunction():
+                self.acc.zero_grad(instance)
+            self.ctx.busy += time.perf_counter() - t0
+        # The resets are recorded: torch's own .grad reads and writes inside need no mode
+        # (full). zero_grad switches no grad mode: light has nothing to step aside from.
+        if not (self.ctx.full and gate.pause()):
+            return wrapped(*args, **kwargs)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            gate.resume()

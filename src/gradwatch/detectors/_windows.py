@@ -1,0 +1,305 @@
+"""The gradient windows behind ``stale_grad_accumulation`` and ``accumulated_grad_discarded``
+(see :mod:`.accumulation`): the life of a leaf's ``.grad``.
+
+Per leaf, a *window* runs from one reset of ``.grad`` (zeroed or set to None) to the next. Each
+backward pass that accumulates into the leaf is stamped with the leaf's *token*: its version
+counter plus the number of optimizer steps that updated it (fused optimizers bump no version).
+
+* stale: an accumulation lands on a sum whose earlier part was taken at another token. If no
+  optimizer step consumed the earlier part, it is reported at once (an in-place edit between two
+  backward passes); otherwise it is reported only when a step then uses the mixed sum (a GAN's
+  discriminator picking up the generator's gradient, zeroed before its own step, is correct).
+* discarded: the window is reset after accumulating, no step consumed it, the user never read
+  it, and it is finite and non-zero (checked only then: one sync on a rare path).
+
+The usual loop (zero_grad with set_to_none, backward, step) needs no per-leaf bookkeeping: a
+backward pass that finds no ``.grad`` on any tracked leaf is kept as one :class:`_Pass` (lists
+of ints and weak references), a step that uses exactly its leaves only counts itself on it, and
+the next such pass replaces it. Per-leaf states are brought up to date from the pending pass
+(:meth:`AccumulationTracker.sync`) only when something else asks about a leaf.
+"""
+
+from __future__ import annotations
+
+import weakref
+from types import CodeType
+from typing import Any
+
+import torch
+
+from .._context import version
+
+__all__ = ["AccumulationTracker", "LeafState", "PassEntry", "finite_nonzero"]
+
+# One leaf reached by a pass: (weak reference, id(leaf), id(grad), grad version, leaf version).
+PassEntry = tuple[weakref.ref, int, int, int, int]
+
+class LeafState:
+    __slots__ = ("accum", "consumed", "grad_id", "grad_version", "last_edit", "leaf", "optimized",
+                 "read", "read_where", "reset", "stale_where", "steps", "token")
+
+    def __init__(self, leaf: torch.Tensor) -> None:
+        self.leaf = weakref.ref(leaf)
+        self.accum = 0
+        self.consumed = False
+        self.read = False
+        self.read_where: tuple[CodeType, int] | None = None
+        self.reset = False
+        self.grad_id = 0
+        self.grad_version = -1
+        self.steps = 0
+        self.token: tuple[int, int] | None = None
+        self.stale_where: tuple[CodeType, int] | None = None
+        self.optimized = False
+        self.last_edit: tuple[CodeType, int] | None = None  # last in-place edit under no_grad
+
+
+class _Pass:
+    """A backward pass that found no ``.grad`` on any tracked leaf: a fresh window on each leaf
+    it reached, not yet applied per leaf; ``steps``: optimizer steps that used exactly these."""
+
+    __slots__ = ("_grad_ids", "entries", "ids", "steps", "where")
+
+    def __init__(self, entries: list[PassEntry], where: tuple[CodeType, int] | None) -> None:
+        self.entries = entries
+        self.ids = {e[1] for e in entries}
+        self.where = where
+        self.steps = 0
+        self._grad_ids: set[int] | None = None
+
+    def grad_ids(self) -> set[int]:
+        """ids of the gradients this pass created (built on first use: rare paths only)."""
+        if self._grad_ids is None:
+            self._grad_ids = {e[2] for e in self.entries}
+        return self._grad_ids
+
+
+class AccumulationTracker:
+    """State machine per leaf; the session feeds it hooks and zeroing ops and emits its findings.
+    Read ``leaves``, ``grad_owner`` and ``unconsumed`` only after :meth:`sync`."""
+
+    def __init__(self) -> None:
+        self.leaves: dict[int, LeafState] = {}
+        self.grad_owner: dict[int, LeafState] = {}  # id(p.grad) -> state of p
+        # leaves whose window holds gradients no step has used yet (zero_grad checks only these)
+        self.unconsumed: set[int] = set()
+        self.pending: _Pass | None = None
+        self.reached: set[int] = set()  # ids of leaves some backward pass reached
+
+    def state(self, leaf: torch.Tensor) -> LeafState:
+        if self.pending is not None:
+            self.sync()
+        return self._state(leaf)
+
+    def _state(self, leaf: torch.Tensor) -> LeafState:
+        st = self.leaves.get(id(leaf))
+        if st is None or st.leaf() is not leaf:
+            st = LeafState(leaf)
+            self.leaves[id(leaf)] = st
+        return st
+
+    def get(self, leaf: torch.Tensor) -> LeafState | None:
+        if self.pending is not None and id(leaf) in self.pending.ids:
+            self.sync()  # (the pending pass changes only the states of the leaves it reached)
+        st = self.leaves.get(id(leaf))
+        if st is not None and st.leaf() is leaf:
+            return st
+        return None
+
+    def owner_of_grad(self, grad: torch.Tensor) -> LeafState | None:
+        """The state of the leaf whose ``.grad`` is ``grad`` now, if tracked."""
+        if self.pending is not None and id(grad) in self.pending.grad_ids():
+            self.sync()
+        st = self.grad_owner.get(id(grad))
+        if st is not None:
+            leaf = st.leaf()
+            if leaf is None or leaf.grad is not grad:
+                return None
+        return st
+
+    def has_unconsumed(self) -> bool:
+        """Whether some window holds gradients that no optimizer step has used yet."""
+        return bool(self.unconsumed) or (self.pending is not None and self.pending.steps == 0)
+
+    # -- the usual loop, without per-leaf work ------------------------------------------------
+    def fresh_pass(self, entries: list[PassEntry], where: tuple[CodeType, int] | None) -> None:
+        """A backward pass found no ``.grad`` on any tracked leaf and reached ``entries``."""
+        last = self.pending
+        if last is not None:
+            if last.steps == 0:
+                self.sync()  # its gradients were dropped unused: keep what the leaves say
+            else:  # used by a step, then reset: nothing about it can matter any more
+                self.pending = None
+                if self.unconsumed:
+                    self.unconsumed.difference_update(last.ids)
+        p = _Pass(entries, where)
+        self.reached |= p.ids
+        self.pending = p
+
+    def sync(self) -> None:
+        """Apply the pending pass to the per-leaf states (what :meth:`fresh` and
+        :meth:`stepped` would have done at the time)."""
+        p, self.pending = self.pending, None
+        if p is not None:
+            self._open_windows(((leaf, key, gid, grad_version, leaf_version)
+                                for ref, key, gid, grad_version, leaf_version in p.entries
+                                if (leaf := ref()) is not None), p.where, p.steps)
+
+    def _open_windows(self, passed: Any, where: tuple[CodeType, int] | None, steps: int) -> None:
+        """Each (leaf, id(leaf), id(grad), grad version, leaf version) had no ``.grad`` before a
+        pass that reached it: a new window; ``steps`` optimizer steps have used it since."""
+        leaves = self.leaves
+        owner = self.grad_owner
+        unconsumed = self.unconsumed
+        reached = self.reached
+        for leaf, key, gid, grad_version, leaf_version in passed:
+            st = leaves.get(key)
+            if st is None or st.leaf() is not leaf:
+                st = self._state(leaf)
+            reached.add(key)
+            st.token = (leaf_version, st.steps)
+            st.last_edit = st.stale_where = None
+            st.read = st.reset = False
+            st.accum = 1
+            old = st.grad_id
+            if gid != old:
+                if owner.get(old) is st:  # ids are reused: drop only our own entry
+                    del owner[old]
+                st.grad_id = gid
+                owner[gid] = st
+            st.grad_version = grad_version
+            if steps:
+                st.optimized = True
+                st.steps += steps
+                st.consumed = True
+                unconsumed.discard(key)
+            else:
+                st.consumed = False
+                unconsumed.add(key)
+
+    def accumulated(self, leaf: torch.Tensor, grad: torch.Tensor, fresh: bool,
+                    where: tuple[CodeType, int] | None) -> LeafState | None:
+        """A backward pass accumulated into ``leaf.grad`` (``grad``); ``fresh``: the leaf had no
+        ``.grad`` before that pass. Returns the state when a stale sum is to be reported now."""
+        st = self.state(leaf)
+        self.reached.add(id(leaf))
+        token = (version(leaf), st.steps)
+        gid = id(grad)
+        # A fresh .grad (after set_to_none) is a new tensor; ids alone are reused.
+        same_sum = (not fresh and st.accum > 0 and not st.reset and gid == st.grad_id
+                    and grad._version > st.grad_version)
+        finding = None
+        if same_sum and st.token != token:
+            if st.consumed:
+                if st.stale_where is None:
+                    st.stale_where = where
+            else:
+                finding = st
+        if not same_sum:
+            st.last_edit = None
+            st.accum = 0
+            st.consumed = False
+            st.read = False
+            st.stale_where = None
+        st.reset = False
+        st.accum += 1
+        if not st.consumed:
+            self.unconsumed.add(id(leaf))
+        st.token = token
+        if gid != st.grad_id:
+            if self.grad_owner.get(st.grad_id) is st:  # ids are reused: drop only our own entry
+                del self.grad_owner[st.grad_id]
+            st.grad_id = gid
+            self.grad_owner[gid] = st
+        st.grad_version = grad._version
+        return finding
+
+    def fresh(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+              where: tuple[CodeType, int] | None) -> None:
+        """:meth:`accumulated` for leaves that had no ``.grad`` before the pass (``pairs`` of
+        leaf and new grad): each opens a window; nothing can be stale."""
+        if self.pending is not None:
+            self.sync()
+        self._open_windows(((leaf, id(leaf), id(grad), grad._version, version(leaf))
+                            for leaf, grad in pairs), where, 0)
+
+    def stepped(self, leaves: list[torch.Tensor]) -> list[LeafState]:
+        """An optimizer step is about to use these leaves' ``.grad``; returns the states whose
+        stale sum is now due (consumed by this step)."""
+        p = self.pending
+        if p is not None:
+            if p.ids == set(map(id, leaves)):  # the usual loop: it uses what the pass left
+                p.steps += 1
+                return []
+            self.sync()
+        due = []
+        get = self.leaves.get
+        for leaf in leaves:
+            st = get(id(leaf))
+            if st is None or st.leaf() is not leaf:
+                st = self._state(leaf)
+            st.optimized = True
+            st.steps += 1
+            if st.accum > 0:
+                if st.stale_where is not None and not st.reset:
+                    due.append(st)
+                st.consumed = True
+        if self.unconsumed:
+            self.unconsumed.difference_update(map(id, leaves))
+        return due
+
+    def used_by_step(self, leaves: list[torch.Tensor]) -> None:
+        """An optimizer step read these leaves' ``.grad`` without being a new step (what a
+        closure computed, for LBFGS and other closure optimizers that call it several times
+        per step): their windows are used; nothing becomes due."""
+        self.sync()
+        get = self.leaves.get
+        for leaf in leaves:
+            st = get(id(leaf))
+            if st is not None and st.leaf() is leaf and st.accum > 0:
+                st.consumed = True
+        if self.unconsumed:
+            self.unconsumed.difference_update(map(id, leaves))
+
+    def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None) -> None:
+        st = self.get(leaf)  # (syncs)
+        if st is not None and st.accum > 0:
+            st.read = True
+            st.read_where = where
+
+    def resetting(self, st: LeafState, where: tuple[CodeType, int] | None = None) -> bool:
+        """The leaf's gradient is about to be zeroed or dropped at ``where``. True if that discards
+        a window worth checking (accumulated, unconsumed, unread, leaf trained by an optimizer).
+        A read on the zeroing line itself (``p.grad.zero_()``) is not a use."""
+        read = st.read and st.read_where != where
+        candidate = st.accum > 0 and not st.consumed and not read and not st.reset and st.optimized
+        st.reset = True
+        leaf = st.leaf()
+        if leaf is not None:
+            self.unconsumed.discard(id(leaf))
+        st.stale_where = None
+        return candidate
+
+    def prune(self) -> None:
+        if self.pending is not None:
+            self.sync()
+        for key, st in list(self.leaves.items()):
+            if st.leaf() is None:
+                del self.leaves[key]
+                self.unconsumed.discard(key)
+                self.reached.discard(key)
+                if self.grad_owner.get(st.grad_id) is st:
+                    del self.grad_owner[st.grad_id]
+
+
+
+def finite_nonzero(grad: torch.Tensor) -> bool:
+    """Whether ``grad`` holds finite, non-zero values (one sync; used on rare paths only)."""
+    if grad.is_sparse:
+        grad = grad.coalesce().values()
+    if grad.numel() == 0:
+        return False
+    if grad.is_floating_point() or grad.is_complex():
+        ok = torch.stack([torch.isfinite(grad).all(), grad.ne(0).any()]).tolist()
+        return bool(ok[0] and ok[1])
+    return bool(grad.ne(0).any())
