@@ -77,3 +77,29 @@ def test_structure_benchmark_runs_every_model(tmp_path: Path) -> None:
     # the estimate column is Δ µs / (10 × full-size ms), in percent, for the model given
     gpt_line = next(line for line in proc.stdout.splitlines() if line.startswith("| gpt |"))
     assert gpt_line.endswith(f"| {rows['gpt']['full']['delta_us'] / 1000:+.2f}% |")
+
+
+@pytest.mark.timeout(300)
+def test_calls_per_step_finds_the_boundaries(tmp_path: Path) -> None:
+    """``python -m benchmarks.calls`` (deterministic entries into gradwatch per step): the
+    boundaries are found from what the watch installs, and counting them perturbs nothing."""
+    rows = {}
+    for level in ("full", "light"):
+        out = tmp_path / f"calls_{level}.json"
+        proc = _run_module("calls", ["--model", "mlp", "--level", level, "--steps", "10",
+                                     "--warmup", "10", "--json", str(out)], tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        data = json.loads(out.read_text())
+        assert data["perturbed"] == {} and data["anomalies"] == []
+        rows[level] = {label: row["per_step"] for label, row in data["boundaries"].items()}
+        assert data["functions"], level
+    full, light = rows["full"], rows["light"]
+    mode = [label for label in full if label.startswith("mode ")]
+    assert mode and sum(full[label] for label in mode) > 0
+    assert sum(light[label] for label in mode) == 0  # light pushes its mode only in user no_grad
+    assert full["saved tensors pack"] == full["saved tensors unpack"] > 0
+    for level in ("full", "light"):
+        step_hooks = [v for label, v in rows[level].items()
+                      if label.startswith("hook torch.optim.optimizer._global_optimizer_")]
+        assert step_hooks == [1.0, 1.0], level
+        assert sum(v for label, v in rows[level].items() if label.startswith("wrapt ")) >= 3, level
