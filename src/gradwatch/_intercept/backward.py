@@ -8,6 +8,7 @@ before and one comparison after (accumulation). When torch raises, the detectors
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = ["Backward"]
 _Tensor = torch.Tensor
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
 _compiler = torch.compiler
+_get_ident = threading.get_ident
 _DISCOVERY_PASSES = 8  # leaf discovery stops after this many passes without a new leaf
 
 
@@ -55,7 +57,9 @@ class Backward:
 
     def _wrapper(self, accumulates: bool, wrapped: Callable, instance: Any, args: tuple,
                  kwargs: dict) -> Any:
-        if self.running or self.gate.closed or _dynamo_compiling() or _compiler._is_compiling_flag:
+        if (self.running or self.gate.closed or _get_ident() != self.gate.thread
+                or _dynamo_compiling() or _compiler._is_compiling_flag):
+            # (another thread's backward is not the watched loop's)
             return wrapped(*args, **kwargs)
         before = None
         refs = self.ctx.leaves.refs

@@ -5,6 +5,7 @@ optimizer step. The mode and the grad-mode switch stay out of torch's own ops in
 from __future__ import annotations
 
 import functools
+import threading
 import time
 import types
 import weakref
@@ -27,6 +28,7 @@ __all__ = ["Clipping"]
 
 K = EventKind
 _Tensor = torch.Tensor
+_get_ident = threading.get_ident
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
 _compiler = torch.compiler
 _OWNERS = (torch.nn.utils, torch.nn.utils.clip_grad)
@@ -53,7 +55,8 @@ class Clipping:
 
     def _wrapper(self, op: str, call: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         gate = self.gate
-        if gate.suspended or gate.closed or _dynamo_compiling() or _compiler._is_compiling_flag:
+        if (gate.suspended or gate.closed or _get_ident() != gate.thread or _dynamo_compiling()
+                or _compiler._is_compiling_flag):
             return call(*args, **kwargs)
         t0 = time.perf_counter()
         params = _parameters(args, kwargs)

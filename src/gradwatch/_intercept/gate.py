@@ -200,7 +200,7 @@ class ModeGate:
 
     def grad_mode_switched(self, enabled: bool) -> None:
         """Light: grad mode was switched; push the mode while user code has it off."""
-        if self.suspended and not self.light_pushed:
+        if (self.suspended and not self.light_pushed) or threading.get_ident() != self.thread:
             return
         try:
             if not enabled:

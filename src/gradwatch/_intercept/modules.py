@@ -9,6 +9,7 @@ as it would without gradwatch).
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -58,8 +59,8 @@ class Modules:
             track(p)
 
     def _on_call(self, module: torch.nn.Module, args: Any) -> None:
-        if is_compiling() or self.off:  # traced by dynamo: stay out of the graph
-            return
+        if is_compiling() or self.off or threading.get_ident() != self.gate.thread:
+            return  # (traced by dynamo: stay out of the graph; another thread's modules)
         names = self.ctx.names
         if self.gate.suspended or names.knows_module(module):
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -38,6 +39,7 @@ K = EventKind
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
 _compiler = torch.compiler
 _DisableTorchFunction = torch._C.DisableTorchFunction
+_get_ident = threading.get_ident
 
 
 class OptimizerInfo:
@@ -138,8 +140,8 @@ class Optimizers:
 
     def _wrap_step(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         gate = self.gate
-        if (instance is None or self.off or gate.outer_step or gate.closed or _dynamo_compiling()
-                or _compiler._is_compiling_flag):
+        if (instance is None or self.off or gate.outer_step or gate.closed
+                or _get_ident() != gate.thread or _dynamo_compiling() or _compiler._is_compiling_flag):
             return wrapped(*args, **kwargs)
         try:
             last = self._last
@@ -162,8 +164,9 @@ class Optimizers:
     # -- the hooks ----------------------------------------------------------------------------
     def on_step_pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
         gate = self.gate
-        if gate.closed or _dynamo_compiling() or _compiler._is_compiling_flag or self.off:
-            return None
+        if (gate.closed or self.off or _get_ident() != gate.thread or _dynamo_compiling()
+                or _compiler._is_compiling_flag):
+            return None  # (another thread's step is not the watched loop's)
         t0 = time.perf_counter()
         result = None
         try:
@@ -242,7 +245,8 @@ class Optimizers:
 
     def on_step_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         gate = self.gate
-        if gate.closed or _dynamo_compiling() or _compiler._is_compiling_flag:
+        if (gate.closed or _get_ident() != gate.thread or _dynamo_compiling()
+                or _compiler._is_compiling_flag):
             return
         t0 = time.perf_counter()
         state = self.running.pop(id(opt), None)

@@ -3,6 +3,7 @@ windows it resets; at full the mode steps aside while torch resets them."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from .gate import ModeGate
 
 __all__ = ["ZeroGrad"]
 
+_get_ident = threading.get_ident
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
 _compiler = torch.compiler
 
@@ -35,7 +37,7 @@ class ZeroGrad:
 
     def _wrapper(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         gate = self.gate
-        if (gate.suspended or instance is None or _dynamo_compiling()
+        if (gate.suspended or instance is None or _get_ident() != gate.thread or _dynamo_compiling()
                 or _compiler._is_compiling_flag):
             return wrapped(*args, **kwargs)
         # Usual case, right after a step with set_to_none: nothing unconsumed to check, and the
