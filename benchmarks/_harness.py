@@ -454,7 +454,10 @@ class ModelResult:
 
 def stats_sample_bytes(runner: PlainRunner | LightningRunner) -> int:
     """Bytes of the two sample copies (before/after) gradwatch holds on a statistics step."""
-    from gradwatch.session import _stride
+    try:
+        from gradwatch._stats import _stride
+    except ImportError:  # gradwatch before its refactor
+        from gradwatch.session import _stride  # type: ignore[attr-defined,no-redef]
 
     model = getattr(runner, "model", None) or runner.module
     total = 0
