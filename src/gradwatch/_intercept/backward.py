@@ -75,7 +75,7 @@ class Backward:
             except Exception as exc:
                 self.fail.fail(Part.BACKWARD, exc)
             if accumulates and not self.acc.off:
-                try:  # per tracked leaf: (id, version) of its .grad, None without one
+                try:  # hot: per tracked leaf: (id, version) of its .grad, None without one
                     before = [None if (g := None if (p := ref()) is None else p.grad) is None
                               else (id(g), g._version) for ref in refs]
                 except Exception as exc:

@@ -40,7 +40,7 @@ class ZeroGrad:
         if (gate.suspended or instance is None or _get_ident() != gate.thread or _dynamo_compiling()
                 or _compiler._is_compiling_flag):
             return wrapped(*args, **kwargs)
-        # Usual case, right after a step with set_to_none: nothing unconsumed to check, and the
+        # hot: usual case, right after a step with set_to_none: nothing unconsumed to check, and the
         # next backward sees each .grad start afresh (None before it): no per-leaf work here.
         set_to_none = args[0] if args else kwargs.get("set_to_none", True)
         if self.acc.has_unconsumed() or not set_to_none:

@@ -59,7 +59,7 @@ class Mutation:
         return f"`{self.name}` was modified in place by {self.op} at {place}{versions}"
 
 
-class _Saved:
+class _Saved:  # hot: slotted, one per saved tensor
     """What the pack hook returns: a detached alias (shares the version counter) + its version."""
 
     __slots__ = ("__weakref__", "alias", "key", "mutated_by", "node", "output_nr", "renamed",

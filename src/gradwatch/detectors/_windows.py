@@ -54,7 +54,7 @@ class LeafState:
         self.last_edit: tuple[CodeType, int] | None = None  # last in-place edit under no_grad
 
 
-class _Pass:
+class _Pass:  # hot: the usual loop, one record per backward pass
     """A backward pass that found no ``.grad`` on any tracked leaf: a fresh window on each leaf
     it reached, not yet applied per leaf; ``steps``: optimizer steps that used exactly these."""
 
