@@ -4,12 +4,16 @@ Example usage::
 
     gradwatch run train.py --epochs 3          # run an unmodified script under watch()
     gradwatch run --log-dir runs/a train.py    # choose where the logs go
+    gradwatch run --fail-on warning train.py   # exit 1 if the run had a warning or an error
     gradwatch report runs/a                    # table of distinct anomalies; exit 1 on an error
+    gradwatch report runs/a/gradwatch.jsonl    # one file
     gradwatch report runs/ --json              # the same, for machines
 
-Exit status of ``report``: 0 (no anomaly of severity error), 1 (at least one), 2 (the log dir
-is missing or holds no gradwatch data). ``run`` passes the script's own exit status through
-(an uncaught exception gives 1, after the traceback and the report).
+Exit status of ``report``: 0 (no anomaly of severity error), 1 (at least one), 2 (the path is
+missing, unreadable, not a directory or a regular file, or holds no readable gradwatch data).
+``run`` passes the script's own exit status through (an uncaught exception gives 1, after the
+traceback and the report), except that ``--fail-on SEVERITY`` gives 1 when the run had a
+finding of that severity or worse.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from .events import SEVERITY, SEVERITY_RANK, Event, EventKind
-from .report import ReadError, RunData, load_run
+from .report import MAX_TOTAL_BYTES, ReadError, RunData, load_run, worst_first
 
 __all__ = ["format_table", "main"]
 
@@ -62,19 +66,27 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{run,report}")
     rep = sub.add_parser(
         "report",
-        help="summarise the anomalies found in a log dir",
-        description="Print the distinct anomalies found in LOGDIR (gradwatch*.jsonl of every "
-        "rank and TensorBoard event files, searched recursively), worst first. Exit status 1 "
-        "when an anomaly of severity error is present, 2 when LOGDIR is missing or holds no "
+        help="summarise the anomalies found in a log dir or a gradwatch file",
+        description="Print the distinct anomalies found in PATH, worst first: a log dir "
+        "(gradwatch*.jsonl of every rank and TensorBoard event files, searched recursively) or "
+        "one such file. Only regular files are read; over-long lines and records are skipped "
+        "with a warning. Exit status 1 when an anomaly of severity error is present, 2 when "
+        "PATH is missing or unreadable (a named pipe, a device), or holds no readable "
         "gradwatch data, else 0.",
     )
-    rep.add_argument("logdir", help="a log dir written by gradwatch.watch(log_dir=...)")
+    rep.add_argument("logdir", metavar="PATH",
+                     help="a log dir written by gradwatch.watch(log_dir=...), or one "
+                     "gradwatch.jsonl or TensorBoard event file in it")
     rep.add_argument("--json", action="store_true", help="print one JSON object instead")
+    rep.add_argument("--max-bytes", type=_size, default=MAX_TOTAL_BYTES, metavar="N",
+                     help="read at most N bytes over all files (suffixes K, M, G, T; default: "
+                     f"{MAX_TOTAL_BYTES >> 30}G); past it the report is partial, with a warning")
     run = sub.add_parser(
         "run",
         help="run a training script under gradwatch.watch()",
         description="Run an unmodified Python script as __main__ under gradwatch.watch(), then "
-        "print the report. The script's exit status is passed through.",
+        "print the report. The script's exit status is passed through; with --fail-on, a run "
+        "that had a finding of that severity or worse exits with status 1.",
     )
     run.add_argument("--log-dir", default=None,
                      help="where to write gradwatch.jsonl and TensorBoard event files "
@@ -83,16 +95,36 @@ def _parser() -> argparse.ArgumentParser:
                      help="interception level (default: full)")
     run.add_argument("--on-anomaly", choices=("log", "warn", "raise"), default="log",
                      help="what to do at an anomaly (default: log)")
+    run.add_argument("--fail-on", choices=("error", "warning"), default=None,
+                     help="exit with status 1 when the run had a finding of this severity or "
+                     "worse (default: the script's own exit status)")
     run.add_argument("script", help="the Python script to run")
-    run.add_argument("args", nargs=argparse.REMAINDER,
-                     help="arguments passed to the script (optional)")
+    rest = run.add_argument("args", nargs=argparse.REMAINDER,
+                            help="arguments passed to the script (optional)")
+    rest.required = False  # argparse makes REMAINDER required: "required: script, args"
     return parser
+
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """``--max-bytes``: a positive number of bytes, with an optional K, M, G or T suffix."""
+    raw = text.strip().upper().removesuffix("B")
+    unit = raw[-1:] if raw[-1:] in _SUFFIXES else ""
+    try:
+        value = int(raw[: len(raw) - len(unit)]) * _SUFFIXES[unit]
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {text!r}")
+    return value
 
 
 # ------------------------------------------------------------------------------------- report
 def _cmd_report(args: argparse.Namespace) -> int:
     try:
-        data = load_run(args.logdir)
+        data = load_run(args.logdir, max_total_bytes=args.max_bytes)
     except ReadError as exc:
         print(f"gradwatch report: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -105,13 +137,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if not data.readable:
+        print(f"gradwatch report: error: no readable gradwatch data in {args.logdir!r}: every "
+              "line or record was skipped (see the warnings above)", file=sys.stderr)
+        return EXIT_USAGE
     status = EXIT_ANOMALY if data.has_error else EXIT_OK
-    if args.json:
+    if args.json:  # ASCII only: lone surrogates from a crafted file are escaped
         json.dump(_as_json(data, status), sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(format_table(data.sorted_distinct(), data.counts, title=_title(data)))
+        text = format_table(data.sorted_distinct(), data.counts, title=_title(data))
+        sys.stdout.write(_printable(text, sys.stdout))
     return status
+
+
+def _printable(text: str, stream: TextIO) -> str:
+    """``text`` with what ``stream`` cannot encode (undecodable path bytes, lone surrogates
+    from a crafted file) as backslash escapes, instead of a UnicodeEncodeError."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        return text.encode(encoding, "surrogateescape").decode(encoding, "backslashreplace")
+    except (UnicodeError, LookupError):
+        return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
 
 
 def _title(data: RunData) -> str:
@@ -253,8 +300,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"gradwatch run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     status = _run_script(w, script, list(args.args))
-    _print_run_report(w, log_dir, sys.stderr if status else sys.stdout)
+    failing = _fail_on(w, args.fail_on) if args.fail_on else None
+    _print_run_report(w, log_dir, sys.stderr if status or failing else sys.stdout)
+    if failing:
+        print(f"gradwatch run: exit status {EXIT_ANOMALY} (--fail-on {args.fail_on}): {failing}",
+              file=sys.stderr)
+        return EXIT_ANOMALY
     return status
+
+
+def _fail_on(w: Any, severity: str) -> str | None:
+    """Why ``--fail-on severity`` fails the run (its findings of that severity or worse), or
+    None. Read through the public API once the watch has closed; a watch that cannot be read
+    fails the run too (a CI gate must not pass what it could not check)."""
+    floor = SEVERITY_RANK[severity]
+    try:
+        worse = [e for e in w.anomalies if SEVERITY_RANK.get(e.severity, floor) >= floor]
+        findings = [d for d in w.distinct_anomalies()
+                    if SEVERITY_RANK.get(d["event"].severity, floor) >= floor]
+    except Exception as exc:
+        return f"could not read the run's findings ({type(exc).__name__}: {exc})"
+    if not worse and not findings:
+        return None
+    n = len(findings) or 1
+    return (f"{n} finding{'s' if n != 1 else ''} of severity {severity}"
+            f"{' or worse' if severity != 'error' else ''}")
 
 
 def _run_script(w: Any, script: str, script_args: list[str]) -> int:
@@ -303,7 +373,7 @@ def _print_run_report(w: Any, log_dir: str, stream: TextIO) -> None:
     try:
         distinct = sorted(
             [{**d, "run": ".", "ranks": [d["event"].rank]} for d in w.distinct_anomalies()],
-            key=lambda d: (-SEVERITY_RANK[d["event"].severity], -d["count"], d["first_step"]),
+            key=worst_first,
         )
         text = format_table(distinct, w.counts, title="gradwatch: report")
     except Exception as exc:  # never hide the script's own outcome behind ours

@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
+import stat
 import struct
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
-from .events import SEVERITY_RANK, Event
+from .events import SEVERITY_RANK, Event, Location
 
-__all__ = ["ReadError", "RunData", "format_report", "iter_event_file", "load_run"]
+__all__ = ["ReadError", "RunData", "format_report", "iter_event_file", "load_run", "worst_first"]
 
 
 def format_report(distinct: list[dict[str, Any]], counts: dict[str, int]) -> str:
     """One line per distinct anomaly, worst first, then counts per kind."""
-    rows = sorted(
-        distinct,
-        key=lambda d: (-SEVERITY_RANK[d["event"].severity], -d["count"], d["first_step"]),
-    )
+    rows = sorted(distinct, key=worst_first)
     lines = []
     if not rows:
         lines.append("gradwatch: no anomalies")
@@ -47,8 +46,13 @@ def format_report(distinct: list[dict[str, Any]], counts: dict[str, int]) -> str
 
 # ---------------------------------------------------------------------------------------------
 # Reading a run back: gradwatch*.jsonl (every rank) and TensorBoard event files.
-# Used by ``gradwatch report`` and ``gradwatch run``; the TensorBoard plugin reads the same tags
-# through TensorBoard's data provider instead (see docs/INTERNALS.md for the tag layout).
+# Used by ``gradwatch report``; the TensorBoard plugin reads the same tags through TensorBoard's
+# data provider instead (see docs/INTERNALS.md for the tag layout).
+#
+# Reading is bounded, whatever lies on disk: only regular files are opened (never a named pipe,
+# a device or a socket: checked before opening, and again on the open descriptor, which is opened
+# without blocking), a file is read up to its size when it was opened, lines and records longer
+# than a limit are skipped and counted, and all files together are read up to a byte budget.
 
 TAG_PREFIX = "gradwatch/"
 TEXT_SUFFIX = "/text_summary"  # torch's SummaryWriter.add_text appends it to every text tag
@@ -58,19 +62,29 @@ COUNT_TAG_PREFIX = "gradwatch/count/"
 _JSONL_RE = re.compile(r"^gradwatch(\.rank\d+)?\.jsonl$")
 _RANK_DIR_RE = re.compile(r"^rank\d+$")
 
+# An event is ~1 KB; an optimizer update carries one ratio per parameter (~100 KB for a model of
+# a thousand parameter tensors). The summary record of a TensorBoard run holds every finding.
+MAX_LINE_BYTES = 16 << 20
+MAX_RECORD_BYTES = 64 << 20
+MAX_TOTAL_BYTES = 4 << 30  # over all files of one report (`gradwatch report --max-bytes`)
+_CHUNK = 1 << 20
+
 
 class ReadError(Exception):
-    """The log dir cannot be read at all (missing, not a directory)."""
+    """The path cannot be read at all: missing, not a valid path, not a directory or a regular
+    file (a named pipe, a device), or a file that cannot be opened."""
 
 
 @dataclass
 class RunData:
-    """What :func:`load_run` found under a log dir.
+    """What :func:`load_run` found under a log dir (or in one file).
 
     ``distinct``: one dict per distinct anomaly, like ``Watch.distinct_anomalies()`` plus
     ``"run"`` (directory relative to the log dir, ``"."`` for the log dir itself) and ``"ranks"``.
     ``counts``: events per kind over everything read. ``warnings``: one line per problem met
-    (corrupt or truncated files, skipped lines); reading never raises for a bad file.
+    (corrupt or truncated files, skipped lines, files that are not regular files); reading never
+    raises for a bad file. ``records``: events and gradwatch tags read; ``skipped``: lines and
+    records skipped as unreadable.
     """
 
     logdir: str
@@ -79,6 +93,8 @@ class RunData:
     runs: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    records: int = 0
+    skipped: int = 0
 
     @property
     def found(self) -> bool:
@@ -86,15 +102,121 @@ class RunData:
         return bool(self.files)
 
     @property
+    def readable(self) -> bool:
+        """False when gradwatch files were found but every line or record in them was skipped."""
+        return self.records > 0 or self.skipped == 0
+
+    @property
     def has_error(self) -> bool:
         return any(d["event"].severity == "error" for d in self.distinct)
 
     def sorted_distinct(self) -> list[dict[str, Any]]:
         """Worst first: severity, then count, then first step."""
-        return sorted(self.distinct, key=_worst_first)
+        return sorted(self.distinct, key=worst_first)
 
 
-def _worst_first(d: dict[str, Any]) -> tuple[Any, ...]:
+class _Limits:
+    """The bounds of one :func:`load_run`; ``left`` is what the byte budget still allows."""
+
+    def __init__(self, max_line: int, max_record: int, max_total: int) -> None:
+        for name, value in (("max_line_bytes", max_line), ("max_record_bytes", max_record),
+                            ("max_total_bytes", max_total)):
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.max_line, self.max_record, self.total = max_line, max_record, max_total
+        self.left = max_total
+
+
+class _Bounded:
+    """A regular file, read up to its size when opened and as far as the byte budget allows."""
+
+    def __init__(self, f: BinaryIO, size: int, limits: _Limits) -> None:
+        self.f, self.limits = f, limits
+        self.left = min(size, limits.left)
+        self.cut = size > limits.left  # the budget ends before the file does
+
+    def read(self, n: int) -> bytes:
+        return self._used(self.f.read(min(n, self.left)))
+
+    def readline(self, n: int) -> bytes:
+        return self._used(self.f.readline(min(n, self.left)))
+
+    def skip(self, n: int) -> None:
+        self.f.seek(self._used(min(n, self.left)), os.SEEK_CUR)
+
+    def skip_line(self) -> None:
+        """Skip past the next newline (or to the end), a chunk at a time into one buffer."""
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while self.left:
+            n = self.f.readinto(view[: min(_CHUNK, self.left)])
+            end = buf.find(b"\n", 0, n) + 1
+            if not n or end:
+                self.f.seek(end - n, os.SEEK_CUR)
+                self._used(end)
+                return
+            self._used(n)
+
+    def _used(self, data: Any) -> Any:
+        n = data if isinstance(data, int) else len(data)
+        self.left -= n
+        self.limits.left -= n
+        return data
+
+    def note_budget(self, path: str, warnings: list[str]) -> None:
+        """A warning when the byte budget cut this file short."""
+        if self.cut and self.left == 0:
+            warnings.append(f"{path}: stopped at the read limit of {self.limits.total} bytes "
+                            "over all files; the rest is not read (counts are partial)")
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISDIR, "a directory"))
+
+
+def _what(mode: int) -> str:
+    return next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except ValueError:  # an embedded NUL byte
+        raise ReadError(f"{path!r} is not a valid path (it contains a NUL byte)") from None
+    except FileNotFoundError:
+        raise ReadError(f"{path!r} does not exist") from None
+    except OSError as exc:
+        raise ReadError(f"cannot access {path!r} ({exc.strerror or exc})") from None
+
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
+def _open_regular(path: str) -> tuple[BinaryIO, int]:
+    """Open ``path`` for reading if it is a regular file; return the file and its size. Never
+    blocks: a named pipe is refused before opening, and opened without blocking if it replaced
+    the file in between (then refused on its descriptor). Raises :class:`ReadError`."""
+    st = _stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ReadError(f"{path!r} is {_what(st.st_mode)}, not a regular file")
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise ReadError(f"cannot open {path!r} ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ReadError(f"{path!r} is {_what(st.st_mode)}, not a regular file")
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def worst_first(d: dict[str, Any]) -> tuple[Any, ...]:
+    """Sort key of a distinct anomaly: severity, then count, then first step, then run."""
     ev: Event = d["event"]
     return (-SEVERITY_RANK[ev.severity], -d["count"], d["first_step"], d.get("run", ""))
 
@@ -124,51 +246,63 @@ class _Distinct:
             d["ranks"] = sorted([*d["ranks"], ev.rank])
 
 
-def load_run(logdir: str | os.PathLike[str]) -> RunData:
-    """Read every gradwatch file under ``logdir`` (recursively).
+def load_run(path: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_BYTES,
+             max_record_bytes: int = MAX_RECORD_BYTES,
+             max_total_bytes: int = MAX_TOTAL_BYTES) -> RunData:
+    """Read every gradwatch file under the log dir ``path`` (recursively), or the one gradwatch
+    file ``path`` (a ``*.jsonl`` written by gradwatch, or a TensorBoard event file).
 
     ``gradwatch*.jsonl`` files (all ranks) are read first; TensorBoard event files are read only
     for directories without a jsonl file of their own (a ``rank{R}`` sub-directory is covered by
-    its parent's ``gradwatch.rank{R}.jsonl``), so a run written with both is counted once.
-    Raises :class:`ReadError` when ``logdir`` is missing or not a directory.
+    its parent's ``gradwatch.rank{R}.jsonl``), so a run written with both is counted once. Only
+    regular files are read; lines over ``max_line_bytes`` and records over ``max_record_bytes``
+    are skipped (and counted in a warning); all files together are read up to
+    ``max_total_bytes``. Raises :class:`ReadError` when ``path`` is missing, not a valid path,
+    neither a directory nor a regular file, or a file that is no gradwatch file or cannot be
+    opened.
     """
-    root = os.fspath(logdir)
-    if not os.path.exists(root):
-        raise ReadError(f"log dir {root!r} does not exist")
-    if not os.path.isdir(root):
-        raise ReadError(f"{root!r} is not a directory")
+    limits = _Limits(max_line_bytes, max_record_bytes, max_total_bytes)
+    root = os.fsdecode(path)
+    mode = _stat(root).st_mode
     data = RunData(logdir=root)
     jsonl: list[str] = []
     event_files: dict[str, list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: data.warnings.append(
-            f"cannot list {e.filename}: {e.strerror}")):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if _JSONL_RE.match(name):
-                jsonl.append(os.path.join(dirpath, name))
-            elif "tfevents" in name:
-                event_files.setdefault(dirpath, []).append(os.path.join(dirpath, name))
+    one_file = not stat.S_ISDIR(mode)
+    if not one_file:
+        _find_files(root, jsonl, event_files, data.warnings)
+    elif stat.S_ISREG(mode):
+        name = os.path.basename(root)
+        if name.endswith(".jsonl"):
+            jsonl.append(root)
+        elif "tfevents" in name:
+            event_files[os.path.dirname(root)] = [root]
+        else:
+            raise ReadError(f"{root!r} is not a directory, nor a gradwatch file "
+                            "(gradwatch*.jsonl or a TensorBoard event file)")
+        _open_regular(root)[0].close()  # cannot be opened: an error, not a warning
+    else:
+        raise ReadError(f"{root!r} is {_what(mode)}, not a directory or a regular file")
     covered = {os.path.dirname(p) for p in jsonl}
     distinct = _Distinct()
     counts: Counter[str] = Counter()
     runs: set[str] = set()
-    for path in jsonl:
-        run = _run_name(root, os.path.dirname(path))
-        data.files.append(path)
-        runs.add(run)
-        for ev in _read_jsonl(path, data.warnings):
+    for file in jsonl:
+        run = "." if one_file else _run_name(root, os.path.dirname(file))
+        n_files = len(data.files)
+        for ev in _read_jsonl(file, data, limits):
             counts[ev.kind.value] += 1
             if ev.is_anomaly:
                 distinct.add(run, ev)
+        if len(data.files) > n_files:
+            runs.add(run)
     for dirpath, files in event_files.items():
         parent = os.path.dirname(dirpath)
         if dirpath in covered or (
             _RANK_DIR_RE.match(os.path.basename(dirpath)) and parent in covered
         ):
             continue
-        run = _run_name(root, dirpath)
-        found = _read_event_dir(run, files, distinct, counts, data.warnings)
-        if found:
+        run = "." if one_file else _run_name(root, dirpath)
+        if _read_event_dir(run, files, distinct, counts, data, limits):
             data.files.extend(files)
             runs.add(run)
     data.distinct = list(distinct.items.values())
@@ -177,50 +311,94 @@ def load_run(logdir: str | os.PathLike[str]) -> RunData:
     return data
 
 
+def _find_files(root: str, jsonl: list[str], event_files: dict[str, list[str]],
+                warnings: list[str]) -> None:
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: warnings.append(
+            f"cannot list {e.filename}: {e.strerror}")):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if _JSONL_RE.match(name):
+                jsonl.append(os.path.join(dirpath, name))
+            elif "tfevents" in name:
+                event_files.setdefault(dirpath, []).append(os.path.join(dirpath, name))
+
+
 def _run_name(root: str, dirpath: str) -> str:
     rel = os.path.relpath(dirpath, root)
     return rel.replace(os.sep, "/")
 
 
-def _read_jsonl(path: str, warnings: list[str]) -> Iterator[Event]:
-    """Events of one jsonl file; bad lines are skipped and summarised in one warning."""
-    bad = 0
-    first_bad = ""
+def _read_jsonl(path: str, data: RunData, limits: _Limits) -> Iterator[Event]:
+    """Events of one jsonl file; bad and over-long lines are skipped and counted in a warning."""
     try:
-        f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
-    except OSError as exc:
-        warnings.append(f"{path}: cannot open ({exc.strerror or exc})")
+        f, size = _open_regular(path)
+    except ReadError as exc:
+        data.warnings.append(f"{exc}; skipped")
         return
+    data.files.append(path)
+    bad = long = lineno = 0
+    first_bad = ""
+    reader = _Bounded(f, size, limits)
     with f:
-        lineno = 0
         while True:
             try:
-                line = f.readline()
+                line = reader.readline(limits.max_line + 1)
+                if len(line) > limits.max_line:  # over-long: skip to the end of the line
+                    if not line.endswith(b"\n"):
+                        reader.skip_line()
+                    lineno += 1
+                    long += 1
+                    continue
             except OSError as exc:
-                warnings.append(f"{path}: read error after line {lineno} ({exc})")
+                data.warnings.append(f"{path}: read error after line {lineno} ({exc})")
                 break
-            if not line:
-                break
+            if not line or (reader.cut and not reader.left and not line.endswith(b"\n")):
+                break  # the end, or a line the byte budget cut (noted below)
             lineno += 1
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8", errors="replace"))
                 if not isinstance(obj, dict):
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                ev = Event.from_dict(obj)
+                ev = _checked(Event.from_dict(obj))
             except Exception as exc:
                 bad += 1
                 if not first_bad:
-                    truncated = not line.endswith("\n")
-                    why = "truncated line" if truncated else _short(exc)
+                    why = "truncated line" if not line.endswith(b"\n") else _short(exc)
                     first_bad = f"line {lineno}: {why}"
                 continue
+            data.records += 1
             yield ev
+    data.skipped += bad + long
     if bad:
-        warnings.append(
+        data.warnings.append(
             f"{path}: skipped {bad} bad line{'s' if bad != 1 else ''} (first at {first_bad})"
         )
+    if long:
+        data.warnings.append(f"{path}: skipped {long} over-long line{'s' if long != 1 else ''} "
+                             f"(over {limits.max_line} bytes)")
+    reader.note_budget(path, data.warnings)
+
+
+def _checked(ev: Event) -> Event:
+    """``ev`` if its fields have the types gradwatch writes (a report must not fail on a line
+    that parses but holds, say, a severity of its own); raises ValueError otherwise."""
+    if ev.severity not in SEVERITY_RANK:
+        raise ValueError(f"unknown severity {ev.severity!r}")
+    if type(ev.step) is float and ev.step.is_integer():
+        ev = dataclasses.replace(ev, step=int(ev.step))
+    if type(ev.step) is not int or type(ev.rank) is not int:
+        raise ValueError("step and rank must be integers")
+    if not all(isinstance(v, str) for v in (ev.tensor, ev.op, ev.message, ev.hint)):
+        raise ValueError("tensor, op, message and hint must be strings")
+    loc = ev.location
+    if loc is not None and not (
+        isinstance(loc, Location) and isinstance(loc.filename, str) and type(loc.lineno) is int
+        and isinstance(loc.function, str) and isinstance(loc.code, (str, type(None)))
+    ):
+        raise ValueError("malformed location")
+    return ev
 
 
 def _short(exc: BaseException) -> str:
@@ -229,60 +407,84 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def iter_event_file(path: str, warnings: list[str]) -> Iterator[Any]:
+def iter_event_file(path: str, warnings: list[str], *, limits: _Limits | None = None
+                    ) -> Iterator[Any]:
     """Event protos of one TensorBoard event file (TFRecord framing), stopping with one warning
     at the first truncated or corrupt record. Data CRCs are not checked (pure-Python crc32c is
-    slow); a corrupt payload shows as a proto that does not parse."""
+    slow); a corrupt payload shows as a proto that does not parse. Only a regular file is read,
+    up to its size when opened; records over the record limit are skipped (one warning)."""
     from tensorboard.compat.proto import event_pb2
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
+    if limits is None:
+        limits = _Limits(MAX_LINE_BYTES, MAX_RECORD_BYTES, MAX_TOTAL_BYTES)
     try:
-        f = open(path, "rb")  # noqa: SIM115
-    except OSError as exc:
-        warnings.append(f"{path}: cannot open ({exc.strerror or exc})")
+        f, size = _open_regular(path)
+    except ReadError as exc:
+        warnings.append(f"{exc}; skipped")
         return
+    reader = _Bounded(f, size, limits)
+    n = skipped = 0
     with f:
-        n = 0
         while True:
-            header = f.read(12)
-            if not header:
-                return
-            problem = None
-            if len(header) < 12:
-                problem = "truncated record header"
-            else:
-                length, crc = struct.unpack("<QI", header)
-                if masked_crc32c(header[:8]) != crc:
-                    problem = "corrupt record header (bad checksum)"
+            try:
+                header = reader.read(12)
+                if not header:
+                    break
+                problem = None
+                if len(header) < 12:
+                    problem = "truncated record header"
                 else:
-                    payload = f.read(length)
-                    footer = f.read(4)
-                    if len(payload) < length or len(footer) < 4:
+                    length, crc = struct.unpack("<QI", header)
+                    if masked_crc32c(header[:8]) != crc:
+                        problem = "corrupt record header (bad checksum)"
+                    elif length + 4 > reader.left:
+                        if reader.cut:  # the byte budget ends first: noted below
+                            reader.skip(reader.left)
+                            break
                         problem = "truncated record"
+                    elif length > limits.max_record:
+                        reader.skip(length + 4)
+                        skipped += 1
+                        continue
                     else:
-                        try:
-                            event = event_pb2.Event.FromString(payload)
-                        except Exception as exc:
-                            problem = f"corrupt record ({_short(exc)})"
+                        payload = reader.read(length)
+                        footer = reader.read(4)
+                        if len(payload) < length or len(footer) < 4:
+                            problem = "truncated record"
+                        else:
+                            try:
+                                event = event_pb2.Event.FromString(payload)
+                            except Exception as exc:
+                                problem = f"corrupt record ({_short(exc)})"
+            except OSError as exc:
+                problem = f"read error ({exc})"
             if problem is not None:
+                if reader.cut and reader.left == 0:
+                    break  # the byte budget, not the file, ended here: noted below
                 warnings.append(
                     f"{path}: {problem} after {n} record{'s' if n != 1 else ''}; "
                     "the rest of the file is skipped"
                 )
-                return
+                break
             n += 1
             yield event
+    if skipped:
+        warnings.append(f"{path}: skipped {skipped} over-long record{'s' if skipped != 1 else ''}"
+                        f" (over {limits.max_record} bytes)")
+    reader.note_budget(path, warnings)
 
 
 def _read_event_dir(run: str, files: list[str], distinct: _Distinct, counts: Counter[str],
-                    warnings: list[str]) -> bool:
+                    data: RunData, limits: _Limits) -> bool:
     """Merge gradwatch tags of one TensorBoard run (a directory's event files). Returns whether
     any gradwatch tag was found."""
+    warnings = data.warnings
     summary: tuple[tuple[float, int], list[Any]] | None = None
     firsts: list[Event] = []
     found = False
     for path in files:
-        for event in iter_event_file(path, warnings):
+        for event in iter_event_file(path, warnings, limits=limits):
             if not event.HasField("summary"):
                 continue
             for value in event.summary.value:
@@ -290,6 +492,7 @@ def _read_event_dir(run: str, files: list[str], distinct: _Distinct, counts: Cou
                 if not tag.startswith(TAG_PREFIX):
                     continue
                 found = True
+                data.records += 1
                 if tag.endswith(TEXT_SUFFIX):
                     tag = tag[: -len(TEXT_SUFFIX)]
                 if tag in (ANOMALY_JSON_TAG, SUMMARY_JSON_TAG):
@@ -297,7 +500,7 @@ def _read_event_dir(run: str, files: list[str], distinct: _Distinct, counts: Cou
                     try:
                         obj = json.loads(text) if text is not None else None
                         if tag == ANOMALY_JSON_TAG:
-                            firsts.append(Event.from_dict(obj))  # type: ignore[arg-type]
+                            firsts.append(_checked(Event.from_dict(obj)))  # type: ignore[arg-type]
                         else:
                             if not isinstance(obj, list):
                                 raise ValueError("expected a JSON list")
@@ -305,6 +508,7 @@ def _read_event_dir(run: str, files: list[str], distinct: _Distinct, counts: Cou
                             if summary is None or order >= summary[0]:
                                 summary = (order, obj)
                     except Exception as exc:
+                        data.skipped += 1
                         warnings.append(
                             f"{path}: skipped an unreadable {tag} at step {event.step} "
                             f"({_short(exc)})"
@@ -318,7 +522,7 @@ def _read_event_dir(run: str, files: list[str], distinct: _Distinct, counts: Cou
     if summary is not None:
         for item in summary[1]:
             try:
-                ev = Event.from_dict(item["event"])
+                ev = _checked(Event.from_dict(item["event"]))
                 distinct.add(run, ev, int(item["count"]), int(item["first_step"]),
                              int(item["last_step"]))
                 seen.add(ev.key)
