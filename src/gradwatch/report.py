@@ -246,23 +246,24 @@ class _Distinct:
             d["ranks"] = sorted([*d["ranks"], ev.rank])
 
 
-def load_run(path: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_BYTES,
+def load_run(logdir: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_BYTES,
              max_record_bytes: int = MAX_RECORD_BYTES,
              max_total_bytes: int = MAX_TOTAL_BYTES) -> RunData:
-    """Read every gradwatch file under the log dir ``path`` (recursively), or the one gradwatch
-    file ``path`` (a ``*.jsonl`` written by gradwatch, or a TensorBoard event file).
+    """Read every gradwatch file under the log dir ``logdir`` (recursively), or, when ``logdir``
+    is a file, that one gradwatch file (a ``*.jsonl`` written by gradwatch, or a TensorBoard
+    event file).
 
     ``gradwatch*.jsonl`` files (all ranks) are read first; TensorBoard event files are read only
     for directories without a jsonl file of their own (a ``rank{R}`` sub-directory is covered by
     its parent's ``gradwatch.rank{R}.jsonl``), so a run written with both is counted once. Only
     regular files are read; lines over ``max_line_bytes`` and records over ``max_record_bytes``
     are skipped (and counted in a warning); all files together are read up to
-    ``max_total_bytes``. Raises :class:`ReadError` when ``path`` is missing, not a valid path,
+    ``max_total_bytes``. Raises :class:`ReadError` when ``logdir`` is missing, not a valid path,
     neither a directory nor a regular file, or a file that is no gradwatch file or cannot be
     opened.
     """
     limits = _Limits(max_line_bytes, max_record_bytes, max_total_bytes)
-    root = os.fsdecode(path)
+    root = os.fsdecode(logdir)
     mode = _stat(root).st_mode
     data = RunData(logdir=root)
     jsonl: list[str] = []
