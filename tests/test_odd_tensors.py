@@ -595,9 +595,9 @@ def test_torch_func_grad_and_vmap(level: str, clean) -> None:
 # ----------------------------------------------------------------------------- threads, workers
 @pytest.mark.parametrize("level", LEVELS)
 def test_other_threads_documented_behaviour(level: str) -> None:
-    """The function mode is thread-local: in-place edits made by another thread are NOT seen;
-    tensor hooks are not, so a backward run by another thread still reports grad_accumulated.
-    Nothing crashes on either side."""
+    """The watched loop is the thread that entered the watch: another thread's in-place edits
+    (the mode is thread-local) and its backward passes (the wrappers check the thread) are not
+    seen. Nothing crashes on either side."""
     p = nn.Parameter(torch.ones(3))
     seen: dict[str, object] = {}
 
@@ -616,7 +616,7 @@ def test_other_threads_documented_behaviour(level: str) -> None:
     assert seen["modes"] == 0
     assert r.internal == []
     assert r.rows() == [("mul_", "tensor float32[3]", 1, 2, "no_grad", _line("main-thread"))]
-    assert r.w.counts["grad_accumulated"] == 1
+    assert r.w.counts.get("grad_accumulated", 0) == 0
 
 
 class _Noisy(torch.utils.data.Dataset):

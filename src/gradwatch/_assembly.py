@@ -14,7 +14,7 @@ import time
 import torch
 
 from ._context import RunContext, process_group
-from ._failopen import FailOpen, Part
+from ._failopen import FailOpen, Part, warn_internal
 from ._intercept.backward import Backward
 from ._intercept.clipping import Clipping
 from ._intercept.gate import ModeGate
@@ -108,7 +108,10 @@ class Runtime:
         cfg = ctx.config
         sinks = self.emit.sinks
         if cfg.log_dir is not None:
-            sinks.append(JsonlSink(cfg.log_dir, rank=ctx.rank, world=ctx.world))
+            try:
+                sinks.append(JsonlSink(cfg.log_dir, rank=ctx.rank, world=ctx.world))
+            except OSError as exc:  # (a directory named gradwatch.jsonl, a full disk...)
+                warn_internal("sink JsonlSink", exc)
         if cfg.writer is not None or cfg.log_dir is not None:
             from .sinks.tensorboard import TensorBoardSink
 
@@ -128,8 +131,10 @@ class Runtime:
         try:
             self.step_boundary(final=True)
         finally:
-            self.uninstall()
-            self.emit.close_sinks()
+            try:
+                self.uninstall()
+            finally:
+                self.emit.close_sinks()
 
     # -- the step boundary --------------------------------------------------------------------
     def step_boundary(self, step: int | None = None, final: bool = False) -> None:

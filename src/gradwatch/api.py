@@ -217,7 +217,7 @@ class Watch:
             return
         try:
             self._runtime.close()
-        finally:
+        finally:  # first in the finally: a second interrupt while closing cannot skip it
             with _active_lock:
                 if _active is self:
                     _active = None

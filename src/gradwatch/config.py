@@ -91,6 +91,8 @@ def _as_list(value: Any, kind: type, arg: str, what: str) -> list[Any]:
 
 
 def _check_writable_dir(path: str) -> None:
+    if "\0" in path:
+        raise ValueError(f"log_dir {path!r} contains a NUL byte")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:

@@ -31,12 +31,19 @@ class Installed:
         self._undo.append(undo)
 
     def undo(self) -> None:
+        """Undo everything, newest first. A step that fails is warned about; an interrupt
+        (a second Ctrl-C while closing) does not stop the others: it is re-raised at the end."""
+        interrupt: BaseException | None = None
         while self._undo:
             fn = self._undo.pop()
             try:
                 fn()
             except Exception as exc:  # never let cleanup break the user's program
                 warnings.warn(f"gradwatch: cleanup step failed: {exc!r}", RuntimeWarning, stacklevel=2)
+            except BaseException as exc:  # KeyboardInterrupt, SystemExit
+                interrupt = interrupt or exc
+        if interrupt is not None:
+            raise interrupt
 
     # -- global hooks -------------------------------------------------------------------------
     def optimizer_hooks(self, pre: Callable, post: Callable) -> None:

@@ -53,7 +53,10 @@ class WatchMode(TorchFunctionMode):
         # hot: the suspended/compile check first (dynamo, or export, must trace nothing of ours)
         if self.suspended or _dynamo_compiling() or _compiler._is_compiling_flag:
             return func(*args, **kwargs)
-        action = ACTIONS.get(func)  # hot: memoised classification, identity tests
+        try:
+            action = ACTIONS.get(func)  # hot: memoised classification, identity tests
+        except TypeError:  # an unhashable callable (a user's object): classified per call
+            action = None
         if action is None:
             action = classify(func)
         if action is _PASS:
