@@ -198,11 +198,6 @@ print("scripted")
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the fast-path bracket that replaces MultiheadAttention/TransformerEncoder(Layer)."
-    "forward keeps gradwatch's module globals; TorchScript compiles forward's source "
-    "(__wrapped__) against them ('undefined value F') and the failed compilation poisons its "
-    "cache for the process ('Can't redefine method: forward'); patch in the issue-17 report"))
 @pytest.mark.parametrize("level", LEVELS)
 def test_an_attention_model_scripts_inside_a_watch(level: str) -> None:
     """Nothing of gradwatch is attached to the modules, so TorchScript finds only their own

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -90,11 +91,16 @@ def _bracketed(forward: Callable, enter: Callable[[torch.nn.Module], bool], gate
     """``forward`` of an attention/encoder class, run with the mode aside in eval mode: there it
     takes a fused fast path unless a function mode is active, and with gradwatch's mode its
     outputs would differ in the last bits, and so would any training they feed (distillation,
-    pseudo-labels, EMA teachers). A plain function (dynamo traces it as one)."""
+    pseudo-labels, EMA teachers). A plain function (dynamo traces it as one).
 
-    @functools.wraps(forward)
+    TorchScript compiles the source of ``forward`` (``__wrapped__``) but resolves its names in
+    the globals of the function it was handed: the bracket is given ``forward``'s globals (all
+    it needs itself is in its closure), so that ``torch.jit.script`` of these modules works
+    inside a watch (a failed compilation would poison TorchScript's cache for the process)."""
+    dynamo_compiling, compiler = _dynamo_compiling, _compiler
+
     def bracketed(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.training or _dynamo_compiling() or _compiler._is_compiling_flag:
+        if self.training or dynamo_compiling() or compiler._is_compiling_flag:
             return forward(self, *args, **kwargs)
         entered = enter(self)
         try:
@@ -103,4 +109,6 @@ def _bracketed(forward: Callable, enter: Callable[[torch.nn.Module], bool], gate
             if entered:
                 gate.fast_path_exit(self)
 
-    return bracketed
+    rebound = types.FunctionType(bracketed.__code__, forward.__globals__, forward.__name__,
+                                 bracketed.__defaults__, bracketed.__closure__)
+    return functools.wraps(forward)(rebound)
