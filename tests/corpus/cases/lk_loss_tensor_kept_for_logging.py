@@ -28,7 +28,7 @@ def run(watch=lambda *models_and_optimizers: nullcontext()):
             loss = loss_fn(y_pred, y)
             train_loss = loss
             optimizer.zero_grad()
-            loss.backward(retain_graph=True)
+            loss.backward()
             optimizer.step()
             results["train_loss"].append(train_loss)
 
