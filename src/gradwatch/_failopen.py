@@ -13,9 +13,14 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from .errors import AnomalyError, GradWatchWarning, is_version_error
 
 __all__ = ["FailOpen", "Part", "warn_internal"]
+
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_compiler = torch.compiler
 
 
 class Part(enum.Enum):
@@ -88,13 +93,11 @@ class FailOpen:
 
     def hook(self, part: Part, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` as a hook guarded at the boundary (torch's hooks take positional arguments):
-        None once ``part`` is off or if it fails. Torch's version error (raised on purpose by
-        the saved-tensor check) passes through."""
-        failed = self.failed
+        None if it fails (``fn`` checks its owner's ``off`` itself, after its compile check:
+        dynamo traces these hooks). Torch's version error (raised on purpose by the
+        saved-tensor check) passes through."""
 
         def hook(*args: Any) -> Any:
-            if part in failed:
-                return None
             try:
                 return fn(*args)
             except AnomalyError:
@@ -120,7 +123,8 @@ class FailOpen:
         failed = self.failed
 
         def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-            if part in failed:
+            # (compile check first: dynamo traces this wrapper and must see nothing of ours)
+            if _dynamo_compiling() or _compiler._is_compiling_flag or part in failed:
                 return wrapped(*args, **kwargs)
             if prepare is not None:
                 args, kwargs = prepare(args, kwargs)

@@ -57,8 +57,8 @@ class Backward:
 
     def _wrapper(self, accumulates: bool, wrapped: Callable, instance: Any, args: tuple,
                  kwargs: dict) -> Any:
-        if (self.running or self.gate.closed or _get_ident() != self.gate.thread
-                or _dynamo_compiling() or _compiler._is_compiling_flag):
+        if (_dynamo_compiling() or _compiler._is_compiling_flag or self.running
+                or self.gate.closed or _get_ident() != self.gate.thread):
             # (another thread's backward is not the watched loop's)
             return wrapped(*args, **kwargs)
         before = None

@@ -55,8 +55,8 @@ class Clipping:
 
     def _wrapper(self, op: str, call: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         gate = self.gate
-        if (gate.suspended or gate.closed or _get_ident() != gate.thread or _dynamo_compiling()
-                or _compiler._is_compiling_flag):
+        if (_dynamo_compiling() or _compiler._is_compiling_flag or gate.suspended or gate.closed
+                or _get_ident() != gate.thread):
             return call(*args, **kwargs)
         t0 = time.perf_counter()
         params = _parameters(args, kwargs)

@@ -140,8 +140,8 @@ class Optimizers:
 
     def _wrap_step(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         gate = self.gate
-        if (instance is None or self.off or gate.outer_step or gate.closed
-                or _get_ident() != gate.thread or _dynamo_compiling() or _compiler._is_compiling_flag):
+        if (_dynamo_compiling() or _compiler._is_compiling_flag or instance is None or self.off
+                or gate.outer_step or gate.closed or _get_ident() != gate.thread):
             return wrapped(*args, **kwargs)
         try:
             last = self._last
@@ -164,8 +164,8 @@ class Optimizers:
     # -- the hooks ----------------------------------------------------------------------------
     def on_step_pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
         gate = self.gate
-        if (gate.closed or self.off or _get_ident() != gate.thread or _dynamo_compiling()
-                or _compiler._is_compiling_flag):
+        if (_dynamo_compiling() or _compiler._is_compiling_flag or gate.closed or self.off
+                or _get_ident() != gate.thread):
             return None  # (another thread's step is not the watched loop's)
         t0 = time.perf_counter()
         result = None
@@ -245,8 +245,8 @@ class Optimizers:
 
     def on_step_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         gate = self.gate
-        if (gate.closed or _get_ident() != gate.thread or _dynamo_compiling()
-                or _compiler._is_compiling_flag):
+        if (_dynamo_compiling() or _compiler._is_compiling_flag or gate.closed
+                or _get_ident() != gate.thread):
             return
         t0 = time.perf_counter()
         state = self.running.pop(id(opt), None)

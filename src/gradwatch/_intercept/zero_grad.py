@@ -37,8 +37,8 @@ class ZeroGrad:
 
     def _wrapper(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         gate = self.gate
-        if (gate.suspended or instance is None or _get_ident() != gate.thread or _dynamo_compiling()
-                or _compiler._is_compiling_flag):
+        if (_dynamo_compiling() or _compiler._is_compiling_flag or gate.suspended
+                or instance is None or _get_ident() != gate.thread):
             return wrapped(*args, **kwargs)
         # hot: usual case, right after a step with set_to_none: nothing unconsumed to check, and the
         # next backward sees each .grad start afresh (None before it): no per-leaf work here.

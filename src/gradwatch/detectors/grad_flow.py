@@ -140,7 +140,7 @@ class GradFlowDetector:
 
     def no_grad_entered(self, frame: Any) -> None:
         """User code switched grad mode off at ``frame`` (the first frame outside torch)."""
-        if frame is not None and not is_internal(frame.f_code):
+        if not self.off and frame is not None and not is_internal(frame.f_code):
             self.no_grad_regions.append(((frame.f_code, frame.f_lineno), self.ctx.step()))
 
     def no_grad_source(self, args: tuple) -> torch.Tensor | None:
