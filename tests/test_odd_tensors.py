@@ -476,9 +476,6 @@ def test_compiled_optimizer_step_full() -> None:
 
 
 @pytest.mark.slow  # ~10 s of dynamo tracing
-@pytest.mark.xfail(strict=False, reason=(
-    "regression of the refactor, open: a compiled optimizer step under a light watch splits into "
-    "7 graphs instead of 1 when run alone (results stay identical; no recompiles)"))
 def test_compiled_optimizer_step_light_no_graph_storm() -> None:
     ref, ref_stats, _, _ = _compile_run("eager", False, True, None)
     got, stats, recompiles, _ = _compile_run("eager", False, True, "light")
