@@ -269,12 +269,15 @@ class AccumulationTracker:
 
     def resetting(self, st: LeafState, where: tuple[CodeType, int] | None = None) -> bool:
         """The leaf's gradient is about to be zeroed or dropped at ``where``. True if that discards
-        a window worth checking (accumulated, unconsumed, unread, leaf trained by an optimizer).
-        A read on the zeroing line itself (``p.grad.zero_()``) is not a use."""
+        a window worth checking (accumulated, unconsumed, unread, leaf trained by an optimizer,
+        and not changed since: an update no hook saw — a ``torch.compile``d step — may have used
+        it). A read on the zeroing line itself (``p.grad.zero_()``) is not a use."""
         read = st.read and st.read_where != where
         candidate = st.accum > 0 and not st.consumed and not read and not st.reset and st.optimized
-        st.reset = True
         leaf = st.leaf()
+        if candidate and leaf is not None and st.token is not None and version(leaf) != st.token[0]:
+            candidate = False
+        st.reset = True
         if leaf is not None:
             self.unconsumed.discard(id(leaf))
         st.stale_where = None
