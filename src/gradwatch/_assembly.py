@@ -59,7 +59,7 @@ class Runtime:
         self.optimizers = Optimizers(ctx, gate, emit, fail, self.installed, self.saved, self.acc,
                                      self.grad_flow, self.nonfinite, self.step_boundary)
         self.backward = Backward(ctx, gate, fail, self.saved, self.acc, self.grad_flow)
-        self.zero_grad = ZeroGrad(ctx, gate, fail, self.acc)
+        self.zero_grad = ZeroGrad(ctx, gate, fail, self.acc, self.optimizers.info)
         self.clipping = Clipping(ctx, gate, emit, fail, self.saved)
         self.modules = Modules(ctx, gate, fail)
         for part, owner in ((Part.MODE, self.writes), (Part.ACCUMULATION, self.acc),

@@ -24,7 +24,8 @@ _compiler = torch.compiler
 
 class ZeroGrad:
     def __init__(self, ctx: RunContext, gate: ModeGate, fail: FailOpen,
-                 acc: AccumulationDetector) -> None:
+                 acc: AccumulationDetector, know_optimizer: Callable[[Any], Any]) -> None:
+        self.know_optimizer = know_optimizer  # an optimizer seen before its first step
         self.ctx = ctx
         self.gate = gate
         self.fail = fail
@@ -40,6 +41,10 @@ class ZeroGrad:
         if (_dynamo_compiling() or _compiler._is_compiling_flag or gate.suspended
                 or instance is None or _get_ident() != gate.thread):
             return wrapped(*args, **kwargs)
+        if isinstance(instance, torch.optim.Optimizer):
+            # zero-config: an optimizer zeroing before its first step is known from here on
+            # (its leaves are trained: a window it zeroes unused is discarded)
+            self.know_optimizer(instance)
         # hot: usual case, right after a step with set_to_none: nothing unconsumed to check, and the
         # next backward sees each .grad start afresh (None before it): no per-leaf work here.
         set_to_none = args[0] if args else kwargs.get("set_to_none", True)

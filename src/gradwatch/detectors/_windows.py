@@ -36,7 +36,7 @@ PassEntry = tuple[weakref.ref, int, int, int, int]
 
 class LeafState:
     __slots__ = ("accum", "consumed", "grad_id", "grad_version", "last_edit", "leaf", "optimized",
-                 "read", "read_where", "reset", "stale_where", "steps", "token")
+                 "pass_no", "read", "read_where", "reset", "stale_where", "steps", "token")
 
     def __init__(self, leaf: torch.Tensor) -> None:
         self.leaf = weakref.ref(leaf)
@@ -52,15 +52,18 @@ class LeafState:
         self.stale_where: tuple[CodeType, int] | None = None
         self.optimized = False
         self.last_edit: tuple[CodeType, int] | None = None  # last in-place edit under no_grad
+        self.pass_no = 0  # the last backward pass that accumulated into the window
 
 
 class _Pass:  # hot: the usual loop, one record per backward pass
     """A backward pass that found no ``.grad`` on any tracked leaf: a fresh window on each leaf
     it reached, not yet applied per leaf; ``steps``: optimizer steps that used exactly these."""
 
-    __slots__ = ("_grad_ids", "entries", "ids", "steps", "where")
+    __slots__ = ("_grad_ids", "entries", "ids", "number", "steps", "where")
 
-    def __init__(self, entries: list[PassEntry], where: tuple[CodeType, int] | None) -> None:
+    def __init__(self, entries: list[PassEntry], where: tuple[CodeType, int] | None,
+                 number: int) -> None:
+        self.number = number
         self.entries = entries
         self.ids = {e[1] for e in entries}
         self.where = where
@@ -85,6 +88,11 @@ class AccumulationTracker:
         self.unconsumed: set[int] = set()
         self.pending: _Pass | None = None
         self.reached: set[int] = set()  # ids of leaves some backward pass reached
+        self.pass_no = 0  # backward passes so far (see begin_pass)
+        # passes whose gradients some optimizer step used (on any leaf): what such a pass left
+        # on leaves no step holds is a by-product (SAC's policy loss reaching the critic),
+        # dropping it is no discarded window (recent passes only)
+        self.used: set[int] = set()
 
     def state(self, leaf: torch.Tensor) -> LeafState:
         if self.pending is not None:
@@ -121,6 +129,17 @@ class AccumulationTracker:
         """Whether some window holds gradients that no optimizer step has used yet."""
         return bool(self.unconsumed) or (self.pending is not None and self.pending.steps == 0)
 
+    def begin_pass(self) -> None:
+        """A backward pass starts: what it accumulates is stamped with its number."""
+        self.pass_no += 1
+
+    def _used(self, number: int) -> None:
+        used = self.used
+        used.add(number)
+        if len(used) > 256:
+            oldest = self.pass_no - 128
+            self.used = {n for n in used if n > oldest}
+
     # -- the usual loop, without per-leaf work ------------------------------------------------
     def fresh_pass(self, entries: list[PassEntry], where: tuple[CodeType, int] | None) -> None:
         """A backward pass found no ``.grad`` on any tracked leaf and reached ``entries``."""
@@ -132,7 +151,7 @@ class AccumulationTracker:
                 self.pending = None
                 if self.unconsumed:
                     self.unconsumed.difference_update(last.ids)
-        p = _Pass(entries, where)
+        p = _Pass(entries, where, self.pass_no)
         self.reached |= p.ids
         self.pending = p
 
@@ -143,9 +162,10 @@ class AccumulationTracker:
         if p is not None:
             self._open_windows(((leaf, key, gid, grad_version, leaf_version)
                                 for ref, key, gid, grad_version, leaf_version in p.entries
-                                if (leaf := ref()) is not None), p.where, p.steps)
+                                if (leaf := ref()) is not None), p.where, p.steps, p.number)
 
-    def _open_windows(self, passed: Any, where: tuple[CodeType, int] | None, steps: int) -> None:
+    def _open_windows(self, passed: Any, where: tuple[CodeType, int] | None, steps: int,
+                      number: int) -> None:
         """Each (leaf, id(leaf), id(grad), grad version, leaf version) had no ``.grad`` before a
         pass that reached it: a new window; ``steps`` optimizer steps have used it since."""
         leaves = self.leaves
@@ -161,6 +181,7 @@ class AccumulationTracker:
             st.last_edit = st.stale_where = None
             st.read = st.reset = False
             st.accum = 1
+            st.pass_no = number
             old = st.grad_id
             if gid != old:
                 if owner.get(old) is st:  # ids are reused: drop only our own entry
@@ -203,6 +224,7 @@ class AccumulationTracker:
             st.stale_where = None
         st.reset = False
         st.accum += 1
+        st.pass_no = self.pass_no
         if not st.consumed:
             self.unconsumed.add(id(leaf))
         st.token = token
@@ -221,7 +243,7 @@ class AccumulationTracker:
         if self.pending is not None:
             self.sync()
         self._open_windows(((leaf, id(leaf), id(grad), grad._version, version(leaf))
-                            for leaf, grad in pairs), where, 0)
+                            for leaf, grad in pairs), where, 0, self.pass_no)
 
     def stepped(self, leaves: list[torch.Tensor]) -> list[LeafState]:
         """An optimizer step is about to use these leaves' ``.grad``; returns the states whose
@@ -233,6 +255,7 @@ class AccumulationTracker:
                 return []
             self.sync()
         due = []
+        used = self._used
         get = self.leaves.get
         for leaf in leaves:
             st = get(id(leaf))
@@ -244,6 +267,7 @@ class AccumulationTracker:
                 if st.stale_where is not None and not st.reset:
                     due.append(st)
                 st.consumed = True
+                used(st.pass_no)
         if self.unconsumed:
             self.unconsumed.difference_update(map(id, leaves))
         return due
@@ -258,6 +282,7 @@ class AccumulationTracker:
             st = get(id(leaf))
             if st is not None and st.leaf() is leaf and st.accum > 0:
                 st.consumed = True
+                self._used(st.pass_no)
         if self.unconsumed:
             self.unconsumed.difference_update(map(id, leaves))
 
@@ -273,7 +298,8 @@ class AccumulationTracker:
         and not changed since: an update no hook saw — a ``torch.compile``d step — may have used
         it). A read on the zeroing line itself (``p.grad.zero_()``) is not a use."""
         read = st.read and st.read_where != where
-        candidate = st.accum > 0 and not st.consumed and not read and not st.reset and st.optimized
+        candidate = (st.accum > 0 and not st.consumed and not read and not st.reset and st.optimized
+                     and st.pass_no not in self.used)
         leaf = st.leaf()
         if candidate and leaf is not None and st.token is not None and version(leaf) != st.token[0]:
             candidate = False

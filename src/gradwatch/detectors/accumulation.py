@@ -180,6 +180,7 @@ class AccumulationDetector:
         (else the usual loop is kept as one pending record and nothing is returned)."""
         step = self.ctx.step()
         names = self.ctx.names
+        self.windows.begin_pass()
         if not per_leaf and not any(before):
             # The usual loop: no tracked leaf had a .grad; one record for the whole pass.
             entries: list[PassEntry] | None

@@ -13,10 +13,7 @@ from torch import nn
 SOURCE = "https://github.com/pytorch/ignite/issues/583"
 FAMILY = "accumulated_grad_discarded"
 EXPECT = dict(kind="accumulated_grad_discarded", tensor="weight.grad")
-KNOWN_MISS = {
-    "zero_config": "not yet diagnosed: no accumulated_grad_discarded reported",
-    "cli": "not yet diagnosed: no accumulated_grad_discarded reported",
-}
+KNOWN_MISS = {}
 
 
 def run(watch=lambda *models_and_optimizers: nullcontext()):
