@@ -64,7 +64,7 @@ def model_and_loss(ctx: RunContext) -> tuple[nn.Sequential, torch.Tensor]:
     return model, model(x).pow(2).sum()
 
 
-def test_a_write_into_a_saved_weight_is_reported_at_its_line_and_names_it_in_torchs_error(full):
+def test_a_write_into_a_saved_weight_is_reported_at_its_line_when_backward_uses_it(full):
     ctx, emit, det, errors = full
     model, loss = model_and_loss(ctx)
     w = model[0].weight
@@ -77,7 +77,15 @@ def test_a_write_into_a_saved_weight_is_reported_at_its_line_and_names_it_in_tor
         w.mul_(0.5)
     where = here()
     det.mutated(torch.Tensor.mul_, w, saved, key, where, "no_grad", after=True)
+    assert list(emit.anomalies) == []  # a suspect: the graph may never be backwarded
+    assert det.pending(key) is None  # no longer intact: a second write is not a new finding
 
+    # torch's version error (raised by the registry's unpack, as torch would) gets the note,
+    # and the write is reported now, at its own line and step
+    with pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
+        loss.backward()
+    exc = info.value
+    assert det.annotate(exc) is True
     assert emit.buffer.counts == {"saved_tensor_mutated": 1}
     [ev] = emit.anomalies
     assert (ev.kind, ev.severity, ev.op, ev.tensor) == (K.SAVED_TENSOR_MUTATED, "error", "mul_",
@@ -89,19 +97,29 @@ def test_a_write_into_a_saved_weight_is_reported_at_its_line_and_names_it_in_tor
     assert where[0].co_name.startswith("test_a_write_into_a_saved_weight")
     assert f"saved it at version {v0}" in ev.message and "`0.weight`" in ev.message
     assert ev.hint == HINT
-    assert det.pending(key) is None  # no longer intact: a second write is not a new finding
-
-    # torch's version error (raised by the registry's unpack, as torch would) gets the note
-    with pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
-        loss.backward()
-    exc = info.value
-    assert det.annotate(exc) is True
     [note] = exc.__notes__
     assert note.startswith("gradwatch: `0.weight` was modified in place by mul_ at ")
     assert f"{at(where)} (`where = here()`)" in note
     assert f"version {v0} → {v0 + 1}" in note and note.endswith(f"Fix: {HINT}.")
-    assert len(emit.anomalies) == 1  # already reported at the write: no second record
+    assert len(emit.anomalies) == 1
     assert errors == []
+
+
+def test_a_write_into_a_graph_that_is_never_backwarded_is_no_finding(full):
+    """``y, _ = f(x)`` keeps ``_``'s graph alive; an optimizer step then changes what it saved.
+    Certainty before severity: nothing is reported unless a backward uses that graph."""
+    ctx, emit, det, errors = full
+    model, loss = model_and_loss(ctx)
+    w = model[0].weight
+    key = storage_key(w)
+    det.check_tensors("optimizer.step", [w], here())
+    with torch.no_grad():
+        w.sub_(0.1)
+    del loss  # the graph dies unused
+    det.end_step()
+    det.after_backward()
+    assert list(emit.anomalies) == [] and errors == []
+    assert det.pending(key) is None
 
 
 def test_a_write_through_data_is_reported_as_silent_corruption_torch_cannot_see(full):
@@ -114,20 +132,21 @@ def test_a_write_through_data_is_reported_as_silent_corruption_torch_cannot_see(
     alias.add_(1.0)
     where = here()
     det.mutated(torch.Tensor.add_, alias, saved, key, where, "enabled", after=True)
-
+    assert list(emit.anomalies) == []
+    loss.backward()  # indeed no error: the new values are used silently
+    det.after_backward()  # the backward boundary asks: which suspects did it use?
     [ev] = emit.anomalies
     assert (ev.kind, ev.tensor, ev.op, ev.grad_mode) == (K.SAVED_TENSOR_MUTATED, "0.weight",
                                                          "add_", "enabled")
     assert (ev.version_before, ev.version_after) == (None, None)
     assert "torch cannot detect this" in ev.message and "through an alias" in ev.message
     assert ev.location.lineno == where[1]
-    loss.backward()  # indeed no error: the new values are used silently
     assert errors == []
 
 
-def test_library_code_about_to_write_a_saved_tensor_is_reported_before_the_write(full):
+def test_library_code_about_to_write_a_saved_tensor_is_named_at_its_call(full):
     ctx, emit, det, _ = full
-    model, _loss = model_and_loss(ctx)
+    model, loss = model_and_loss(ctx)
     w = model[0].weight
     v0 = w._version
     asked = []
@@ -141,6 +160,11 @@ def test_library_code_about_to_write_a_saved_tensor_is_reported_before_the_write
     assert asked == [] and list(emit.anomalies) == []
     det.check_tensors("optimizer.step", [model[0].bias, w], where_now)
     assert asked == [1]
+    with torch.no_grad():
+        w.add_(1.0)  # the step's write
+    with pytest.raises(RuntimeError) as info:
+        loss.backward()
+    det.annotate(info.value)
     [ev] = emit.anomalies
     assert (ev.op, ev.tensor, ev.version_before, ev.version_after) == ("optimizer.step",
                                                                        "0.weight", v0, None)

@@ -95,6 +95,7 @@ class Backward:
             raise
         finally:
             self.running = False
+        self.saved.after_backward()  # writes torch could not see, used by this pass
         self.saved.end_step()  # this pass's graph is freed (unless retained): drop its entries
         if before is not None:
             with disabled:

@@ -152,8 +152,6 @@ class Writes:
                         if where is None:
                             where = caller()
                         hits.append((t, s))
-                        if self.ctx.raise_now:
-                            saved.mutated(func, t, s, key, where, grad_mode, after=False)
                 requires = t.requires_grad
                 if grad_on and requires:
                     continue  # autograd records this one
@@ -195,9 +193,8 @@ class Writes:
     def _after_write(self, p: _PendingWrite, out: Any) -> None:
         step = self.ctx.step()
         func, where = p.func, p.where
-        if not self.ctx.raise_now:
-            for t, s in p.hits:
-                self.saved.mutated(func, t, s, storage_key(t), where, p.grad_mode, after=True)
+        for t, s in p.hits:
+            self.saved.mutated(func, t, s, storage_key(t), where, p.grad_mode, after=True)
         if not p.tracked:
             return
         checks = p.checks

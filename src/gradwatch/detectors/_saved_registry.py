@@ -93,6 +93,8 @@ class SavedTensorRegistry:
         # The autograd engine re-creates exceptions raised in hooks: remember the culprit here.
         self.last_failure: Mutation | None = None
         self.last_failure_key: int | None = None  # the storage of the tensor that failed
+        # writes whose saved tensor a backward used although torch saw no version change
+        self.used_after_write: list[Mutation] = []
 
     def __bool__(self) -> bool:
         return bool(self._by_storage)
@@ -153,6 +155,8 @@ class SavedTensorRegistry:
             return alias
         s.used = True
         if alias._version == s.version:
+            if s.mutated_by is not None:  # written through an alias torch cannot see (.data)
+                self.used_after_write.append(s.mutated_by)
             return alias
         self.last_failure = s.mutated_by
         self.last_failure_key = s.key

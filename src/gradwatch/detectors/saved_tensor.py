@@ -1,15 +1,19 @@
 """``saved_tensor_mutated``: an in-place op changes a tensor a pending graph saved for backward.
 
-At ``level="full"`` the registry (:mod:`._saved_registry`) knows every saved tensor of pending
-graphs: a write into one is reported at the mutating line, before or after the write. Torch's
-own version error is explained after the fact from a bounded log of recent writes and optimizer
-steps (both levels).
+Certainty before severity: a graph may stay alive without ever being backwarded (``y, _ = f(x)``,
+``torch.autograd.grad`` on an input), and mutating what it saved is then harmless. So at
+``level="full"`` the registry (:mod:`._saved_registry`) marks the saved tensors a write changes,
+at the mutating line, and the write is reported — as an error, at that line — when a backward
+actually uses one of them: torch's version error (with a note), or, for a write torch cannot
+see (through ``.data``, a fused step), the backward that silently used the new values. Torch's
+own version error is also explained after the fact from a bounded log of recent writes and
+optimizer steps (both levels).
 """
 
 from __future__ import annotations
 
 import functools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +38,7 @@ from ._saved_registry import (
 __all__ = ["HINT", "Mutation", "SavedTensorDetector"]
 
 K = EventKind
+_SUSPECTS = 1024  # writes into saved tensors waiting for a backward (the oldest are dropped)
 
 
 class SavedTensorDetector:
@@ -45,6 +50,8 @@ class SavedTensorDetector:
         self.registry: SavedTensorRegistry | None = None
         self.log: deque[Any] = deque(maxlen=256)  # Mutations and inplace Raws (notes only)
         self.recent_steps: deque[tuple] = deque(maxlen=8)  # (where, step, param ids, versions)
+        # writes into saved tensors, reported once a backward uses what they changed
+        self.suspects: OrderedDict[int, tuple[Mutation, Raw]] = OrderedDict()
         self.off = False
 
     def install(self, installed: Any, on_error: Callable[[BaseException], None]) -> None:
@@ -65,7 +72,8 @@ class SavedTensorDetector:
     def mutated(self, func: Any, t: torch.Tensor, saved: list[Any], key: int | None, where: Any,
                 grad_mode: str, *, after: bool) -> None:
         """``t`` (on storage ``key``) is written in place by ``func`` at ``where`` while the
-        graphs that saved ``saved`` are pending: report it (``after``: the write happened)."""
+        graphs that saved ``saved`` are pending (``after``: the write happened): a suspect,
+        reported when a backward uses those graphs (:meth:`used`)."""
         name = self.ctx.names.name_of(t, key)
         now = version(t)
         vb = (now - 1) if (after and now is not None) else now
@@ -87,8 +95,30 @@ class SavedTensorDetector:
                    f"yet saved it at version {first.version}: backward through that graph will fail "
                    "(or use the new values)")
             va = now if after else None
-        self.emit.anomaly(Raw(K.SAVED_TENSOR_MUTATED, op, name, tuple(t.shape), t.dtype, t.device,
-                              vb, va, grad_mode, None, where, step, msg, HINT))
+        raw = Raw(K.SAVED_TENSOR_MUTATED, op, name, tuple(t.shape), t.dtype, t.device, vb, va,
+                  grad_mode, None, where, step, msg, HINT)
+        suspects = self.suspects
+        suspects[id(mutation)] = (mutation, raw)
+        if len(suspects) > _SUSPECTS:
+            suspects.popitem(last=False)
+
+    def used(self, mutation: Mutation | None, *, raise_now: bool) -> bool:
+        """A backward used a saved tensor ``mutation`` changed: report the write (once). False
+        if it was no suspect (reported already, or never seen)."""
+        entry = self.suspects.pop(id(mutation), None) if mutation is not None else None
+        if entry is None or entry[0] is not mutation:
+            return False
+        self.emit.anomaly(entry[1], raise_now=raise_now)
+        return True
+
+    def after_backward(self) -> None:
+        """A backward pass ended: report the writes torch could not see that it used."""
+        registry = self.registry
+        if registry is None or not registry.used_after_write:
+            return
+        used, registry.used_after_write = registry.used_after_write, []
+        for mutation in dict.fromkeys(used):
+            self.used(mutation, raise_now=True)
 
     def wrote(self, raw: Raw) -> None:
         """An in-place write was recorded: remember it for a later version error's note."""
@@ -124,7 +154,9 @@ class SavedTensorDetector:
             key, registry.last_failure_key = registry.last_failure_key, None
         mutation = reported or self.explain(str(exc), key)
         exc.add_note(note_text(mutation, light=not self.ctx.full))
-        if mutation is not None and reported is None:
+        if reported is not None:
+            self.used(reported, raise_now=False)  # torch's own error is the one to see
+        elif mutation is not None:
             self.emit.anomaly(Raw(
                 K.SAVED_TENSOR_MUTATED, mutation.op, mutation.name, mutation.shape, None, None,
                 mutation.version_before, mutation.version_after, "no_grad", None,
