@@ -33,8 +33,9 @@ def _report(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 
 
 def _expected(w: Any) -> list[tuple[Any, ...]]:
+    """The watch's findings: kind, tensors, culprit line, count, first and last step."""
     return sorted(
-        (d["event"].kind.value, d["event"].tensor, d["event"].location.lineno, d["count"],
+        (d["event"].kind.value, tuple(d["tensors"]), d["event"].location.lineno, d["count"],
          d["first_step"], d["last_step"])
         for d in w.distinct_anomalies()
     )
@@ -52,13 +53,17 @@ def test_report_table_worst_first_with_lines_counts_and_exit_1(buggy, capsys) ->
     first = lines[header + 1].split()
     assert first == ["1", "error", "saved_tensor_mutated", "2.weight",
                      f"{_short(Path(tb_helpers.__file__))}:{buggy['mutate']}", "1", "3", "3"]
-    rows = [line.split() for line in lines[header + 1:] if line.strip()]
+    rows = [line for line in lines[header + 1:] if line.strip()]
     rows = rows[: len(buggy["watch"].distinct_anomalies())]
-    assert [r[1] for r in rows] == ["error"] + ["warning"] * 6  # worst first
-    stale = {r[3]: r for r in rows if r[2] == "stale_grad_accumulation"}
-    assert set(stale) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
-    for r in stale.values():
-        assert r[4] == f"{_short(Path(tb_helpers.__file__))}:{buggy['stale']}"
+    assert [r.split()[1] for r in rows] == ["error", "warning"]  # worst first; one per finding
+    # the forgotten zero_grad: one finding at the backward line, its six tensors compressed
+    (stale,) = [r for r in rows if r.split()[2] == "stale_grad_accumulation"]
+    assert (f"  {{0,2,4}}.weight, {{0,2,4}}.bias (6 tensors)  "
+            f"{_short(Path(tb_helpers.__file__))}:{buggy['stale']}  ") in stale
+    (finding,) = [d for d in buggy["watch"].distinct_anomalies()
+                  if d["event"].kind == "stale_grad_accumulation"]
+    assert set(finding["tensors"]) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight",
+                                       "4.bias"}
     # the source line and the hint of the culprit are printed under the table
     assert "model[2].weight.mul_(0.9)  # <- mutate" in out
     assert "hint: compute the loss again" in out
@@ -74,7 +79,7 @@ def test_report_json_matches_the_watch(buggy, capsys) -> None:
     data = json.loads(out)
     assert data["status"] == 1 and data["has_error"] is True
     assert data["counts"] == buggy["watch"].counts
-    got = sorted((a["kind"], a["tensor"], a["event"]["location"]["lineno"], a["count"],
+    got = sorted((a["kind"], tuple(a["tensors"]), a["event"]["location"]["lineno"], a["count"],
                   a["first_step"], a["last_step"]) for a in data["anomalies"])
     assert got == _expected(buggy["watch"])
     top = data["anomalies"][0]
@@ -163,7 +168,7 @@ def test_report_reads_event_files_when_there_is_no_jsonl(buggy, tmp_path, capsys
     status, out, err = _report(capsys, str(tmp_path), "--json")
     assert status == 1 and err == ""
     data = json.loads(out)
-    got = sorted((a["kind"], a["tensor"], a["event"]["location"]["lineno"], a["count"],
+    got = sorted((a["kind"], tuple(a["tensors"]), a["event"]["location"]["lineno"], a["count"],
                   a["first_step"], a["last_step"]) for a in data["anomalies"])
     assert got == _expected(buggy["watch"])
     anomalous = {k: v for k, v in buggy["watch"].counts.items()
@@ -307,8 +312,7 @@ def test_run_reports_a_forgotten_zero_grad_and_exits_0(tmp_path, capsys) -> None
     assert status == 0
     assert out.startswith("trained\n")
     line = _line_of(STALE_SCRIPT, "zero_grad is forgotten")
-    assert f"stale_grad_accumulation  weight  {_short(script)}:{line}" in out
-    assert f"stale_grad_accumulation  bias    {_short(script)}:{line}" in out
+    assert f"stale_grad_accumulation  weight, bias (2 tensors)  {_short(script)}:{line}" in out
 
 
 def test_run_clean_script_sees_its_own_argv_name_and_path(tmp_path, capsys, monkeypatch) -> None:
@@ -386,8 +390,7 @@ def test_run_a_script_that_starts_its_own_watch_shares_it(tmp_path, capsys) -> N
     assert status == 0
     assert "own report: 4" in out  # the script's watch() sees what the run's watch sees
     line = _line_of(OWN_WATCH_SCRIPT, "zero_grad is forgotten")
-    assert f"stale_grad_accumulation  weight  {_short(script)}:{line}" in out
-    assert f"stale_grad_accumulation  bias    {_short(script)}:{line}" in out
+    assert f"stale_grad_accumulation  weight, bias (2 tensors)  {_short(script)}:{line}" in out
 
 
 LIGHTNING_SCRIPT = """\

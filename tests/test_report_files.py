@@ -86,13 +86,13 @@ def _report(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 
 
 def _anomalies(out: str) -> list[tuple[Any, ...]]:
-    return sorted((a["kind"], a["tensor"], a["count"], a["first_step"])
+    """The findings of ``--json`` output: kind, tensors, count, first step."""
+    return sorted((a["kind"], tuple(a["tensors"]), a["count"], a["first_step"])
                   for a in json.loads(out)["anomalies"])
 
 
-EXPECTED = [("saved_tensor_mutated", "2.weight", 1, 3),
-            ("stale_grad_accumulation", "0.bias", 1, 1),
-            ("stale_grad_accumulation", "0.weight", 1, 1)]
+EXPECTED = [("saved_tensor_mutated", ("2.weight",), 1, 3),
+            ("stale_grad_accumulation", ("0.weight", "0.bias"), 2, 1)]  # one line: one finding
 
 
 # ------------------------------------------------------------------------ named pipes, devices
@@ -258,7 +258,8 @@ def test_over_long_records_are_skipped_and_counted(tmp_path) -> None:
     big = _event(tensor="big", message="x" * 4000)
     path = _event_file(tmp_path, [_event(), big, _event(tensor="1.weight")])
     data = load_run(tmp_path, max_record_bytes=2000)
-    assert sorted(d["event"].tensor for d in data.distinct) == ["1.weight", "2.weight"]
+    (finding,) = data.distinct  # one kind at one line: one finding
+    assert sorted(finding["tensors"]) == ["1.weight", "2.weight"]
     assert data.warnings == [f"{path}: skipped 1 over-long record (over 2000 bytes)"]
 
 
@@ -357,8 +358,7 @@ def test_report_accepts_one_tensorboard_event_file(tmp_path, capsys) -> None:
     assert (status, err) == (1, "")
     data = json.loads(out)
     assert data["files"] == [str(path)]
-    assert _anomalies(out) == [("saved_tensor_mutated", "1.weight", 1, 5),
-                               ("saved_tensor_mutated", "2.weight", 1, 3)]
+    assert _anomalies(out) == [("saved_tensor_mutated", ("2.weight", "1.weight"), 2, 3)]
 
 
 # -------------------------------------------------------------------------------- usage text
@@ -461,8 +461,8 @@ def test_fail_on_warning_fails_a_forgotten_zero_grad(tmp_path, capsys) -> None:
     status, out, err = _run(tmp_path, capsys, STALE_SCRIPT, "--fail-on", "warning")
     assert status == 1
     assert "stale_grad_accumulation" in err
-    assert err.endswith("gradwatch run: exit status 1 (--fail-on warning): 2 findings of "
-                        "severity warning or worse\n")
+    assert err.endswith("gradwatch run: exit status 1 (--fail-on warning): 1 finding of "
+                        "severity warning or worse\n")  # weight and bias, at one line
     status, out, err = _run(tmp_path, capsys, STALE_SCRIPT, "--fail-on", "error")
     assert status == 0  # warnings only: the script's own status
     assert "stale_grad_accumulation" in out and "--fail-on" not in err

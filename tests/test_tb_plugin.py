@@ -65,14 +65,17 @@ def test_plugin_metadata_routes_and_is_active(logdir, tmp_path) -> None:
 
 def test_anomalies_of_all_runs_match_the_watch(data, logdir) -> None:
     anomalies = data.anomalies()
-    expected = sorted(
-        (d["event"].kind.value, d["event"].tensor, d["event"].location.lineno, d["count"],
+    expected = sorted(  # the findings: one per kind and culprit line, with their tensors
+        (d["event"].kind.value, tuple(d["tensors"]), d["event"].location.lineno, d["count"],
          d["first_step"], d["last_step"])
         for d in logdir["watch"].distinct_anomalies()
     )
-    got = sorted((a["kind"], a["tensor"], a["line"], a["count"], a["first_step"], a["last_step"])
-                 for a in anomalies)
+    got = sorted((a["kind"], tuple(a["tensors"]), a["line"], a["count"], a["first_step"],
+                  a["last_step"]) for a in anomalies)
     assert got == expected
+    (stale,) = [a for a in anomalies if a["kind"] == "stale_grad_accumulation"]
+    assert stale["tensor"] == "{0,2,4}.weight, {0,2,4}.bias (6 tensors)"
+    assert stale["tensor_count"] == 6 and stale["where"] == f"tb_helpers.py:{logdir['stale']}"
     assert {(a["run"], a["rank"]) for a in anomalies} == {("buggy", 0)}
     top = anomalies[0]  # worst first
     assert (top["kind"], top["severity"], top["tensor"]) == ("saved_tensor_mutated", "error",
@@ -150,7 +153,7 @@ def test_tab_in_a_real_tensorboard_and_headless_chromium(logdir, tmp_path) -> No
         assert listing["gradwatch"]["loading_mechanism"] == {
             "type": "IFRAME", "module_path": "/data/plugin/gradwatch/index.js"}
         base = url + "/data/plugin/gradwatch/"
-        anomalies = tb_helpers.wait_json(base + "anomalies", lambda b: len(b) == 7)
+        anomalies = tb_helpers.wait_json(base + "anomalies", lambda b: len(b) == 2)
         top = anomalies[0]
         assert (top["run"], top["rank"], top["kind"], top["where"]) == (
             "buggy", 0, "saved_tensor_mutated", where)
@@ -169,7 +172,14 @@ def test_tab_in_a_real_tensorboard_and_headless_chromium(logdir, tmp_path) -> No
             WebDriverWait(driver, 20).until(
                 lambda d: d.find_element(By.CSS_SELECTOR, "#gw-root[data-ready=true]"))
             rows = driver.find_elements(By.CSS_SELECTOR, "#gw-anomaly-table tr.gw-row")
-            assert len(rows) == 7
+            assert len(rows) == 2  # one row per finding: the six stale tensors are one row
+            assert "{0,2,4}.weight, {0,2,4}.bias (6 tensors)" in rows[1].text
+            rows[1].click()
+            detail = driver.find_element(By.CSS_SELECTOR, "tr.gw-details")
+            assert "6 tensors: 0.weight, 0.bias, 2.weight, 2.bias, 4.weight, 4.bias" in detail.text
+            driver.find_elements(By.CSS_SELECTOR, "tr.gw-row")[1].click()  # closed again
+            assert not driver.find_elements(By.CSS_SELECTOR, "tr.gw-details")
+            rows = driver.find_elements(By.CSS_SELECTOR, "#gw-anomaly-table tr.gw-row")
             assert rows[0].get_attribute("data-where") == where
             assert where in rows[0].text
             assert "model[2].weight.mul_(0.9)" in rows[0].text

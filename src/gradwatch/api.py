@@ -149,14 +149,15 @@ class Watch:
         return dict(self._rt().emit.buffer.counts)
 
     def report(self) -> str:
-        """A human summary: one line per distinct anomaly (kind, tensor, file:line, count)."""
+        """A human summary: one line per finding (kind, tensors, file:line, count, steps)."""
         from .report import format_report
 
         self._rt().emit.take()
         return format_report(self.distinct_anomalies(), self.counts)
 
     def distinct_anomalies(self) -> list[dict[str, Any]]:
-        """One entry per distinct anomaly: its first event, count, first and last step."""
+        """The findings (one per kind and culprit line): each its first ``event``, ``count``,
+        ``first_step``, ``last_step`` and ``tensors`` (names, in order; ``tensor_count``)."""
         return self._rt().emit.distinct()
 
     def add_sink(self, sink: Sink) -> None:

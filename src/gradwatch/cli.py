@@ -5,7 +5,7 @@ Example usage::
     gradwatch run train.py --epochs 3          # run an unmodified script under watch()
     gradwatch run --log-dir runs/a train.py    # choose where the logs go
     gradwatch run --fail-on warning train.py   # exit 1 if the run had a warning or an error
-    gradwatch report runs/a                    # table of distinct anomalies; exit 1 on an error
+    gradwatch report runs/a                    # table of findings; exit 1 on an error
     gradwatch report runs/a/gradwatch.jsonl    # one file
     gradwatch report runs/ --json              # the same, for machines
 
@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from .events import SEVERITY, SEVERITY_RANK, Event, EventKind
+from .records.findings import compress_names, row_label, row_tensors
 from .report import MAX_TOTAL_BYTES, ReadError, RunData, load_run, worst_first
 
 __all__ = ["format_table", "main"]
@@ -67,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report",
         help="summarise the anomalies found in a log dir or a gradwatch file",
-        description="Print the distinct anomalies found in PATH, worst first: a log dir "
+        description="Print the findings in PATH (one per kind and culprit line, with the "
+        "tensors it touched), worst first: a log dir "
         "(gradwatch*.jsonl of every rank and TensorBoard event files, searched recursively) or "
         "one such file. Only regular files are read; over-long lines and records are skipped "
         "with a warning. Exit status 1 when an anomaly of severity error is present, 2 when "
@@ -181,7 +183,7 @@ def _as_json(data: RunData, status: int) -> dict[str, Any]:
                 "ranks": d["ranks"],
                 "kind": d["event"].kind.value,
                 "severity": d["event"].severity,
-                "tensor": d["event"].tensor,
+                **_tensors(d),
                 "where": _where(d["event"], relative=False),
                 "count": d["count"],
                 "first_step": d["first_step"],
@@ -193,6 +195,14 @@ def _as_json(data: RunData, status: int) -> dict[str, Any]:
         "counts": dict(sorted(data.counts.items())),
         "warnings": data.warnings,
     }
+
+
+def _tensors(d: dict[str, Any]) -> dict[str, Any]:
+    """A finding's tensors for ``--json``: ``tensor`` (compressed, e.g. ``layers.0..5.*``),
+    ``tensors`` (the names, in order; the first 1,000) and ``tensor_count``."""
+    names, count = row_tensors(d, d["event"].tensor)
+    count = len(names) if count is None else count
+    return {"tensor": compress_names(names, count), "tensors": names, "tensor_count": count}
 
 
 def _where(ev: Event, relative: bool = True) -> str:
@@ -212,8 +222,9 @@ def _where(ev: Event, relative: bool = True) -> str:
 
 def format_table(distinct: list[dict[str, Any]], counts: dict[str, int], *,
                  title: str | None = None) -> str:
-    """Render distinct anomalies (already sorted) as a terminal table, then per-row details
-    (source line, hint) and the number of events per kind."""
+    """Render findings (already sorted) as a terminal table (one row per finding: its tensors
+    compressed, culprit line, anomaly events, first and last step), then per-row details
+    (source line, message of the first event, hint) and the number of events per kind."""
     out: list[str] = []
     if title:
         out.append(title)
@@ -222,8 +233,8 @@ def format_table(distinct: list[dict[str, Any]], counts: dict[str, int], *,
     if not distinct:
         out.append("no anomalies")
     else:
-        noun = "anomaly" if len(distinct) == 1 else "anomalies"
-        out.append(f"{len(distinct)} distinct {noun}: {n_err} error{'s' if n_err != 1 else ''}, "
+        noun = "finding" if len(distinct) == 1 else "findings"
+        out.append(f"{len(distinct)} {noun}: {n_err} error{'s' if n_err != 1 else ''}, "
                    f"{n_warn} warning{'s' if n_warn != 1 else ''}")
         show_run = len({d.get("run", ".") for d in distinct}) > 1
         show_ranks = any(d.get("ranks", [0]) != [0] for d in distinct)
@@ -235,7 +246,7 @@ def format_table(distinct: list[dict[str, Any]], counts: dict[str, int], *,
         rows = [header]
         for i, d in enumerate(distinct, 1):
             ev: Event = d["event"]
-            row = [str(i), ev.severity, ev.kind.value, ev.tensor, _where(ev), str(d["count"]),
+            row = [str(i), ev.severity, ev.kind.value, row_label(d), _where(ev), str(d["count"]),
                    str(d["first_step"]), str(d["last_step"])]
             if show_run:
                 row.append(d.get("run", "."))
@@ -257,7 +268,8 @@ def format_table(distinct: list[dict[str, Any]], counts: dict[str, int], *,
             if ev.location is not None and ev.location.code:
                 out.append(f"{pad}    {ev.location.code}")
             if ev.message:
-                out.append(f"{pad}{ev.message}")
+                several = row_tensors(d, ev.tensor)[0][1:]
+                out.append(f"{pad}{'first: ' if several else ''}{ev.message}")
             if ev.hint:
                 out.append(f"{pad}hint: {ev.hint}")
     if counts:

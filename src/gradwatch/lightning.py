@@ -42,6 +42,7 @@ from .api import Watch, active_watch, shared_watch_running
 from .config import Config
 from .errors import GradWatchWarning
 from .events import Event
+from .records.findings import Findings
 from .report import format_report
 from .sinks.jsonl import JsonlSink, jsonl_name
 from .sinks.tensorboard import TensorBoardSink
@@ -140,39 +141,30 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
         return counts
 
     def distinct_anomalies(self) -> list[dict[str, Any]]:
-        """One entry per distinct anomaly (restored ones merged by kind, tensor and line)."""
-        merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+        """The findings (one per kind and culprit line, with the tensors it touched), restored
+        ones merged with this fit's."""
+        findings = Findings()
         for d in self._restored:
-            merged[d["event"].key] = dict(d)
+            findings.merge_event(d["event"], d)
         for d in self.watch.distinct_anomalies() if self.watch is not None else []:
-            old = merged.get(d["event"].key)
-            if old is None:
-                merged[d["event"].key] = dict(d)
-            else:
-                old["count"] += d["count"]
-                old["first_step"] = min(old["first_step"], d["first_step"])
-                old["last_step"] = max(old["last_step"], d["last_step"])
-        return list(merged.values())
+            findings.merge_event(d["event"], d)
+        return findings.rows()
 
     def report(self) -> str:
-        """Human summary: one line per distinct anomaly, then counts per kind."""
+        """Human summary: one line per finding, then counts per kind."""
         return format_report(self.distinct_anomalies(), self.counts)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         return {
             "counts": self.counts,
-            "distinct": [
-                {"event": d["event"].to_dict(), "count": d["count"],
-                 "first_step": d["first_step"], "last_step": d["last_step"]}
-                for d in self.distinct_anomalies()
-            ],
+            "distinct": [{**d, "event": d["event"].to_dict()} for d in self.distinct_anomalies()],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_counts = {str(k): int(v) for k, v in state_dict.get("counts", {}).items()}
-        self._restored = [
-            {"event": Event.from_dict(d["event"]), "count": int(d["count"]),
+        self._restored = [  # (a checkpoint written before findings has no "tensors")
+            {**d, "event": Event.from_dict(d["event"]), "count": int(d["count"]),
              "first_step": int(d["first_step"]), "last_step": int(d["last_step"])}
             for d in state_dict.get("distinct", [])
         ]

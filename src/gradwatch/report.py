@@ -1,4 +1,7 @@
-"""Reading a run back, and rendering distinct anomalies as text (shared by CLI and ``report()``)."""
+"""Reading a run back, and rendering findings as text (shared by CLI and ``report()``).
+
+Findings are grouped by ``records.findings`` (one per kind and culprit line), the same rule the
+watch, the TensorBoard sink and the GradWatch tab use."""
 
 from __future__ import annotations
 
@@ -26,24 +29,27 @@ from ._files import (
     _what,
 )
 from .events import SEVERITY_RANK, Event, Location
+from .records.findings import Findings, event_key, row_label
 
 __all__ = ["ReadError", "RunData", "format_report", "iter_event_file", "load_run", "worst_first"]
 
 
 def format_report(distinct: list[dict[str, Any]], counts: dict[str, int]) -> str:
-    """One line per distinct anomaly, worst first, then counts per kind."""
+    """One line per finding, worst first (severity, kind, the tensors it touched compressed,
+    culprit ``file:line``, anomaly events and steps), its source line and hint under it; then
+    events per kind. ``distinct``: ``Watch.distinct_anomalies()``."""
     rows = sorted(distinct, key=worst_first)
     lines = []
     if not rows:
         lines.append("gradwatch: no anomalies")
     else:
-        lines.append(f"gradwatch: {len(rows)} distinct anomal{'y' if len(rows) == 1 else 'ies'}")
+        lines.append(f"gradwatch: {len(rows)} finding{'' if len(rows) == 1 else 's'}")
     for d in rows:
         ev: Event = d["event"]
         loc = ev.location
         where = f"{loc.filename}:{loc.lineno}" if loc else "?"
         lines.append(
-            f"  {ev.severity.upper():7} {ev.kind.value:28} {ev.tensor:30} {where}  "
+            f"  {ev.severity.upper():7} {ev.kind.value:28} {row_label(d):30} {where}  "
             f"x{d['count']} (steps {d['first_step']}-{d['last_step']})"
         )
         if loc and loc.code:
@@ -77,8 +83,9 @@ _RANK_DIR_RE = re.compile(r"^rank\d+$")
 class RunData:
     """What :func:`load_run` found under a log dir (or in one file).
 
-    ``distinct``: one dict per distinct anomaly, like ``Watch.distinct_anomalies()`` plus
-    ``"run"`` (directory relative to the log dir, ``"."`` for the log dir itself) and ``"ranks"``.
+    ``distinct``: one dict per finding, like ``Watch.distinct_anomalies()`` plus ``"run"``
+    (directory relative to the log dir, ``"."`` for the log dir itself) and ``"ranks"``; a
+    finding of several ranks is one entry.
     ``counts``: events per kind over everything read. ``warnings``: one line per problem met
     (corrupt or truncated files, skipped lines, files that are not regular files); reading never
     raises for a bad file. ``records``: events and gradwatch tags read; ``skipped``: lines and
@@ -114,34 +121,9 @@ class RunData:
 
 
 def worst_first(d: dict[str, Any]) -> tuple[Any, ...]:
-    """Sort key of a distinct anomaly: severity, then count, then first step, then run."""
+    """Sort key of a finding: severity, then count, then first step, then run."""
     ev: Event = d["event"]
     return (-SEVERITY_RANK[ev.severity], -d["count"], d["first_step"], d.get("run", ""))
-
-
-class _Distinct:
-    """Accumulates distinct anomalies keyed by run and :attr:`Event.key`."""
-
-    def __init__(self) -> None:
-        self.items: dict[tuple[Any, ...], dict[str, Any]] = {}
-
-    def add(self, run: str, ev: Event, count: int = 1, first: int | None = None,
-            last: int | None = None) -> None:
-        first = ev.step if first is None else first
-        last = ev.step if last is None else last
-        key = (run, *ev.key)
-        d = self.items.get(key)
-        if d is None:
-            self.items[key] = {"event": ev, "count": count, "first_step": first,
-                               "last_step": last, "run": run, "ranks": [ev.rank]}
-            return
-        d["count"] += count
-        if first < d["first_step"]:
-            d["first_step"] = first
-            d["event"] = ev
-        d["last_step"] = max(d["last_step"], last)
-        if ev.rank not in d["ranks"]:
-            d["ranks"] = sorted([*d["ranks"], ev.rank])
 
 
 def load_run(logdir: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_BYTES,
@@ -182,7 +164,7 @@ def load_run(logdir: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_B
     else:
         raise ReadError(f"{root!r} is {_what(mode)}, not a directory or a regular file")
     covered = {os.path.dirname(p) for p in jsonl}
-    distinct = _Distinct()
+    distinct = Findings()
     counts: Counter[str] = Counter()
     runs: set[str] = set()
     for file in jsonl:
@@ -191,7 +173,7 @@ def load_run(logdir: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_B
         for ev in _read_jsonl(file, data, limits):
             counts[ev.kind.value] += 1
             if ev.is_anomaly:
-                distinct.add(run, ev)
+                distinct.add(ev, scope=(run,))
         if len(data.files) > n_files:
             runs.add(run)
     for dirpath, files in event_files.items():
@@ -204,7 +186,7 @@ def load_run(logdir: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_B
         if _read_event_dir(run, files, distinct, counts, data, limits):
             data.files.extend(files)
             runs.add(run)
-    data.distinct = list(distinct.items.values())
+    data.distinct = [{**f.to_dict(), "run": f.scope[0], "ranks": f.ranks} for f in distinct]
     data.counts = dict(counts)
     data.runs = sorted(runs)
     return data
@@ -374,7 +356,7 @@ def iter_event_file(path: str, warnings: list[str], *, limits: _Limits | None = 
     reader.note_budget(path, warnings)
 
 
-def _read_event_dir(run: str, files: list[str], distinct: _Distinct, counts: Counter[str],
+def _read_event_dir(run: str, files: list[str], distinct: Findings, counts: Counter[str],
                     data: RunData, limits: _Limits) -> bool:
     """Merge gradwatch tags of one TensorBoard run (a directory's event files). Returns whether
     any gradwatch tag was found."""
@@ -422,15 +404,18 @@ def _read_event_dir(run: str, files: list[str], distinct: _Distinct, counts: Cou
         for item in summary[1]:
             try:
                 ev = _checked(Event.from_dict(item["event"]))
-                distinct.add(run, ev, int(item["count"]), int(item["first_step"]),
-                             int(item["last_step"]))
-                seen.add(ev.key)
+                for k in ("count", "first_step", "last_step"):
+                    int(item[k])
+                distinct.merge_event(ev, item, scope=(run,))
+                seen.add(event_key(ev))
             except Exception as exc:
                 warnings.append(f"{run}: skipped an unreadable summary entry ({_short(exc)})")
+    firsts_seen: set[tuple[Any, ...]] = set()
     for ev in firsts:  # first occurrences the summary does not know (no clean close)
-        if ev.key not in seen:
-            seen.add(ev.key)
-            distinct.add(run, ev)
+        key = event_key(ev)
+        if key not in seen and (key, ev.tensor) not in firsts_seen:
+            firsts_seen.add((key, ev.tensor))
+            distinct.add(ev, scope=(run,))
     return found
 
 

@@ -14,6 +14,7 @@ from ..errors import AnomalyError, GradWatchWarning
 from ..events import Event
 from ..sinks import Sink, StepSummary
 from .buffer import RecordBuffer
+from .findings import Finding, Findings, describe_finding
 from .raw import LeafBatch, Raw, build_event, expand
 
 __all__ = ["Emitter"]
@@ -21,12 +22,19 @@ __all__ = ["Emitter"]
 
 class Emitter:
     """Records, anomalies and findings of one watch, and the sinks they go to. A sink that
-    raises is warned about once and left out from then on."""
+    raises is warned about once and left out from then on.
+
+    Anomalies group into findings (``records.findings``: one per kind and culprit line, with
+    every tensor it touched). With ``on_anomaly="warn"`` a finding's one ``GradWatchWarning``
+    waits until the boundary call that reported it is over (the next backward or clipping
+    batch, the step boundary, or the end of the watch), so that it names all the tensors the bug
+    touched there, not just the first."""
 
     def __init__(self, max_events: int, on_anomaly: str, sinks: Iterable[Sink] = ()) -> None:
         self.buffer = RecordBuffer(max_events)
         self.anomalies: deque[Event] = deque(maxlen=max_events)
-        self.findings: dict[tuple, list[Any]] = {}  # key -> [first event, count, first, last step]
+        self.findings = Findings()
+        self._unwarned: list[Finding] = []  # new findings whose warning waits (``warn``)
         self.sinks: list[Sink] = list(sinks)
         self.warn = on_anomaly == "warn"
         self.raise_now = on_anomaly == "raise"
@@ -40,34 +48,37 @@ class Emitter:
 
     def record_batch(self, batch: LeafBatch) -> None:
         self.buffer.add_batch(batch)
+        if self._unwarned:  # a backward or clipping call: what came before it is complete
+            self.warn_pending()
 
     def anomaly(self, r: Raw, *, raise_now: bool = True) -> Event:
-        """Record an anomaly now; warn (``warn``) or raise (``raise``) once per distinct anomaly.
-        ``raise_now=False``: torch's own error is already on its way (notes only)."""
+        """Record an anomaly now; warn (``warn``, once per finding, see the class) or raise
+        (``raise``, at once). ``raise_now=False``: torch's own error is already on its way
+        (notes only)."""
         self.buffer.add(r)
         ev = build_event(r, self.rank)
         self.anomalies.append(ev)
-        key = ev.key
-        entry = self.findings.get(key)
-        if entry is None:
-            self.findings[key] = [ev, 1, ev.step, ev.step]
-        else:
-            entry[1] += 1
-            entry[3] = ev.step
+        finding, new = self.findings.add(ev)
         for sink in self.sinks:
             self._call(sink, sink.anomaly, ev)
-        if entry is None and self.warn:
-            loc = ev.location
-            warnings.warn_explicit(ev.describe(), GradWatchWarning,
-                                   loc.filename if loc else "<gradwatch>", loc.lineno if loc else 0)
+        if new and self.warn:
+            self._unwarned.append(finding)
         elif self.raise_now and raise_now:
             raise AnomalyError(ev)
         return ev
 
+    def warn_pending(self) -> None:
+        """Issue the waiting findings' warnings, each at its culprit line."""
+        waiting, self._unwarned = self._unwarned, []
+        for f in waiting:
+            loc = f.event.location
+            warnings.warn_explicit(describe_finding(f), GradWatchWarning,
+                                   loc.filename if loc else "<gradwatch>", loc.lineno if loc else 0)
+
     # -- reading ------------------------------------------------------------------------------
     def distinct(self) -> list[dict[str, Any]]:
-        return [{"event": ev, "count": n, "first_step": first, "last_step": last}
-                for ev, n, first, last in self.findings.values()]
+        """The findings: first event, count, first and last step, tensors (names, in order)."""
+        return self.findings.rows()
 
     def events(self, max_events: int) -> list[Event]:
         self.take()
@@ -79,9 +90,16 @@ class Emitter:
 
     # -- the step boundary --------------------------------------------------------------------
     def flush(self, step: int, final: bool, busy: float) -> None:
-        """Hand the step's info records and its summary to the sinks. With no sink, records wait
-        (as many events as the buffer holds) and move into it when read, when that many wait,
-        or at the end."""
+        """Hand the step's info records and its summary to the sinks, then issue the waiting
+        warnings. With no sink, records wait (as many events as the buffer holds) and move into
+        it when read, when that many wait, or at the end."""
+        try:
+            self._flush(step, final, busy)
+        finally:
+            if self._unwarned:
+                self.warn_pending()
+
+    def _flush(self, step: int, final: bool, busy: float) -> None:
         t0 = time.perf_counter()
         buffer = self.buffer
         if not self.sinks:
@@ -117,7 +135,10 @@ class Emitter:
                 self._call(sink, sink.flush)
 
     def close_sinks(self) -> None:
-        """Close every sink, also one switched off (its file is released)."""
+        """Close every sink, also one switched off (its file is released); warnings still
+        waiting (a flush that did not run) are issued first."""
+        if self._unwarned:
+            self.warn_pending()
         for sink in self.sinks:
             self._call(sink, sink.close, closing=True)
 

@@ -1,4 +1,4 @@
-"""TensorBoard output: per-step counts, anomaly reports as text, update ratios, a layout.
+"""TensorBoard output: per-step counts, findings as text, update ratios, a layout.
 
 The tag layout is described in ``docs/INTERNALS.md`` (all tags under ``gradwatch/``). TensorBoard
 itself is imported only when the first writer is created, so importing gradwatch stays cheap.
@@ -17,6 +17,10 @@ Known limitations:
       the summary at close) is not written.
     - The custom-scalars layout is a single summary per run: a layout written by someone else
       into the same writer replaces ours (or ours replaces theirs).
+    - The ``gradwatch/anomaly`` text of a finding is written (and flushed) at its first event,
+      so it names that event's tensor only; every tensor of the finding is listed in
+      ``gradwatch/summary_json`` (written at flush and close), which the GradWatch tab and
+      ``gradwatch report`` read.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import statistics
 from typing import Any
 
 from ..events import SEVERITY, Event, EventKind
+from ..records.findings import Findings
 from . import Sink, StepSummary
 
 __all__ = ["ANOMALY_KINDS", "KINDS", "TensorBoardSink", "layout", "rank_log_dir"]
@@ -61,7 +66,8 @@ def layout() -> dict[str, dict[str, list[Any]]]:
 
 
 def anomaly_markdown(event: Event) -> str:
-    """The text written under ``gradwatch/anomaly`` for the first occurrence of an anomaly."""
+    """The text written under ``gradwatch/anomaly`` for the first occurrence of a finding (its
+    first event: further tensors of the finding are in ``gradwatch/summary_json``)."""
     loc = event.location
     where = f"{loc.filename}:{loc.lineno}" if loc else "unknown location"
     lines = [
@@ -121,8 +127,8 @@ class TensorBoardSink(Sink):
         self._steps = 0
         self._ratios: tuple[int, dict[str, float]] | None = None
         self._last_step = 0
-        # distinct anomalies seen by this sink: key -> [event, count, first step, last step]
-        self._distinct: dict[tuple[Any, ...], list[Any]] = {}
+        # the findings seen by this sink (one per kind and culprit line; records.findings)
+        self._findings = Findings()
         self._summary_dirty = True
 
     # ------------------------------------------------------------------ the writer
@@ -167,14 +173,10 @@ class TensorBoardSink(Sink):
 
     # ------------------------------------------------------------------ Sink protocol
     def anomaly(self, event: Event) -> None:
-        key = event.key
-        entry = self._distinct.get(key)
+        _, new = self._findings.add(event)
         self._summary_dirty = True
-        if entry is not None:
-            entry[1] += 1
-            entry[3] = event.step
+        if not new:
             return
-        self._distinct[key] = [event, 1, event.step, event.step]
         w = self._get_writer()
         if w is None:
             return
@@ -259,10 +261,7 @@ class TensorBoardSink(Sink):
 
     def _write_summary(self, w: Any) -> None:
         self._summary_dirty = False
-        rows = [
-            {"event": ev.to_dict(), "count": n, "first_step": first, "last_step": last}
-            for ev, n, first, last in self._distinct.values()
-        ]
+        rows = [{**row, "event": row["event"].to_dict()} for row in self._findings.rows()]
         w.add_text(f"{PREFIX}summary_json", json.dumps(rows, ensure_ascii=False, default=str),
                    self._last_step)
 

@@ -4,8 +4,11 @@ Reads only through a TensorBoard ``DataProvider`` (``context.data_provider``), s
 the Python loader and with the Rust data server alike. The tag layout is the one written by
 ``gradwatch.sinks.tensorboard`` (docs/INTERNALS.md):
 
-- text ``gradwatch/anomaly_json`` (first occurrence of each distinct anomaly, ``Event.to_dict``)
-- text ``gradwatch/summary_json`` (at flush/close: every distinct anomaly with count and steps)
+- text ``gradwatch/anomaly_json`` (first occurrence of each finding, ``Event.to_dict``)
+- text ``gradwatch/summary_json`` (at flush/close: every finding with count, steps and tensors)
+
+Findings are grouped by ``gradwatch.records.findings`` (one per rank, kind and culprit line),
+the rule the watch, its warnings and ``gradwatch report`` use.
 - scalars ``gradwatch/count/<kind>`` (events of that kind per step)
 - scalars ``gradwatch/param_update_ratio/<param>`` (‖Δ‖/‖w‖ per parameter on statistics steps)
 
@@ -23,6 +26,7 @@ from typing import Any
 from tensorboard.data import provider
 
 from ..events import SEVERITY, EventKind
+from ..records.findings import Finding, Findings, finding_key, row_tensors
 
 __all__ = [
     "EXPLODING_ABOVE",
@@ -119,7 +123,9 @@ class GradWatchData:
 
     # ------------------------------------------------------------------ anomalies
     def anomalies(self, run: str | None = None) -> list[dict[str, Any]]:
-        """Distinct anomalies of every run (or one), worst first, each with run and rank."""
+        """Findings of every run (or one), worst first, each with run and rank: one row per
+        finding, ``tensor`` its tensors compressed (``layers.0..5.* (72 tensors)``),
+        ``tensors`` their names."""
         runs = self._runs_filter(run)
         texts = self._dp.read_tensors(
             self._ctx, experiment_id=self._eid, plugin_name=TEXT_PLUGIN, downsample=DOWNSAMPLE,
@@ -134,7 +140,9 @@ class GradWatchData:
         return out
 
     def _run_anomalies(self, run: str, tags: dict[str, list[Any]]) -> list[dict[str, Any]]:
-        distinct: dict[tuple[Any, ...], dict[str, Any]] = {}
+        """The run's findings (``records.findings``: one per rank, kind and culprit line): the
+        latest summary, then first occurrences it does not hold yet (no clean close)."""
+        findings = Findings()
         latest: tuple[tuple[float, int], list[Any]] | None = None
         for tag in SUMMARY_JSON_TAGS:
             for datum in tags.get(tag, []):
@@ -143,25 +151,27 @@ class GradWatchData:
                     order = (datum.wall_time, datum.step)
                     if latest is None or order >= latest[0]:
                         latest = (order, obj)
+        in_summary: set[tuple[Any, ...]] = set()
         if latest is not None:
             for item in latest[1]:
                 if isinstance(item, dict) and isinstance(item.get("event"), dict):
-                    a = _anomaly(run, item["event"], item.get("count", 1),
-                                 item.get("first_step"), item.get("last_step"))
-                    if a is not None:
-                        distinct.setdefault(a["key"], a)
-        for tag in ANOMALY_JSON_TAGS:  # first occurrences the summary may not hold yet
+                    f = _merge(findings, run, item["event"], item)
+                    if f is not None:
+                        in_summary.add(f.key)
+        firsts: set[tuple[Any, ...]] = set()
+        for tag in ANOMALY_JSON_TAGS:
             for datum in tags.get(tag, []):
                 obj = _loads(_text(datum))
                 if isinstance(obj, dict):
-                    a = _anomaly(run, obj, 1, None, None)
-                    if a is not None and a["key"] not in distinct:
-                        distinct[a["key"]] = a
-        result = []
-        for a in distinct.values():
-            a["key"] = list(a["key"])
-            result.append(a)
-        return result
+                    fields = _fields(run, obj)
+                    if fields is None:
+                        continue
+                    key = (fields["scope"][0], *finding_key(
+                        fields["kind"], fields["tensor"], fields["filename"], fields["lineno"]))
+                    if key not in in_summary and (key, fields["tensor"]) not in firsts:
+                        firsts.add((key, fields["tensor"]))
+                        _merge(findings, run, obj, {})
+        return [_anomaly(run, f) for f in findings]
 
     # ------------------------------------------------------------------ timeline
     def timeline(self, run: str | None = None) -> dict[str, Any]:
@@ -285,26 +295,56 @@ def _int(value: Any, default: int) -> int:
         return default
 
 
-def _anomaly(run: str, ev: dict[str, Any], count: Any, first: Any, last: Any
-             ) -> dict[str, Any] | None:
-    """One row of the anomaly table, flat and JSON-ready."""
+def _fields(run: str, ev: dict[str, Any]) -> dict[str, Any] | None:
+    """The grouping fields of an event dict read back (leniently), or None without a kind."""
     kind = ev.get("kind")
     if not isinstance(kind, str):
         return None
-    step = _int(ev.get("step"), 0)
+    loc = ev.get("location") if isinstance(ev.get("location"), dict) else None
+    return {
+        "kind": kind,
+        "tensor": str(ev.get("tensor", "")),
+        "filename": str(loc.get("filename", "")) if loc else None,
+        "lineno": _int(loc.get("lineno"), 0) if loc else None,
+        "step": _int(ev.get("step"), 0),
+        "rank": _int(ev.get("rank"), run_rank(run)),
+        "scope": (_int(ev.get("rank"), run_rank(run)),),
+    }
+
+
+def _merge(findings: Findings, run: str, ev: dict[str, Any], row: dict[str, Any]) -> Any:
+    """Group one event dict (with its summary row: count, steps, tensors) into ``findings``."""
+    fields = _fields(run, ev)
+    if fields is None:
+        return None
+    step = fields.pop("step")
+    names, count = row_tensors(row, fields["tensor"])
+    f, _ = findings.merge(
+        ev, step=step, count=_int(row.get("count"), 1),
+        first_step=_int(row.get("first_step"), step), last_step=_int(row.get("last_step"), step),
+        tensors=names, tensor_count=count, **fields)
+    return f
+
+
+def _anomaly(run: str, f: Finding) -> dict[str, Any]:
+    """One row of the findings table (a finding), flat and JSON-ready."""
+    ev: dict[str, Any] = f.event
+    kind = str(ev.get("kind"))
     loc = ev.get("location") if isinstance(ev.get("location"), dict) else None
     filename = str(loc.get("filename", "")) if loc else ""
     lineno = _int(loc.get("lineno"), 0) if loc else 0
     basename = re.split(r"[\\/]", filename)[-1] if filename else ""
     severity = ev.get("severity") if ev.get("severity") in _SEV_RANK else _severity(kind)
-    rank = _int(ev.get("rank"), run_rank(run))
+    rank = f.scope[0]
     return {
-        "key": (run, rank, kind, ev.get("tensor"), filename, lineno),
+        "key": [run, *f.key],
         "run": run,
         "rank": rank,
         "kind": kind,
         "severity": severity,
-        "tensor": str(ev.get("tensor", "")),
+        "tensor": f.label(),
+        "tensors": list(f.names),
+        "tensor_count": f.tensor_count,
         "op": str(ev.get("op", "")),
         "file": filename,
         "basename": basename,
@@ -312,9 +352,9 @@ def _anomaly(run: str, ev: dict[str, Any], count: Any, first: Any, last: Any
         "function": str(loc.get("function", "")) if loc else "",
         "code": str(loc.get("code", "")) if loc else "",
         "where": f"{basename}:{lineno}" if loc else "",
-        "count": _int(count, 1),
-        "first_step": _int(first, step),
-        "last_step": _int(last, step),
+        "count": f.count,
+        "first_step": f.first_step,
+        "last_step": f.last_step,
         "message": str(ev.get("message", "")),
         "hint": str(ev.get("hint", "")),
         "event": ev,

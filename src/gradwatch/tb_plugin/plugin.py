@@ -4,9 +4,11 @@ Routes, under ``/data/plugin/gradwatch/``:
 
 - ``index.js``: the tab (a hand-written ES module exporting ``render()``; no build step)
 - ``runs``: runs that hold gradwatch data, each with its rank
-- ``anomalies[?run=R]``: distinct anomalies of every run (or one), worst first, each with
-  ``run``, ``rank``, ``kind``, ``severity``, ``tensor``, ``where`` (``file:line``), ``code``,
-  ``count``, ``first_step``, ``last_step``, ``hint`` and the full ``event``
+- ``anomalies[?run=R]``: the findings of every run (or one; one per rank, kind and culprit
+  line), worst first, each with ``run``, ``rank``, ``kind``, ``severity``, ``tensor`` (the
+  tensors it touched, compressed: ``layers.0..5.* (72 tensors)``), ``tensors`` (their names),
+  ``tensor_count``, ``where`` (``file:line``), ``code``, ``count`` (anomaly events),
+  ``first_step``, ``last_step``, ``hint`` and the full first ``event``
 - ``timeline[?run=R]``: anomalies per step, kind and run
 - ``update_ratios[?run=R]``: per-parameter update/weight ratios over steps, each flagged
   ``ok``, ``stalled`` (stopped training), ``exploding`` or ``nonfinite``

@@ -62,6 +62,7 @@ tr.gw-row.selected { background: #e8f0fe; }
 .gw-details dl { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; margin: 0; }
 .gw-details dt { color: #5f6368; }
 .gw-details dd { margin: 0; }
+.gw-details dd.gw-tensors { max-height: 160px; overflow: auto; }
 .gw-legend { display: flex; gap: 16px; color: #5f6368; font-size: 12px; margin-top: 6px; flex-wrap: wrap; }
 .gw-dot { display: inline-block; width: 9px; height: 9px; border-radius: 50%; margin-right: 5px; }
 .gw-status { font-weight: 500; }
@@ -252,14 +253,14 @@ function ticks(max) {
 // ----------------------------------------------------------------------------- table
 function drawTable(card) {
   const rows = state.anomalies.filter(passes);
-  card.replaceChildren(el('h2', null, `Distinct anomalies (${rows.length})`));
+  card.replaceChildren(el('h2', null, `Findings (${rows.length})`));
   if (!rows.length) {
     card.appendChild(el('div', {class: 'gw-empty'},
       state.anomalies.length ? 'No anomaly matches the filters.' : 'No anomalies recorded.'));
     return;
   }
   const multi = allRuns().length > 1 || rows.some((a) => a.rank !== 0);
-  const head = ['Severity', 'Kind', 'Tensor', 'Location', ...(multi ? ['Run', 'Rank'] : []),
+  const head = ['Severity', 'Kind', 'Tensors', 'Location', ...(multi ? ['Run', 'Rank'] : []),
     'First', 'Last', 'Count', 'Hint'];
   const numeric = new Set(['First', 'Last', 'Count', 'Rank']);
   const tbody = el('tbody');
@@ -294,18 +295,25 @@ function drawTable(card) {
     if (state.selected === id) tbody.appendChild(details(a, head.length));
   });
   card.appendChild(table);
-  card.appendChild(el('div', {class: 'gw-legend'}, 'Click a row for details. Steps count completed optimizer steps.'));
+  card.appendChild(el('div', {class: 'gw-legend'},
+    'One row per finding: the anomalies of one kind at one line, with every tensor they touched. ' +
+    'Click a row for details. Count: anomaly events; steps count completed optimizer steps.'));
 }
 
 function details(a, colspan) {
   const ev = a.event || {};
+  const names = Array.isArray(a.tensors) ? a.tensors : [];
+  const total = Math.max(a.tensor_count || 0, names.length);
+  const several = total > 1;
   const items = [
     ['What happened', ev.message || a.message],
     ['Fix', ev.hint || a.hint],
     ['Where', a.file ? `${a.file}:${a.line} in ${a.function || '?'}()` : '?'],
     ['Source line', a.code],
     ['Op', ev.op],
-    ['Tensor', [ev.tensor, ev.dtype, ev.shape ? `[${ev.shape.join(', ')}]` : null, ev.device]
+    ['Tensors', several ? `${plural(total, 'tensor')}: ${names.join(', ')}` +
+      (total > names.length ? ` … (+${total - names.length} more)` : '') : null],
+    [several ? 'First tensor' : 'Tensor', [ev.tensor, ev.dtype, ev.shape ? `[${ev.shape.join(', ')}]` : null, ev.device]
       .filter((v) => v != null && v !== '').join('  ')],
     ['Version', ev.version_before != null ? `${ev.version_before} → ${ev.version_after}` : null],
     ['Grad mode', ev.grad_mode],
@@ -318,7 +326,8 @@ function details(a, colspan) {
   for (const [k, v] of items) {
     if (v == null || v === '') continue;
     dl.appendChild(el('dt', null, k));
-    dl.appendChild(el('dd', k === 'Source line' || k === 'Where' ? {class: 'mono'} : null, String(v)));
+    const cls = k === 'Tensors' ? 'mono gw-tensors' : k === 'Source line' || k === 'Where' ? 'mono' : null;
+    dl.appendChild(el('dd', cls ? {class: cls} : null, String(v)));
   }
   return el('tr', {class: 'gw-details'}, el('td', {colspan}, dl));
 }
