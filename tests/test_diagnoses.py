@@ -214,15 +214,44 @@ def test_essay_example_1_note_names_the_rebinding_line(level: str) -> None:
     assert "`a`" in note
 
 
-def test_loss_computed_under_no_grad_names_the_block() -> None:
+def test_loss_computed_under_no_grad_names_the_cutting_line() -> None:
+    """The note names the line in the root's lineage where grad stopped flowing (the model ran
+    under no_grad), not only the block around it."""
     model = nn.Linear(3, 1)
     with gradwatch.watch(model, on_anomaly="log") as w:
+        with torch.no_grad():
+            loss = model(torch.randn(4, 3)).pow(2).mean()  # <cut>
+        with pytest.raises(RuntimeError, match="does not require grad") as info:
+            loss.backward()
+    assert anomalies(w) == [("grad_flow_cut", "tensor float32[]", line_of("cut"))]
+    note = info.value.__notes__[0]
+    assert note.startswith("gradwatch: the gradient was cut here: linear under no_grad at ")
+    assert f":{line_of('cut')} (`loss = model(torch.randn(4, 3))" in note
+
+
+def test_loss_computed_under_a_no_grad_block_entered_without_a_cut_names_the_block() -> None:
+    """No op of the block read a tensor that requires grad (the loss is a plain tensor
+    made there): the block is all there is to name."""
+    with gradwatch.watch(on_anomaly="log") as w:
         with torch.no_grad():  # <block>
-            loss = model(torch.randn(4, 3)).pow(2).mean()
+            loss = torch.ones(3).sum()
         with pytest.raises(RuntimeError, match="does not require grad") as info:
             loss.backward()
     assert anomalies(w) == [("grad_flow_cut", "tensor float32[]", line_of("block"))]
     assert "no_grad block" in info.value.__notes__[0]
+
+
+def test_argmax_in_the_loss_path_names_its_line() -> None:
+    model = nn.Linear(3, 4)
+    with gradwatch.watch(model, on_anomaly="log") as w:
+        logits = model(torch.randn(5, 3))
+        metric = (logits.argmax(1) == 0).float().mean().item()  # correct: a metric, logged
+        pred = logits.argmax(1).float()  # <argmax>
+        loss = (pred - 1.0).pow(2).mean()
+        with pytest.raises(RuntimeError, match="does not require grad") as info:
+            loss.backward()
+    assert anomalies(w) == [("grad_flow_cut", "tensor float32[]", line_of("argmax"))]
+    assert "argmax at " in info.value.__notes__[0] and metric >= 0
 
 
 def test_manual_sgd_rebinding_silently_stops_training() -> None:
@@ -658,3 +687,26 @@ def test_user_exception_wins_over_an_anomaly_raised_at_close(level: str) -> None
             model.bias.div_(0.0)
         raise ValueError("user error")
     assert info.value.__context__ is None
+
+
+@pytest.mark.parametrize("rewrap", ["tensor", "as_tensor_of_item"])
+def test_a_loss_rewrapped_from_its_value_trains_nothing_and_is_named(rewrap: str) -> None:
+    """``torch.tensor(loss.item(), requires_grad=True).backward()`` runs without error and
+    trains nothing: reported at the line that made the value."""
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(on_anomaly="log") as w:
+        for _ in range(2):
+            loss = model(torch.randn(4, 3)).pow(2).mean()
+            if rewrap == "tensor":
+                value = torch.tensor([loss], requires_grad=True).sum()  # <rewrap>
+                value = torch.tensor(value.item(), requires_grad=True)
+            else:
+                value = torch.as_tensor(loss.item()).requires_grad_()  # <rewrap_item>
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+    line = line_of("rewrap" if rewrap == "tensor" else "rewrap_item")
+    found = [(a.kind, a.location.lineno) for a in w.anomalies]
+    assert found[0] == ("grad_flow_cut", line + (1 if rewrap == "tensor" else 0))
+    assert model.weight.grad is None

@@ -169,3 +169,32 @@ def rebound_name(where: tuple[CodeType, int] | None) -> str | None:
         if any(isinstance(n, ast.Name) and n.id == target for n in ast.walk(stmt.value)):
             return target
     return None
+
+
+_statements: dict[str, list[tuple[int, int]]] = {}
+
+
+def statement_start(where: tuple[CodeType, int]) -> tuple[CodeType, int]:
+    """``where`` moved to the first line of the statement it is part of (a call inside a
+    multi-line expression reports its own line). Parses the file once; rare paths only."""
+    code, lineno = where
+    filename = code.co_filename
+    spans = _statements.get(filename)
+    if spans is None:
+        spans = []
+        try:
+            import ast
+
+            tree = ast.parse("".join(linecache.getlines(filename)))
+            spans = [(n.lineno, n.end_lineno or n.lineno) for n in ast.walk(tree)
+                     if isinstance(n, ast.stmt)]
+        except (SyntaxError, ValueError, RecursionError):
+            pass
+        if len(_statements) >= 64:
+            _statements.clear()
+        _statements[filename] = spans
+    inner = [(a, b) for a, b in spans if a <= lineno <= b and b - a < 50]
+    if not inner:
+        return where
+    start = max(inner, key=lambda s: (s[0], -s[1]))[0]  # the innermost statement
+    return (code, start)

@@ -86,6 +86,7 @@ class Backward:
         except RuntimeError as exc:
             self.running = False
             self.fail.guard(Part.BACKWARD, self._annotate, exc, roots)
+            self.grad_flow.backward_done()
             if before is not None:  # what was accumulated before torch raised still counts
                 try:
                     with disabled:
@@ -95,6 +96,7 @@ class Backward:
             raise
         finally:
             self.running = False
+        self.grad_flow.backward_done()
         self.saved.after_backward()  # writes torch could not see, used by this pass
         self.saved.end_step()  # this pass's graph is freed (unless retained): drop its entries
         if before is not None:
@@ -119,6 +121,8 @@ class Backward:
             self._discover = _DISCOVERY_PASSES if self._discover_leaves(roots) else self._discover - 1
         if not self.grad_flow.off:
             self.grad_flow.end_step()  # a trained tensor replaced since: report it now
+            if roots and self.grad_flow.window:
+                self.grad_flow.rewrapped_roots(roots, self.ctx.leaves.ids)
         self.ctx.busy += time.perf_counter() - t0
         return where
 

@@ -23,7 +23,9 @@ class Action:
     EMBEDDING = 8  # F.embedding(max_norm=...) renormalises args[1] in place under no_grad
     KWARG_WRITE = 9  # out=... or inplace=True (decided per call, never memoised)
     NO_GRAD_OP = 10  # an out-of-place op with grad off (decided per call, never memoised)
-    COUNT = 11  # the size of the mode's handler table
+    CUT = 11  # yields no grad from a tensor that may require it (argmax, comparisons, tensor())
+    SCALAR = 12  # a Python value from a tensor (.item(), .tolist(), .numpy(), float())
+    COUNT = 13  # the size of the mode's handler table
 
 
 _INPLACE_DUNDERS = frozenset(
@@ -39,6 +41,18 @@ _NOT_DATA = frozenset(
      "_coalesced_", "_fix_weakref_", "rename_", "refine_names_", "align_to_",
      "_set_grad_enabled_", "set_grad_enabled_"}
 )
+
+# Functions whose result never requires grad (or is a Python value) while an input may: a cut
+# when they take a tensor that requires grad in user code. Scalar extraction is everywhere in
+# correct code (logging): it ranks below the others when a cut is sought (grad_flow).
+NONDIFFERENTIABLE = frozenset({
+    "argmax", "argmin", "argsort", "eq", "ne", "lt", "gt", "le", "ge", "greater", "less",
+    "greater_equal", "less_equal", "__eq__", "__ne__", "__lt__", "__gt__", "__le__", "__ge__",
+    "isclose", "bucketize", "searchsorted", "nonzero", "long", "int", "short", "bool", "byte",
+    "char", "logical_and", "logical_or", "logical_not", "logical_xor",
+    "tensor", "as_tensor",  # re-wrapping a value: the new tensor has no history
+})
+SCALAR = frozenset({"item", "tolist", "numpy", "__float__", "__int__"})
 
 ACTIONS: dict[Any, int] = {}
 
@@ -72,6 +86,10 @@ def _classify(func: Any) -> int:
         return Action.INPLACE
     if name == "detach":
         return Action.DETACH
+    if name in NONDIFFERENTIABLE:
+        return Action.CUT
+    if name in SCALAR:
+        return Action.SCALAR
     if not name.endswith("_") or name.startswith("__") or name in _NOT_DATA:
         return Action.PASS
     if name.startswith("_foreach_"):

@@ -15,7 +15,7 @@ import torch
 
 from .._context import RunContext, version
 from .._failopen import FailOpen, Part
-from .._location import caller, is_internal
+from .._location import caller, is_internal, user_frame
 from .._naming import storage_key
 from .._stats import change, checkable, probe, sample
 from ..detectors.accumulation import AccumulationDetector
@@ -25,7 +25,7 @@ from ..detectors.saved_tensor import SavedTensorDetector
 from ..errors import AnomalyError
 from ..events import EventKind
 from ..records.emit import Emitter
-from ..records.raw import Raw
+from ..records.raw import Raw, op_str
 from .gate import ModeGate
 from .mode import WatchMode
 from .ops import Action
@@ -80,6 +80,8 @@ class Writes:
         h[Action.DATA_SET] = self.on_data_set
         h[Action.DETACH] = self.on_detach
         h[Action.NO_GRAD_OP] = self.on_no_grad_op
+        h[Action.CUT] = self.on_cut
+        h[Action.SCALAR] = self.on_scalar
         h[Action.GRAD_GET] = self.acc.on_grad_get
         h[Action.GRAD_SET] = self.acc.on_grad_set
         mode.on_fail = self._mode_failed
@@ -261,8 +263,40 @@ class Writes:
     def on_no_grad_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
         if self.off or self.grad_flow.off:
             return None
-        source = self.grad_flow.no_grad_source(args)
-        return None if source is None else (self._after_no_grad_op, (func, source))
+        gf = self.grad_flow
+        source = gf.no_grad_source(args)
+        if source is None:
+            return None
+        if gf.region_open:  # an op of a user no_grad block that reads a tensor requiring grad
+            frame = user_frame(1)
+            if frame is not None:
+                gf.noted(1, f"{op_str(func)} under no_grad", frame)
+        return (self._after_no_grad_op, (func, source))
+
+    def on_cut(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """argmax, comparisons, integer casts, ``torch.tensor(t)``: no grad flows through."""
+        if self.off or self.grad_flow.off:
+            return None
+        if not _grad_enabled():
+            return self.on_no_grad_op(func, args, kwargs)
+        self._cut(2, func, args, kwargs)
+        return None
+
+    def on_scalar(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """``.item()``, ``.tolist()``, ``.numpy()``, ``float(t)``: a Python value, no history."""
+        if self.off or self.grad_flow.off:
+            return None
+        self._cut(3, func, args, kwargs)
+        return None
+
+    def _cut(self, rank: int, func: Any, args: tuple, kwargs: dict) -> None:
+        first = args[0] if args else kwargs.get("data")
+        if isinstance(first, (list, tuple)) and first:  # torch.tensor([loss_a, loss_b])
+            first = first[0]
+        if isinstance(first, _Tensor) and first.requires_grad:
+            frame = sys._getframe(3)  # _cut <- on_cut <- __torch_function__ <- the caller
+            if not is_internal(frame.f_code):  # (torch's own uses are no cut of the user's)
+                self.grad_flow.noted(rank, func, frame)
 
     def _after_no_grad_op(self, state: tuple, out: Any) -> None:
         func, source = state

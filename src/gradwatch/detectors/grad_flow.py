@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from .._context import RunContext
-from .._location import is_internal, local_name, location_of, rebound_name, user_frame
+from .._location import (
+    is_internal,
+    local_name,
+    location_of,
+    rebound_name,
+    statement_start,
+    user_frame,
+)
 from .._naming import describe
 from ..errors import is_no_grad_root_error
 from ..events import EventKind
@@ -94,13 +101,19 @@ class CutTracker:
         out, self.replaced = self.replaced, []
         return out
 
-    def explain(self, roots: tuple[torch.Tensor, ...]) -> Cut | None:
-        """The cut most likely behind "element 0 of tensors does not require grad"."""
+    def explain(self, roots: tuple[torch.Tensor, ...], exact_only: bool = False) -> Cut | None:
+        """The cut most likely behind "element 0 of tensors does not require grad": the one that
+        made the root, else (unless ``exact_only``) a trained leaf's, else the latest."""
         live = [c for c in self.ring if c.result() is not None]
         for c in reversed(live):
             r = c.result()
             if any(r is root for root in roots):
                 return c
+        for c in reversed(live):
+            if c.trained:
+                return c
+        if exact_only:
+            return None
         for c in reversed(live):
             if c.trained:
                 return c
@@ -132,6 +145,11 @@ class GradFlowDetector:
         self.cuts = CutTracker()
         # `with torch.no_grad():` blocks entered in user code: (where, step)
         self.no_grad_regions: deque[tuple[tuple[CodeType, int] | None, int]] = deque(maxlen=8)
+        # cuts in user code since the last backward pass, oldest first: (rank, op, where, step);
+        # rank 1: an op under a user no_grad block reading a tensor that requires grad (one per
+        # user line), 2: a non-differentiable op or a re-wrapped value, 3: a scalar read
+        self.window: deque[tuple[int, str, tuple[CodeType, int], int]] = deque(maxlen=64)
+        self.region_open = False  # inside a user no_grad block (ops there may cut)
         self.off = False
 
     @property
@@ -142,16 +160,37 @@ class GradFlowDetector:
         """User code switched grad mode off at ``frame`` (the first frame outside torch)."""
         if not self.off and frame is not None and not is_internal(frame.f_code):
             self.no_grad_regions.append(((frame.f_code, frame.f_lineno), self.ctx.step()))
+            self.region_open = True
+
+    def noted(self, rank: int, func: Any, frame: Any) -> None:
+        """A cut of ``rank`` (see ``window``) by ``func`` in the code at ``frame``; under no_grad
+        (rank 1) once per user line in a row."""
+        where = (frame.f_code, frame.f_lineno)
+        window = self.window
+        if rank == 1 and window and window[-1][0] == 1 and window[-1][2] == where:
+            return
+        window.append((rank, op_str(func), where, self.ctx.step()))
+
+    def backward_done(self) -> None:
+        """A backward pass ran (or failed and was explained): a new window of cuts starts."""
+        self.window.clear()
+        self.region_open = False
+
+    def _in_window(self) -> tuple[str, tuple[CodeType, int], int] | None:
+        """The cut of this window most likely behind a root without grad: the latest before the
+        backward, at the first line of its statement. Cuts made after the previous backward
+        (logging its loss) come before it."""
+        if not self.window:
+            return None
+        _rank, op, where, step = self.window[-1]
+        return op, statement_start(where), step
 
     def no_grad_source(self, args: tuple) -> torch.Tensor | None:
-        """Before an op under no_grad: the leaf requiring grad it reads, if any (a cut's
+        """Before an op under no_grad: the tensor requiring grad it reads, if any (a cut's
         source; the first tensor argument that requires grad decides)."""
         for a in args:
             if isinstance(a, _Tensor) and a.requires_grad:
-                try:
-                    return a if a.is_leaf else None
-                except RuntimeError:  # e.g. a view made under no_grad: no is_leaf
-                    return None
+                return a
         return None
 
     def no_grad_op(self, func: Any, source: torch.Tensor, out: Any) -> None:
@@ -160,6 +199,8 @@ class GradFlowDetector:
         if not isinstance(out, _Tensor):
             return
         try:
+            if not source.is_leaf:
+                return
             # (a Parameter's arithmetic gives a plain Tensor: ``p = p - lr * p.grad``)
             same = ((type(out) is type(source)
                      or (type(source) is _Parameter and type(out) is _Tensor))
@@ -185,6 +226,7 @@ class GradFlowDetector:
         cut = Cut(op, out, name or describe(source), (frame.f_code, frame.f_lineno),
                   self.ctx.step())
         self.cuts.add(cut, source, watch_source=False)
+        self.window.append((2, op, cut.where, cut.step))
 
     def trained(self, leaves: list[torch.Tensor]) -> None:
         """These leaves received gradients: a cut replacing one of them matters."""
@@ -207,12 +249,53 @@ class GradFlowDetector:
                 HINT_REBIND,
             ))
 
+    def rewrapped_roots(self, roots: tuple, tracked: set[int]) -> None:
+        """Before a backward: a root that is a fresh leaf (``torch.tensor(loss.item(),
+        requires_grad=True)``) reaches no parameter: nothing will be trained. Reported at the
+        cut it was re-made from, when this window holds one."""
+        for r in roots:
+            if r.grad_fn is not None or not r.requires_grad or id(r) in tracked:
+                continue
+            found = self._in_window()
+            if found is None:
+                return
+            op, where, step = found
+            loc = location_of(where)
+            place = f"{loc} (`{loc.code}`)" if loc else "an unknown line"
+            self.emit.anomaly(Raw(
+                K.GRAD_FLOW_CUT, op, describe(r), tuple(r.shape), r.dtype, r.device, None, None,
+                "enabled", None, where, step,
+                f"backward was called on a tensor without history, re-made from a value cut at "
+                f"{place} ({op}): the gradient reaches no parameter, nothing is trained",
+                HINT_ROOT,
+            ))
+            return
+
     def annotate(self, exc: RuntimeError, roots: tuple) -> bool:
         """Add a note naming the cut behind "does not require grad"; False if not that error."""
         if not is_no_grad_root_error(exc):
             return False
-        cut = self.cuts.explain(roots)
-        if cut is not None:
+        cut = self.cuts.explain(roots, exact_only=bool(self.window))
+        found = self._in_window() if cut is None else None
+        if found is not None:  # a recorded Cut of that line describes it best (variable names)
+            cut = next((c for c in reversed(self.cuts.ring) if c.result() is not None
+                        and c.where is not None and statement_start(c.where) == found[1]), None)
+            if cut is not None:
+                found = None
+        if found is not None:
+            op, where, step = found
+            loc = location_of(where)
+            place = f"{loc} (`{loc.code}`)" if loc else "an unknown line"
+            what = (f"{op} at {place} made a tensor without grad from one that required grad; "
+                    "the loss was computed from it")
+            exc.add_note(f"gradwatch: the gradient was cut here: {what}. Fix: {HINT_ROOT}.")
+            self.emit.anomaly(Raw(
+                K.GRAD_FLOW_CUT, op, describe(roots[0]) if roots else "loss",
+                tuple(roots[0].shape) if roots else None, None, None, None, None,
+                "no_grad" if op == "no_grad" else "enabled", None, where, step,
+                f"{what}; backward was then called on a result without grad", HINT_ROOT,
+            ), raise_now=False)
+        elif cut is not None:
             exc.add_note(f"gradwatch: the gradient was cut here: {cut.describe()}. "
                          f"Fix: {HINT_ROOT}.")
             r = cut.result()
@@ -237,3 +320,4 @@ class GradFlowDetector:
                 "backward was called on a tensor computed without grad", HINT_ROOT,
             ), raise_now=False)
         return True
+

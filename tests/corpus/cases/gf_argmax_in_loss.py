@@ -13,7 +13,7 @@ from torch import nn
 SOURCE = "https://github.com/LZGMatrix/BOP19_CDPN_2019ICCV/issues/4"
 FAMILY = "grad_flow_cut"
 EXPECT = dict(kind="grad_flow_cut", tensor=None, raises=True)
-KNOWN_MISS = {"*": "not yet diagnosed: no gradwatch note on torch's error"}
+KNOWN_MISS = {}
 
 
 def run(watch=lambda *models_and_optimizers: nullcontext()):

@@ -14,7 +14,7 @@ from torch import nn
 SOURCE = "https://github.com/isayev/ReLeaSE/issues/39"
 FAMILY = "grad_flow_cut"
 EXPECT = dict(kind="grad_flow_cut", tensor=None, raises=True)
-KNOWN_MISS = {"*": "not yet diagnosed: no gradwatch note on torch's error"}
+KNOWN_MISS = {}
 
 
 def run(watch=lambda *models_and_optimizers: nullcontext()):

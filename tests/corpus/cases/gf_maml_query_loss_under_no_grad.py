@@ -14,7 +14,7 @@ from torch import nn
 SOURCE = "https://github.com/dragen1860/MAML-Pytorch/issues/40"
 FAMILY = "grad_flow_cut"
 EXPECT = dict(kind="grad_flow_cut", tensor=None, raises=True)
-KNOWN_MISS = {"*": "not yet diagnosed: the note names the no_grad block, not the cutting line"}
+KNOWN_MISS = {}
 
 
 def run(watch=lambda *models_and_optimizers: nullcontext()):

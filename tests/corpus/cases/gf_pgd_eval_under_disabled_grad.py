@@ -13,7 +13,7 @@ from torch import nn
 SOURCE = "https://github.com/locuslab/convex_adversarial/issues/34"
 FAMILY = "grad_flow_cut"
 EXPECT = dict(kind="grad_flow_cut", tensor=None, raises=True)
-KNOWN_MISS = {"*": "not yet diagnosed: the note names the no_grad block, not the cutting line"}
+KNOWN_MISS = {}
 
 
 def _pgd(model, X, y, epsilon, niters=2, alpha=0.05):
