@@ -710,3 +710,73 @@ def test_a_loss_rewrapped_from_its_value_trains_nothing_and_is_named(rewrap: str
     found = [(a.kind, a.location.lineno) for a in w.anomalies]
     assert found[0] == ("grad_flow_cut", line + (1 if rewrap == "tensor" else 0))
     assert model.weight.grad is None
+
+
+# ----------------------------------------------------------------------------- gradient windows
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("zero_config", [False, True])
+def test_gradients_no_optimizer_applies_are_reported_at_the_backward(level: str,
+                                                                   zero_config: bool) -> None:
+    """The optimizer was built before a layer was replaced: the new layer's gradients keep
+    summing (its optimizer's zero_grad does not reach them) and are never applied."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model[2] = nn.Linear(4, 1)  # replaced after the optimizer was built
+    args = () if zero_config else (model, opt)
+    with gradwatch.watch(*args, level=level, on_anomaly="log") as w:
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(3, 4)).pow(2).mean().backward()  # <never_applied>
+            opt.step()
+    found = sorted({(a.kind, a.tensor, a.location.lineno) for a in w.anomalies})
+    assert found == [("grad_never_applied", "2.bias", line_of("never_applied")),
+                     ("grad_never_applied", "2.weight", line_of("never_applied"))]
+    assert all(a.severity == "warning" for a in w.anomalies)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_head_only_optimizer_with_a_zeroed_backbone_is_silent(level: str) -> None:
+    """Fine-tuning the head only, with the model's zero_grad resetting the backbone's gradients
+    every step: nothing keeps summing unused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, level=level, on_anomaly="raise"):
+        for _ in range(4):
+            model.zero_grad()
+            model(torch.randn(3, 4)).pow(2).mean().backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_one_window_applied_by_two_optimizers(level: str) -> None:
+    """A shared encoder in both optimizers' parameters: one backward, two steps on it."""
+    torch.manual_seed(0)
+    encoder, head = nn.Linear(4, 4), nn.Linear(4, 1)
+    opt_a = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1)
+    with gradwatch.watch([encoder, head], [opt_a, opt_b], level=level, on_anomaly="log") as w:
+        for _ in range(2):
+            opt_a.zero_grad()
+            opt_b.zero_grad()
+            head(encoder(torch.randn(3, 4))).pow(2).mean().backward()
+            opt_a.step()
+            opt_b.step()  # <twice>
+    found = sorted({(a.kind, a.tensor, a.location.lineno) for a in w.anomalies})
+    assert found == [("grad_applied_twice", "encoder.bias", line_of("twice")),
+                     ("grad_applied_twice", "encoder.weight", line_of("twice"))]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_two_optimizers_on_a_shared_module_in_separate_windows_are_silent(level: str) -> None:
+    torch.manual_seed(0)
+    encoder, head = nn.Linear(4, 4), nn.Linear(4, 1)
+    opt_a = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1)
+    with gradwatch.watch([encoder, head], [opt_a, opt_b], level=level, on_anomaly="raise"):
+        for _ in range(2):
+            for opt in (opt_a, opt_b):
+                opt.zero_grad()
+                head(encoder(torch.randn(3, 4))).pow(2).mean().backward()
+                opt.step()

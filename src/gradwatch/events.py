@@ -23,6 +23,8 @@ class EventKind(str, Enum):
     STALE_GRAD_ACCUMULATION = "stale_grad_accumulation"
     ACCUMULATED_GRAD_DISCARDED = "accumulated_grad_discarded"
     NONFINITE_INTRODUCED = "nonfinite_introduced"
+    GRAD_NEVER_APPLIED = "grad_never_applied"
+    GRAD_APPLIED_TWICE = "grad_applied_twice"
 
     def __str__(self) -> str:
         return self.value
@@ -41,6 +43,8 @@ SEVERITY: dict[EventKind, Severity] = {
     EventKind.STALE_GRAD_ACCUMULATION: "warning",
     EventKind.ACCUMULATED_GRAD_DISCARDED: "warning",
     EventKind.NONFINITE_INTRODUCED: "error",
+    EventKind.GRAD_NEVER_APPLIED: "warning",
+    EventKind.GRAD_APPLIED_TWICE: "warning",
 }
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
 

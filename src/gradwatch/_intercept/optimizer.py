@@ -235,7 +235,7 @@ class Optimizers:
         if self.saved.registry:
             self.saved.check_tensors("optimizer.step", params, state.where)
         if not self.acc.off:
-            self.acc.stepped(params)
+            self.acc.stepped(params, opt, state.where)
         try:
             state.versions = [p._version for p in params]
         except Exception:  # a tensor without a version counter (inference, odd subclasses)

@@ -35,8 +35,9 @@ __all__ = ["AccumulationTracker", "LeafState", "PassEntry", "finite_nonzero"]
 PassEntry = tuple[weakref.ref, int, int, int, int]
 
 class LeafState:
-    __slots__ = ("accum", "consumed", "grad_id", "grad_version", "last_edit", "leaf", "optimized",
-                 "pass_no", "read", "read_where", "reset", "stale_where", "steps", "token")
+    __slots__ = ("accum", "consumed", "consumed_by", "grad_id", "grad_version", "last_edit", "leaf",
+                 "never_applied", "optimized", "pass_no", "read", "read_where", "reset",
+                 "stale_where", "steps", "token", "window_steps")
 
     def __init__(self, leaf: torch.Tensor) -> None:
         self.leaf = weakref.ref(leaf)
@@ -53,17 +54,21 @@ class LeafState:
         self.optimized = False
         self.last_edit: tuple[CodeType, int] | None = None  # last in-place edit under no_grad
         self.pass_no = 0  # the last backward pass that accumulated into the window
+        self.consumed_by: int | None = None  # id of the optimizer whose step used the window
+        self.window_steps = 0  # optimizer steps (any optimizer) when the window opened
+        self.never_applied = False  # reported as never applied (once per leaf)
 
 
 class _Pass:  # hot: the usual loop, one record per backward pass
     """A backward pass that found no ``.grad`` on any tracked leaf: a fresh window on each leaf
     it reached, not yet applied per leaf; ``steps``: optimizer steps that used exactly these."""
 
-    __slots__ = ("_grad_ids", "entries", "ids", "number", "steps", "where")
+    __slots__ = ("_grad_ids", "entries", "ids", "number", "owner", "steps", "where")
 
     def __init__(self, entries: list[PassEntry], where: tuple[CodeType, int] | None,
                  number: int) -> None:
         self.number = number
+        self.owner: int | None = None  # the optimizer whose steps used exactly these leaves
         self.entries = entries
         self.ids = {e[1] for e in entries}
         self.where = where
@@ -89,10 +94,13 @@ class AccumulationTracker:
         self.pending: _Pass | None = None
         self.reached: set[int] = set()  # ids of leaves some backward pass reached
         self.pass_no = 0  # backward passes so far (see begin_pass)
+        self.all_steps = 0  # optimizer steps so far, of any optimizer
         # passes whose gradients some optimizer step used (on any leaf): what such a pass left
         # on leaves no step holds is a by-product (SAC's policy loss reaching the critic),
         # dropping it is no discarded window (recent passes only)
         self.used: set[int] = set()
+        self.twice: list[LeafState] = []  # windows a second optimizer's step just used
+        self.never: list[LeafState] = []  # parameters whose gradients no step ever uses
 
     def state(self, leaf: torch.Tensor) -> LeafState:
         if self.pending is not None:
@@ -162,10 +170,11 @@ class AccumulationTracker:
         if p is not None:
             self._open_windows(((leaf, key, gid, grad_version, leaf_version)
                                 for ref, key, gid, grad_version, leaf_version in p.entries
-                                if (leaf := ref()) is not None), p.where, p.steps, p.number)
+                                if (leaf := ref()) is not None), p.where, p.steps, p.number,
+                                p.owner)
 
     def _open_windows(self, passed: Any, where: tuple[CodeType, int] | None, steps: int,
-                      number: int) -> None:
+                      number: int, owner: int | None = None) -> None:
         """Each (leaf, id(leaf), id(grad), grad version, leaf version) had no ``.grad`` before a
         pass that reached it: a new window; ``steps`` optimizer steps have used it since."""
         leaves = self.leaves
@@ -182,6 +191,8 @@ class AccumulationTracker:
             st.read = st.reset = False
             st.accum = 1
             st.pass_no = number
+            st.consumed_by = owner if steps else None
+            st.window_steps = self.all_steps - steps
             old = st.grad_id
             if gid != old:
                 if owner.get(old) is st:  # ids are reused: drop only our own entry
@@ -222,6 +233,13 @@ class AccumulationTracker:
             st.consumed = False
             st.read = False
             st.stale_where = None
+            st.window_steps = self.all_steps
+        elif (not st.optimized and not st.consumed and not st.never_applied
+              and self.all_steps - st.window_steps >= 2 and type(leaf) is torch.nn.Parameter):
+            # optimizers stepped twice while this parameter's gradients kept summing, unused
+            st.never_applied = True
+            self.never.append(st)
+        st.consumed_by = None  # new gradient in the window
         st.reset = False
         st.accum += 1
         st.pass_no = self.pass_no
@@ -245,16 +263,21 @@ class AccumulationTracker:
         self._open_windows(((leaf, id(leaf), id(grad), grad._version, version(leaf))
                             for leaf, grad in pairs), where, 0, self.pass_no)
 
-    def stepped(self, leaves: list[torch.Tensor]) -> list[LeafState]:
-        """An optimizer step is about to use these leaves' ``.grad``; returns the states whose
-        stale sum is now due (consumed by this step)."""
+    def stepped(self, leaves: list[torch.Tensor], owner: int | None = None) -> list[LeafState]:
+        """An optimizer step (of optimizer ``id`` ``owner``) is about to use these leaves'
+        ``.grad``; returns the states whose stale sum is now due (consumed by this step), and
+        collects in :attr:`twice` those whose window another optimizer's step used already."""
         p = self.pending
         if p is not None:
-            if p.ids == set(map(id, leaves)):  # the usual loop: it uses what the pass left
-                p.steps += 1
+            if p.ids == set(map(id, leaves)) and p.owner in (None, owner):
+                p.steps += 1  # the usual loop: it uses what the pass left
+                p.owner = owner
+                self.all_steps += 1
                 return []
             self.sync()
+        self.all_steps += 1
         due = []
+        twice = self.twice
         used = self._used
         get = self.leaves.get
         for leaf in leaves:
@@ -266,7 +289,11 @@ class AccumulationTracker:
             if st.accum > 0:
                 if st.stale_where is not None and not st.reset:
                     due.append(st)
+                if (st.consumed and not st.reset and owner is not None
+                        and st.consumed_by not in (None, owner)):
+                    twice.append(st)
                 st.consumed = True
+                st.consumed_by = owner
                 used(st.pass_no)
         if self.unconsumed:
             self.unconsumed.difference_update(map(id, leaves))
@@ -297,6 +324,7 @@ class AccumulationTracker:
         a window worth checking (accumulated, unconsumed, unread, leaf trained by an optimizer,
         and not changed since: an update no hook saw — a ``torch.compile``d step — may have used
         it). A read on the zeroing line itself (``p.grad.zero_()``) is not a use."""
+        st.consumed_by = None
         read = st.read and st.read_where != where
         candidate = (st.accum > 0 and not st.consumed and not read and not st.reset and st.optimized
                      and st.pass_no not in self.used)

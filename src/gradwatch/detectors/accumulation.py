@@ -21,7 +21,8 @@ from ..records.emit import Emitter
 from ..records.raw import LeafBatch, Raw, op_str
 from ._windows import AccumulationTracker, LeafState, PassEntry, finite_nonzero
 
-__all__ = ["HINT_DISCARDED", "HINT_STALE", "AccumulationDetector"]
+__all__ = ["HINT_APPLIED_TWICE", "HINT_DISCARDED", "HINT_NEVER_APPLIED", "HINT_STALE",
+           "AccumulationDetector"]
 
 K = EventKind
 _Tensor = torch.Tensor
@@ -30,6 +31,14 @@ _grad_enabled = torch.is_grad_enabled
 HINT_STALE = (
     "call optimizer.zero_grad() (or set .grad to None) after each step and after editing the "
     "weights, before the next backward; accumulate only at one parameter version"
+)
+HINT_NEVER_APPLIED = (
+    "give this parameter to an optimizer (build the optimizer after replacing or moving layers, "
+    "and include every module that should train), or freeze it with requires_grad_(False)"
+)
+HINT_APPLIED_TWICE = (
+    "give each parameter to one optimizer only (e.g. exclude the shared module from the second "
+    "optimizer's parameters), or zero the gradients between the two steps"
 )
 HINT_DISCARDED = (
     "step the optimizer before zeroing (zero_grad() belongs after step(), once per accumulation "
@@ -227,16 +236,54 @@ class AccumulationDetector:
                                          step, names))
         for st, p in stale:
             self.stale(st, where, p, edited=True)
+        if w.never:
+            never, w.never = w.never, []
+            for st in never:
+                self._never_applied(st, where)
         return [p for p, _ in fresh + added]
 
     # -- optimizer steps ----------------------------------------------------------------------
-    def stepped(self, params: list[torch.Tensor]) -> None:
-        """An optimizer step is about to use these leaves' ``.grad``: report the stale sums it
-        consumes."""
-        for st in self.windows.stepped(params):
-            where = st.stale_where
+    def stepped(self, params: list[torch.Tensor], opt: Any = None, where: Any = None) -> None:
+        """An optimizer step (``opt``, called at ``where``) is about to use these leaves'
+        ``.grad``: report the stale sums it consumes, and the windows another optimizer's step
+        used already."""
+        w = self.windows
+        for st in w.stepped(params, None if opt is None else id(opt)):
+            stale_where = st.stale_where
             st.stale_where = None
-            self.stale(st, where, st.leaf())
+            self.stale(st, stale_where, st.leaf())
+        if w.twice:
+            twice, w.twice = w.twice, []
+            for st in twice:
+                self._applied_twice(st, where, opt)
+
+    def _never_applied(self, st: LeafState, where: Any) -> None:
+        p = st.leaf()
+        name = self._name(p)
+        self.emit.anomaly(Raw(
+            K.GRAD_NEVER_APPLIED, "backward", name,
+            tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
+            p.device if p is not None else None, None, None, "enabled", None, where,
+            self.ctx.step(),
+            f"`{name}.grad` keeps summing gradients that no optimizer step uses: optimizers "
+            f"stepped {self.windows.all_steps - st.window_steps} times since it was last reset "
+            "and none holds this parameter",
+            HINT_NEVER_APPLIED,
+        ))
+
+    def _applied_twice(self, st: LeafState, where: Any, opt: Any) -> None:
+        p = st.leaf()
+        name = self._name(p)
+        self.emit.anomaly(Raw(
+            K.GRAD_APPLIED_TWICE, "optimizer.step", name,
+            tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
+            p.device if p is not None else None, None, None, "no_grad", None, where,
+            self.ctx.step(),
+            f"`{name}.grad` was applied by a second optimizer ({type(opt).__name__}) after "
+            "another optimizer's step already used the same gradients: the parameter is "
+            "updated twice per backward",
+            HINT_APPLIED_TWICE,
+        ))
 
     def closure_used(self, opt: torch.optim.Optimizer) -> None:
         """A closure ran again within one step (LBFGS): the step reads these gradients."""

@@ -16,7 +16,7 @@ SOURCE = ["https://github.com/philtabor/Deep-Q-Learning-Paper-To-Code/issues/16"
 FAMILY = "grad_never_applied"
 EXPECT = dict(kind="grad_never_applied",
               tensor={"explicit": "q_next.weight", "*": "Linear.weight"})
-KNOWN_MISS = {"*": "not yet diagnosed: no grad_never_applied reported"}
+KNOWN_MISS = {}
 
 
 def run(watch=lambda *models_and_optimizers: nullcontext()):
