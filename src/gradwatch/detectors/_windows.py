@@ -174,7 +174,7 @@ class AccumulationTracker:
                                 p.owner)
 
     def _open_windows(self, passed: Any, where: tuple[CodeType, int] | None, steps: int,
-                      number: int, owner: int | None = None) -> None:
+                      number: int, stepped_by: int | None = None) -> None:
         """Each (leaf, id(leaf), id(grad), grad version, leaf version) had no ``.grad`` before a
         pass that reached it: a new window; ``steps`` optimizer steps have used it since."""
         leaves = self.leaves
@@ -191,7 +191,7 @@ class AccumulationTracker:
             st.read = st.reset = False
             st.accum = 1
             st.pass_no = number
-            st.consumed_by = owner if steps else None
+            st.consumed_by = stepped_by if steps else None
             st.window_steps = self.all_steps - steps
             old = st.grad_id
             if gid != old:

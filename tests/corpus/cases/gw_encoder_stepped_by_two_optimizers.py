@@ -12,7 +12,7 @@ from torch import nn
 
 SOURCE = "https://github.com/MishaLaskin/curl/issues/28"
 FAMILY = "grad_applied_twice"
-EXPECT = dict(kind="grad_applied_twice", tensor="encoder.weight")
+EXPECT = dict(kind="grad_applied_twice", tensor={"explicit": "encoder.weight", "*": "weight"})
 KNOWN_MISS = {}
 
 
