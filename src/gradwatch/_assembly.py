@@ -74,6 +74,8 @@ class Runtime:
         cfg = ctx.config
         ctx.rank, ctx.world = process_group()
         self.emit.rank = ctx.rank
+        if ctx.full:
+            self.saved.prepare()
         self._make_sinks()
         self.adopt(cfg)
         self.optimizers.install()

@@ -53,6 +53,7 @@ class RunContext:
         self.names = TensorNames()
         self.leaves = Leaves()
         self.steps = 0  # optimizer steps seen
+        self.passes = 0  # backward passes seen (a loop without an optimizer counts these)
         #: where the step number comes from instead (Lightning: the trainer's global_step)
         self.step_source: Callable[[], int] | None = None
         self.busy = 0.0  # gradwatch's own time since the last step boundary
@@ -71,6 +72,11 @@ class RunContext:
 
     def is_stats_step(self) -> bool:
         return self.step() % self.stats_every == 0
+
+    def is_stats_pass(self) -> bool:
+        """Whether an edit now is sampled for change statistics: every ``stats_every``-th
+        backward pass (a hand-written update loop advances no optimizer step)."""
+        return self.passes % self.stats_every == 0
 
 
 def process_group() -> tuple[int, int]:

@@ -116,6 +116,7 @@ class Backward:
         if gate.paused:
             gate.resume()
         gate.step_depth = 0
+        self.ctx.passes += 1
         where = caller()
         if self._discover > 0 and roots:
             self._discover = _DISCOVERY_PASSES if self._discover_leaves(roots) else self._discover - 1

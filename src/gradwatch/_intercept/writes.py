@@ -9,6 +9,7 @@ about to change. After it: one ``inplace_no_grad`` record per tracked tensor, th
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ _Tensor = torch.Tensor
 _grad_enabled = torch.is_grad_enabled
 _inference_enabled = torch.is_inference_mode_enabled
 _ZEROING = {torch.Tensor.zero_, torch._foreach_zero_}
+_DisableTorchFunction = torch._C.DisableTorchFunction
 
 
 class _PendingWrite:
@@ -67,6 +69,8 @@ class Writes:
         cfg = ctx.config
         self.check_nonfinite = cfg.check_nonfinite
         self.change_stats = cfg.change_stats
+        # id(tensor) -> (weak ref, version, probe) after its last watched write
+        self._probes: dict[int, tuple[Any, int | None, torch.Tensor]] = {}
         self.off = False
 
     def install(self, mode: WatchMode) -> None:
@@ -185,12 +189,41 @@ class Writes:
         # own utilities (clip_grad_norm_, zero_grad, ...) do not create NaN from finite values.
         p.checks, p.flags, p.samples = [], [], None
         if tracked and (in_step or (frame is not None and not is_internal(frame.f_code))):
-            if self.check_nonfinite and not self.nonfinite.off:
-                p.checks = [e[0] for e in tracked if checkable(e[0])]
-                p.flags = probe(p.checks) if p.checks else []
-            if self.change_stats and not in_step and self.ctx.is_stats_step():
-                p.samples = [sample(e[0]) for e in tracked]
+            with _DisableTorchFunction():  # our own tensor work: no user mode sees it
+                if self.check_nonfinite and not self.nonfinite.off:
+                    p.checks = [e[0] for e in tracked if checkable(e[0])]
+                    p.flags = self._probes_before(p.checks) if p.checks else []
+                if self.change_stats and not in_step and self.ctx.is_stats_pass():
+                    p.samples = [sample(e[0]) for e in tracked]
         return p
+
+    def _probes_before(self, checks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Finiteness probes of ``checks`` before a write: the probe taken after the tensor's
+        last watched write when nothing changed it since (same version), else a new one (one
+        fused call for those)."""
+        known = self._probes
+        flags: list[Any] = []
+        missing = []
+        for i, t in enumerate(checks):
+            entry = known.get(id(t))
+            if entry is not None and entry[0]() is t and entry[1] == version(t):
+                flags.append(entry[2])
+            else:
+                flags.append(None)
+                missing.append(i)
+        if missing:
+            for i, f in zip(missing, probe([checks[i] for i in missing])):
+                flags[i] = f
+        return flags
+
+    def _probes_after(self, checks: list[torch.Tensor]) -> list[torch.Tensor]:
+        flags = probe(checks)
+        known = self._probes
+        if len(known) > 4096:
+            known.clear()
+        for t, f in zip(checks, flags):
+            known[id(t)] = (weakref.ref(t), version(t), f)
+        return flags
 
     def _after_write(self, p: _PendingWrite, out: Any) -> None:
         step = self.ctx.step()
@@ -200,7 +233,11 @@ class Writes:
         if not p.tracked:
             return
         checks = p.checks
-        after_flags = probe(checks) if checks else []
+        if checks:
+            with _DisableTorchFunction():
+                after_flags = self._probes_after(checks)
+        else:
+            after_flags = []
         flag_of = {id(t): i for i, t in enumerate(checks)}
         names = self.ctx.names
         probed = []
@@ -211,7 +248,11 @@ class Writes:
                 name = f"{pname}.grad" if pname else None
             else:
                 name = names.lookup(t, key)
-            delta = change(p.samples[i], t) if p.samples is not None else None
+            if p.samples is not None:
+                with _DisableTorchFunction():
+                    delta = change(p.samples[i], t)
+            else:
+                delta = None
             raw = Raw(K.INPLACE_NO_GRAD, func, name, tuple(t.shape), t.dtype, t.device, vb,
                       version(t), p.grad_mode, delta, where, step)
             if not p.in_step:

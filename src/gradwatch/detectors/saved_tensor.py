@@ -54,6 +54,12 @@ class SavedTensorDetector:
         self.suspects: OrderedDict[int, tuple[Mutation, Raw]] = OrderedDict()
         self.off = False
 
+    @staticmethod
+    def prepare() -> None:
+        """Read torch's error wording while torch still checks versions itself (before any
+        hook of ours is installed: it runs a small backward)."""
+        torch_wording()
+
     def install(self, installed: Any, on_error: Callable[[BaseException], None]) -> None:
         """Push the registry's pack/unpack pair (full): torch calls them directly (guarded
         inside: an internal error is reported once, tensors pass through from then on)."""
