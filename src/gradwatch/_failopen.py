@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ._location import without_own_frames
 from .errors import AnomalyError, GradWatchWarning, is_version_error
 
 __all__ = ["FailOpen", "Part", "warn_internal"]
@@ -100,11 +101,11 @@ class FailOpen:
         def hook(*args: Any) -> Any:
             try:
                 return fn(*args)
-            except AnomalyError:
-                raise
+            except AnomalyError as exc:
+                raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
             except Exception as exc:
                 if is_version_error(exc):
-                    raise
+                    raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
                 self.fail(part, exc)
                 return None
 
@@ -137,11 +138,12 @@ class FailOpen:
 
             try:
                 return fn(call, instance, args, kwargs)
-            except AnomalyError:
-                raise
+            except AnomalyError as exc:
+                raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
             except BaseException as exc:
                 if called or not isinstance(exc, Exception):
-                    raise
+                    # the user's (or torch's) own error: it shows no frame of ours but this one
+                    raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
                 self.fail(part, exc)
                 return wrapped(*args, **kwargs)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import linecache
 import os
 import sys
-from types import CodeType, FrameType
+from types import CodeType, FrameType, TracebackType
 
 from .events import Location
 
@@ -198,3 +198,20 @@ def statement_start(where: tuple[CodeType, int]) -> tuple[CodeType, int]:
         return where
     start = max(inner, key=lambda s: (s[0], -s[1]))[0]  # the innermost statement
     return (code, start)
+
+
+_OWN = _INTERNAL_DIRS[0]  # gradwatch's own package directory
+
+
+def without_own_frames(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without gradwatch's frames (re-raised at a boundary, the boundary's own frame is
+    the one gradwatch frame left: an error that passes through never looks like ours)."""
+    frames = []
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_OWN):
+            frames.append(tb)
+        tb = tb.tb_next
+    out = None
+    for t in reversed(frames):
+        out = TracebackType(out, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return out

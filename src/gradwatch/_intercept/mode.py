@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .._location import without_own_frames
 from ..errors import AnomalyError
 from .ops import ACTIONS, Action, classify
 
@@ -50,39 +51,42 @@ class WatchMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         if kwargs is None:
             kwargs = {}
-        # hot: the suspended/compile check first (dynamo, or export, must trace nothing of ours)
-        if self.suspended or _dynamo_compiling() or _compiler._is_compiling_flag:
-            return func(*args, **kwargs)
-        try:
-            action = ACTIONS.get(func)  # hot: memoised classification, identity tests
-        except TypeError:  # an unhashable callable (a user's object): classified per call
-            action = None
-        if action is None:
-            action = classify(func)
-        if action is _PASS:
-            if kwargs and ("out" in kwargs or kwargs.get("inplace") is True):
-                action = _KWARG_WRITE
-            elif func is _set_grad_enabled:
-                if args and args[0] is False:
-                    self.on_no_grad()
+        try:  # (free unless something raises: then no frame of gradwatch's below this one)
+            # hot: the suspended/compile check first (dynamo, or export, must trace nothing of ours)
+            if self.suspended or _dynamo_compiling() or _compiler._is_compiling_flag:
                 return func(*args, **kwargs)
-            elif not _grad_enabled():
-                action = _NO_GRAD_OP
-            else:
-                return func(*args, **kwargs)
-        try:
-            pre = self.handlers[action](func, args, kwargs)
-        except AnomalyError:
-            raise
-        except Exception as exc:
-            self.on_fail(exc)
-            pre = None
-        out = func(*args, **kwargs)
-        if pre is not None:
             try:
-                pre[0](pre[1], out)
-            except AnomalyError:
-                raise
+                action = ACTIONS.get(func)  # hot: memoised classification, identity tests
+            except TypeError:  # an unhashable callable (a user's object): classified per call
+                action = None
+            if action is None:
+                action = classify(func)
+            if action is _PASS:
+                if kwargs and ("out" in kwargs or kwargs.get("inplace") is True):
+                    action = _KWARG_WRITE
+                elif func is _set_grad_enabled:
+                    if args and args[0] is False:
+                        self.on_no_grad()
+                    return func(*args, **kwargs)
+                elif not _grad_enabled():
+                    action = _NO_GRAD_OP
+                else:
+                    return func(*args, **kwargs)
+            try:
+                pre = self.handlers[action](func, args, kwargs)
+            except AnomalyError as exc:
+                raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
             except Exception as exc:
                 self.on_fail(exc)
-        return out
+                pre = None
+            out = func(*args, **kwargs)
+            if pre is not None:
+                try:
+                    pre[0](pre[1], out)
+                except AnomalyError:
+                    raise
+                except Exception as exc:
+                    self.on_fail(exc)
+            return out
+        except BaseException as exc:
+            raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904

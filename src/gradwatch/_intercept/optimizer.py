@@ -21,7 +21,7 @@ import torch
 
 from .._context import RunContext, version
 from .._failopen import FailOpen, Part
-from .._location import caller, is_internal
+from .._location import caller, is_internal, without_own_frames
 from .._stats import sample, sample_step, update_norms, without_grad
 from ..detectors.accumulation import AccumulationDetector
 from ..detectors.grad_flow import GradFlowDetector
@@ -156,6 +156,8 @@ class Optimizers:
         suspended, gate.outer_step = gate.suspended, True
         try:
             return wrapped(*args, **kwargs)
+        except BaseException as exc:  # (the user's, torch's, or raise's: no frame of ours below)
+            raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
         finally:  # also when the step raised (no post hook then): watching resumes at once
             gate.outer_step = False
             gate.suspended = suspended
