@@ -158,7 +158,8 @@ class PlainRunner:
         model, opt, (x, y), step_fn, dev = self.model, self.opt, self.batch, self.step_fn, self.dev
         times: list[float] = []
         clock = CLOCK[0]
-        with variant_context(variant, model, opt, session, empty_mode):
+        outer = self.spec.context() if self.spec.context else contextlib.nullcontext()
+        with outer, variant_context(variant, model, opt, session, empty_mode):
             for i in range(warmup + steps):
                 if on_step is not None:
                     on_step(i)
@@ -177,6 +178,9 @@ class LightningRunner:
 
     def __init__(self, spec: Spec, quick: bool, dev: torch.device) -> None:
         import pytorch_lightning as pl
+
+        if spec.context is not None or spec.count_mode is not None:
+            raise ValueError(f"{spec.name}: context / count_mode are for hand-written loops")
 
         for name in ("pytorch_lightning", "lightning", "lightning_fabric", "lightning.pytorch"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -318,9 +322,45 @@ class RssSampler:
         self.peak = max(self.peak, _rss())
 
 
+def _func_name(func: Any) -> str:
+    """``Tensor.grad.__get__`` for a property's getter (a method-wrapper of a descriptor), else
+    the function's qualified name."""
+    owner = getattr(func, "__self__", None)
+    objclass = getattr(owner, "__objclass__", None)
+    if objclass is not None and hasattr(owner, "__name__"):
+        return f"{objclass.__name__}.{owner.__name__}.{getattr(func, '__name__', '?')}"
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+
+
+@contextlib.contextmanager
+def count_mode_calls(mode_cls: type) -> Iterator[dict[str, int]]:
+    """Count the calls of ``mode_cls.__torch_function__`` by torch function (patched on the
+    class, undone)."""
+    calls: dict[str, int] = {}
+    original = mode_cls.__dict__["__torch_function__"]
+
+    def counting(self: Any, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        name = _func_name(func)
+        calls[name] = calls.get(name, 0) + 1
+        return original(self, func, types, args, kwargs)
+
+    mode_cls.__torch_function__ = counting  # type: ignore[attr-defined]
+    try:
+        yield calls
+    finally:
+        mode_cls.__torch_function__ = original  # type: ignore[attr-defined]
+
+
 def probe(runner: Any, variant: str, warmup: int, steps: int, dev: torch.device) -> dict[str, Any]:
-    """Untimed pass: torch calls per step, calls that reached the variant's mode, peak memory."""
+    """Untimed pass: torch calls per step, calls that reached the variant's mode, peak memory;
+    for a spec with ``count_mode``, the calls of that mode per step (mean over up to 10 steps,
+    so that a statistics step is counted at its rate)."""
     out: dict[str, Any] = {}
+    spec = getattr(runner, "spec", None)
+    mode_cls = spec.count_mode() if spec is not None and spec.count_mode else None
+    mode_window = 10  # (a statistics step every 10 optimizer steps)
+    mode_ctx: list[Any] = []
+    mode_calls: dict[str, int] = {}
     counter = CountingMode() if variant == "unwatched" else None
     count_at = warmup  # count during this step (steady state)
     gw_box: list[int] = [0]
@@ -340,6 +380,15 @@ def probe(runner: Any, variant: str, warmup: int, steps: int, dev: torch.device)
             return func(*args, **(kwargs or {}))
 
     def on_step(i: int) -> None:
+        if mode_cls is not None:
+            if i == count_at:
+                cm = count_mode_calls(mode_cls)
+                mode_calls.clear()
+                mode_ctx[:] = [cm, cm.__enter__()]
+            elif i == count_at + mode_window and mode_ctx:
+                mode_calls.update(mode_ctx[1])
+                mode_ctx[0].__exit__(None, None, None)
+                mode_ctx.clear()
         if i == count_at:
             if counter is not None:
                 counter.__enter__()
@@ -369,8 +418,8 @@ def probe(runner: Any, variant: str, warmup: int, steps: int, dev: torch.device)
     rss0 = _rss()
     with RssSampler() as sampler, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        runner.run(variant, warmup, max(steps, 2), session, on_step=on_step,
-                   empty_mode=CountingEmpty)
+        runner.run(variant, warmup, max(steps, 2, mode_window + 1 if mode_cls else 0), session,
+                   on_step=on_step, empty_mode=CountingEmpty)
     out["peak_rss_mb"] = (sampler.peak - rss0) / 2**20
     if dev.type == "cuda":
         out["peak_cuda_mb"] = (torch.cuda.max_memory_allocated(dev) - cuda0) / 2**20
@@ -383,6 +432,11 @@ def probe(runner: Any, variant: str, warmup: int, steps: int, dev: torch.device)
         out["intercepted"] = gw_box[0]
     else:
         out["intercepted"] = 0
+    if mode_cls is not None:
+        out["count_mode"] = mode_cls.__name__
+        out["count_mode_calls"] = sum(mode_calls.values()) / mode_window
+        out["count_mode_by_func"] = {k: v / mode_window for k, v in
+                                     sorted(mode_calls.items(), key=lambda kv: -kv[1])}
     out["problems"] = _problems(variant, session, caught)
     return out
 
@@ -426,6 +480,7 @@ class ModelResult:
         out: dict[str, dict[str, Any]] = {}
         for variant, reps in self.per_rep.items():
             ratios = [v / b for v, b in zip(reps, base) if b > 0]
+            deltas = [1e6 * (v - b) for v, b in zip(reps, base)]  # µs per step, paired
             row: dict[str, Any] = {
                 "step_ms": 1e3 * statistics.median(reps) if reps else math.nan,
                 "step_ms_rep_means": [1e3 * r for r in reps],
@@ -433,12 +488,19 @@ class ModelResult:
                 "ratio_q25": _quantile(ratios, 0.25),
                 "ratio_q75": _quantile(ratios, 0.75),
                 "ratios": ratios,
+                "delta_us_median": statistics.median(deltas) if deltas else math.nan,
+                "delta_us_q25": _quantile(deltas, 0.25),
+                "delta_us_q75": _quantile(deltas, 0.75),
             }
             row["overhead_pct"] = 100 * (row["ratio_median"] - 1)
             row["spread_pct"] = 100 * (row["ratio_q75"] - row["ratio_q25"])
             p = self.probes.get(variant, {})
             row["intercepted_per_step"] = p.get("intercepted")
             row["peak_rss_mb"] = p.get("peak_rss_mb")
+            if "count_mode_calls" in p:
+                row["count_mode"] = p["count_mode"]
+                row["count_mode_calls_per_step"] = p["count_mode_calls"]
+                row["count_mode_by_func"] = p["count_mode_by_func"]
             if p.get("peak_rss_mb") is not None and base_probe.get("peak_rss_mb") is not None:
                 row["peak_rss_delta_mb"] = p["peak_rss_mb"] - base_probe["peak_rss_mb"]
                 row["peak_rss_delta_pct_params"] = (

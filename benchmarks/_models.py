@@ -2,12 +2,21 @@
 
 Shared by ``overhead.py``, ``structure.py``, ``floor.py``, ``profile_gradwatch.py`` and
 ``calls.py``. One training step = forward, backward, ``clip_grad_norm_(…, 1.0)``,
-``optimizer.step()``, ``optimizer.zero_grad()``.
+``optimizer.step()``, ``optimizer.zero_grad()``; except the loop shapes of issue 18
+(``SHAPES``), each of which is a training loop written the way some user writes it: a
+hand-written SGD under ``no_grad`` or through ``.data``, L-BFGS with a closure, a GAN's two
+optimizers, the MLP under ``torch.set_default_device`` (and Lightning's ``fit``).
+
+A spec's ``build(quick, device)`` returns ``(model, optimizer, batch, step)``: ``optimizer`` is
+what ``gradwatch.watch`` gets (one optimizer, a tuple of them, or None for a hand-written
+update) and ``step(model, optimizer, x, y)`` runs one training step on ``batch = (x, y)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +134,44 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class Sequence(nn.Module):
+    """pytorch/examples' time_sequence_prediction model (two LSTMCells and a linear head, one
+    time step at a time, float64), scaled down: ``hidden`` units instead of 51."""
+
+    def __init__(self, hidden: int = 24) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.lstm1 = nn.LSTMCell(1, hidden)
+        self.lstm2 = nn.LSTMCell(hidden, hidden)
+        self.linear = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.size(0)
+        h_t = torch.zeros(n, self.hidden, dtype=x.dtype, device=x.device)
+        c_t = torch.zeros(n, self.hidden, dtype=x.dtype, device=x.device)
+        h_t2 = torch.zeros(n, self.hidden, dtype=x.dtype, device=x.device)
+        c_t2 = torch.zeros(n, self.hidden, dtype=x.dtype, device=x.device)
+        outputs = []
+        for input_t in x.split(1, dim=1):
+            h_t, c_t = self.lstm1(input_t, (h_t, c_t))
+            h_t2, c_t2 = self.lstm2(h_t, (h_t2, c_t2))
+            outputs.append(self.linear(h_t2))
+        return torch.cat(outputs, dim=1)
+
+
+class GAN(nn.Module):
+    """A generator and a discriminator, both small MLPs, held together so that gradwatch names
+    their parameters ``G.*`` and ``D.*`` (the container itself is never called)."""
+
+    def __init__(self, nz: int = 32, width: int = 128, dim: int = 64) -> None:
+        super().__init__()
+        self.nz = nz
+        self.G = nn.Sequential(nn.Linear(nz, width), nn.ReLU(), nn.Linear(width, width),
+                               nn.ReLU(), nn.Linear(width, dim), nn.Tanh())
+        self.D = nn.Sequential(nn.Linear(dim, width), nn.LeakyReLU(0.2),
+                               nn.Linear(width, width), nn.LeakyReLU(0.2), nn.Linear(width, 1))
+
+
 # ----------------------------------------------------------------------------------- specs
 @dataclass
 class Spec:
@@ -138,6 +185,12 @@ class Spec:
     lightning: bool = False
     default: bool = True
     notes: str = ""
+    # entered around every run of the loop, outside the variant's context (a process-wide
+    # setting the user made before the loop: ``torch.set_default_device``)
+    context: Callable[[], contextlib.AbstractContextManager] | None = None
+    # a TorchFunctionMode class that ``context`` pushes: the probe counts the calls of its
+    # ``__torch_function__`` per step under each variant (what gradwatch adds to a user's mode)
+    count_mode: Callable[[], type] | None = None
 
 
 def classify_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
@@ -202,6 +255,133 @@ def build_resnet18(quick: bool, dev: torch.device) -> tuple:
     return model, opt, batch, classify_step
 
 
+# ----------------------------------------------------------------------------------- loop shapes
+# Issue 18: the loop shapes users write, each a spec of its own. No clipping in these steps
+# (none of the loops they copy clips), except Lightning's (gradient_clip_val=1).
+SGD_LR = 1e-3
+# L-BFGS: the example's model and optimizer scaled to ~5 ms a step on one CPU thread: hidden 16
+# (not 51), sequences of 4 samples (not 999), 16 of them, history_size 10 (not 100: the two-loop
+# recursion over 100 entries would be most of the step, torch work gradwatch does not see)
+LBFGS_HIDDEN, LBFGS_LEN, LBFGS_BATCH, LBFGS_LR, LBFGS_HISTORY = 16, 4, 16, 0.8, 10
+LBFGS_NOISE = 0.1  # (see lbfgs_step)
+GAN_WIDTH, GAN_BATCH = 128, 64
+
+
+def nograd_sgd_step(model: nn.Module, opt: None, x: torch.Tensor, y: torch.Tensor) -> None:
+    """A hand-written SGD update under ``torch.no_grad()``, ``.grad`` set to None after it."""
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= SGD_LR * p.grad
+            p.grad = None
+
+
+def data_sgd_step(model: nn.Module, opt: None, x: torch.Tensor, y: torch.Tensor) -> None:
+    """pytorch/examples' regression: ``model.zero_grad()``, backward, an update through
+    ``.data`` with autograd on."""
+    loss = F.cross_entropy(model(x), y)
+    model.zero_grad()
+    loss.backward()
+    for p in model.parameters():
+        p.data.add_(p.grad, alpha=-SGD_LR)
+
+
+def build_nograd_sgd(quick: bool, dev: torch.device) -> tuple:
+    model, _, batch, _ = build_mlp(quick, dev)
+    return model, None, batch, nograd_sgd_step
+
+
+def build_data_sgd(quick: bool, dev: torch.device) -> tuple:
+    model, _, batch, _ = build_mlp(quick, dev)
+    return model, None, batch, data_sgd_step
+
+
+def lbfgs_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> None:
+    """pytorch/examples' time_sequence_prediction: ``optimizer.step(closure)``; the closure
+    zeroes the gradients, runs the sequence and backward (``max_iter`` = 4 times a step).
+
+    The targets get fresh noise each step: full-batch L-BFGS on fixed data converges within a
+    few hundred steps and then stops after one evaluation a step (its tolerance tests), which
+    would change the step from 4 closures to 1 in the middle of a benchmark."""
+    target = y + LBFGS_NOISE * torch.randn_like(y)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), target)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def build_lbfgs(quick: bool, dev: torch.device) -> tuple:
+    n, length = (4, 6) if quick else (LBFGS_BATCH, LBFGS_LEN)
+    model = Sequence(hidden=8 if quick else LBFGS_HIDDEN).double().to(dev)
+    opt = torch.optim.LBFGS(model.parameters(), lr=LBFGS_LR, max_iter=4,
+                            history_size=LBFGS_HISTORY)
+    # sine waves of random phase (the example's data, shorter and fewer), target = next sample
+    t = torch.arange(length + 1, dtype=torch.float64)
+    phase = torch.randint(-80, 80, (n, 1), dtype=torch.float64)
+    data = torch.sin((t + phase) / 20.0 * math.pi).to(dev)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    # The optimizer's curvature history fills over its first history_size / max_iter steps,
+    # and each step's cost grows with it: fill it before anything is measured.
+    for _ in range(LBFGS_HISTORY):
+        lbfgs_step(model, opt, x, y)
+    return model, opt, (x, y), lbfgs_step
+
+
+def gan_step(model: GAN, opts: tuple, x: torch.Tensor, y: tuple) -> None:
+    """The classic GAN step (pytorch/examples' DCGAN): D on real and ``fake.detach()``, D's
+    step; then G through D, G's step. Each optimizer zeroes its own gradients first."""
+    G, D = model.G, model.D
+    opt_g, opt_d = opts
+    real_label, fake_label = y
+    z = torch.randn(x.shape[0], model.nz, device=x.device)
+    fake = G(z)
+    opt_d.zero_grad()
+    loss_d = (F.binary_cross_entropy_with_logits(D(x), real_label)
+              + F.binary_cross_entropy_with_logits(D(fake.detach()), fake_label))
+    loss_d.backward()
+    opt_d.step()
+    opt_g.zero_grad()
+    loss_g = F.binary_cross_entropy_with_logits(D(fake), real_label)
+    loss_g.backward()
+    opt_g.step()
+
+
+def build_gan(quick: bool, dev: torch.device) -> tuple:
+    model = GAN(width=16 if quick else GAN_WIDTH).to(dev)
+    opt_g = torch.optim.Adam(model.G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(model.D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    n = 8 if quick else GAN_BATCH
+    real = torch.rand(n, 64, device=dev) * 2 - 1
+    labels = (torch.ones(n, 1, device=dev), torch.zeros(n, 1, device=dev))
+    return model, (opt_g, opt_d), (real, labels), gan_step
+
+
+@contextlib.contextmanager
+def default_device_cpu() -> Iterator[None]:
+    """``torch.set_default_device("cpu")`` for the loop (it pushes a ``DeviceContext``
+    TorchFunctionMode that every torch call in this thread then goes through), undone after."""
+    torch.set_default_device("cpu")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def _device_context() -> type:
+    from torch.utils._device import DeviceContext
+
+    return DeviceContext
+
+
+SHAPES = ("nograd_sgd", "data_sgd", "lbfgs", "gan", "lightning", "default_device",
+          "default_device_nograd")
+
 SPECS: dict[str, Spec] = {
     s.name: s
     for s in [
@@ -215,5 +395,28 @@ SPECS: dict[str, Spec] = {
              "gradient_clip_val=1", build_mlp, steps=40, warmup=10, lightning=True),
         Spec("gpt2s", "GPT-2-small blocks (d=768, 12 heads) ×2, seq 128, batch 2, vocab 8192, "
              "AdamW", build_gpt2s, steps=4, warmup=2, default=False),
+        # the loop shapes of issue 18 (``--models shapes``)
+        Spec("nograd_sgd", "MLP 3×256, batch 64; hand-written SGD under no_grad "
+             "(p -= lr * p.grad; p.grad = None), no optimizer", build_nograd_sgd, steps=100,
+             warmup=10, default=False),
+        Spec("data_sgd", "MLP 3×256, batch 64; model.zero_grad(), backward, "
+             "p.data.add_(p.grad, alpha=-lr), no optimizer", build_data_sgd, steps=100,
+             warmup=10, default=False),
+        Spec("lbfgs", f"LSTMCell×2 (hidden {LBFGS_HIDDEN}) + Linear, float64, sequence "
+             f"{LBFGS_LEN}, batch {LBFGS_BATCH}; LBFGS(max_iter=4, history_size="
+             f"{LBFGS_HISTORY}).step(closure)", build_lbfgs, steps=20, warmup=5, default=False),
+        Spec("gan", f"GAN: G and D MLPs (width {GAN_WIDTH}), batch {GAN_BATCH}, two Adams; "
+             "D step on real + fake.detach(), then G step", build_gan, steps=100, warmup=10,
+             default=False),
+        Spec("default_device", "MLP 3×256, batch 64, SGD momentum, under "
+             "torch.set_default_device(\"cpu\")", build_mlp, steps=60, warmup=10,
+             default=False, context=default_device_cpu, count_mode=_device_context),
+        # not in the issue's list: the hand-written update is where gradwatch does tensor work
+        # of its own inside the user's ops (its write handlers), so it is where a user's mode
+        # would see gradwatch's calls
+        Spec("default_device_nograd", "nograd_sgd's loop (MLP 3×256, batch 64, p -= lr * "
+             "p.grad under no_grad) under torch.set_default_device(\"cpu\")", build_nograd_sgd,
+             steps=100, warmup=10, default=False, context=default_device_cpu,
+             count_mode=_device_context),
     ]
 }

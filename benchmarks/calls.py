@@ -31,16 +31,24 @@ the per-function table, by a ``sys.setprofile`` hook that counts Python calls pe
 (generators count each resumption). The counting layer's frames carry a file name inside torch's
 package so that gradwatch's user-frame lookup skips them as it skips torch's own frames. Two
 passes over ``steps`` steps each: pass 1 counts by profile only (the function table); pass 2 adds
-the counting layers (the boundary table). If gradwatch's own call counts differ between them, the
-report says so (and exits 1): the warmup was too short for gradwatch's per-step work to settle (it
-drops its naming hook after the first steps), or the layers perturbed gradwatch.
+the counting layers (the boundary table), after one uncounted step with them on (gradwatch
+memoises its frame filter per code object: the layers' code is new to it). If gradwatch's own
+call counts differ between the passes, the report says so (and exits 1): the warmup was too short
+for gradwatch's per-step work to settle (it drops its naming hook after the first steps), or the
+layers perturbed gradwatch.
 
 The per-function table is keyed by function name, whatever file the function lives in (for
 comprehensions and lambdas: ``enclosing.<listcomp>``), so that the same table can be compared
 across a refactor that moves functions between modules. Use ``steps`` a multiple of
 ``stats_every`` (10): statistics steps are then counted at their real rate (0.1/step = once per
 statistics step). CPU only: a CUDA backward runs on torch's device threads, which the profile
-hook does not see.
+hook does not see. gradwatch prunes dead tensors' entries every 50 optimizer steps: keep
+``steps`` a multiple of 50 optimizer steps (the default 50; a GAN steps twice per step) or the
+two passes may differ by one prune.
+
+A spec that runs under a mode of the user's (``default_device``: ``torch.set_default_device``
+pushes a ``DeviceContext``) also gets that mode's ``__torch_function__`` calls per step; compare
+``--level none`` with ``full`` / ``light`` for what gradwatch adds to it.
 """
 
 from __future__ import annotations
@@ -168,9 +176,16 @@ def _snapshot(owners: list[Any]) -> dict[tuple[int, str], Any]:
     return {(id(o), k): v for o in owners for k, v in _vars(o).items()}
 
 
+def _optimizers(opt: Any) -> list[Any]:
+    """A spec's optimizer as a list: one, several (a GAN's two), or none (a hand-written update)."""
+    if opt is None:
+        return []
+    return list(opt) if isinstance(opt, (list, tuple)) else [opt]
+
+
 def _hook_dicts(model: torch.nn.Module, opt: Any) -> list[tuple[str, dict]]:
     """(kind, dict) for every hook dict a watch may add to: torch's global ones, the model's
-    modules', its parameters' and the optimizer's."""
+    modules', its parameters' and the optimizers'."""
     found: list[tuple[str, dict]] = []
     for name, mod in list(sys.modules.items()):
         if mod is None or not (name == "torch" or name.startswith("torch.")):
@@ -187,9 +202,10 @@ def _hook_dicts(model: torch.nn.Module, opt: Any) -> list[tuple[str, dict]]:
             v = getattr(p, k, None)
             if isinstance(v, dict):
                 found.append((f"parameters.{k}", v))
-    for k, v in vars(opt).items():
-        if "hook" in k and isinstance(v, dict):
-            found.append((f"optimizer.{k}", v))
+    for o in _optimizers(opt):
+        for k, v in vars(o).items():
+            if "hook" in k and isinstance(v, dict):
+                found.append((f"optimizer.{k}", v))
     unique: dict[int, tuple[str, dict]] = {}  # a dict reached twice (a re-export): once
     for kind, d in found:
         unique.setdefault(id(d), (kind, d))
@@ -357,7 +373,7 @@ def _count_steps(step: Callable[[], None], steps: int, boundaries: list[Boundary
                  ) -> dict[CodeType, int]:
     counter = CallCounter()
     counts = counter.counts
-    last = [0] * len(boundaries)
+    last = [b.box[0] if b.box is not None else 0 for b in boundaries]  # (a layer's earlier calls)
     with counter.active():
         for _ in range(steps):
             step()
@@ -402,15 +418,24 @@ def _watch_fn() -> Callable[..., Any]:
 
 
 def measure(model_name: str, level: str, steps: int, warmup: int) -> dict[str, Any]:
+    spec = SPECS[model_name]
+    # a process-wide setting the loop runs under (``torch.set_default_device``): on throughout
+    with spec.context() if spec.context else contextlib.nullcontext():
+        return _measure(model_name, level, steps, warmup)
+
+
+def _measure(model_name: str, level: str, steps: int, warmup: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    model, opt, (x, y), step_fn = SPECS[model_name].build(False, torch.device("cpu"))
+    spec = SPECS[model_name]
+    model, opt, (x, y), step_fn = spec.build(False, torch.device("cpu"))
 
     def step() -> None:
         step_fn(model, opt, x, y)
 
     for _ in range(3):  # optimizer state, allocator caches
         step()
-    extra = [*type(opt).__mro__, *type(model).__mro__, torch.Tensor]
+    extra = [*(c for o in _optimizers(opt) for c in type(o).__mro__), *type(model).__mro__,
+             torch.Tensor]
     owners = _namespaces([c for c in extra if c is not object])
     before_ns = _snapshot(owners)
     top_before = torch._C._autograd._top_saved_tensors_default_hooks(False)
@@ -431,6 +456,7 @@ def measure(model_name: str, level: str, steps: int, warmup: int) -> dict[str, A
         for on, _ in installed.layers:
             on()
         try:
+            step()  # uncounted, with the layers on (see the docstring)
             counts2 = _count_steps(step, steps, installed.boundaries)
         finally:
             for _, off in reversed(installed.layers):
@@ -452,6 +478,11 @@ def measure(model_name: str, level: str, steps: int, warmup: int) -> dict[str, A
                         if abs(v - per_name2.get(k, 0.0)) > 1e-9}
     out["gradwatch_calls_per_step_with_layers"] = gw2
     out["other_replaced_attributes"] = installed.other_changes
+    if spec.count_mode is not None:  # the user's mode: its calls per step (pass 1)
+        mode_cls = spec.count_mode()
+        code = _code_of(mode_cls.__dict__["__torch_function__"])
+        out["user_mode"] = {"name": f"{mode_cls.__name__}.__torch_function__",
+                            "per_step": counts1.get(code, 0) / steps if code else None}
     out["anomalies"] = [ev.describe() if hasattr(ev, "describe") else str(ev) for ev in anomalies]
     return out
 
@@ -483,6 +514,11 @@ def render(res: dict[str, Any], base: dict[str, Any] | None, top: int) -> str:
                        "(mode, saved tensors, wrapt, hooks)"))
     lines.append(total("gradwatch_calls_per_step", "Python calls of gradwatch functions per step"))
     lines.append(total("python_calls_per_step", "Python calls per step, all (torch's included)"))
+    if res.get("user_mode"):
+        um, before = res["user_mode"], (base or {}).get("user_mode")
+        b = f" (before {before['per_step']:.2f})" if before else ""
+        lines.append(f"calls per step of the loop's own mode {um['name']}: "
+                     f"{um['per_step']:.2f}{b} (compare --level none)")
     if res["other_replaced_attributes"]:
         lines.append("replaced, not callable (not counted): "
                      + ", ".join(res["other_replaced_attributes"]))

@@ -50,7 +50,7 @@ import torch
 import gradwatch
 
 from ._harness import CLOCK, VARIANTS, lightning_callback, run_model
-from ._models import SPECS
+from ._models import SHAPES, SPECS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(HERE, "README.md")
@@ -105,6 +105,20 @@ def machine_info(dev: torch.device) -> dict[str, Any]:
         info["git"] = subprocess.run(
             ["git", "-C", root, "describe", "--always", "--dirty"], capture_output=True,
             text=True, timeout=10).stdout.strip()
+        # the measured code: HEAD, and whether src/ differs from it (others may be editing it)
+        info["git_head"] = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+            text=True, timeout=10).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "src"], capture_output=True,
+            text=True, timeout=10).stdout.splitlines()
+        info["src_changed"] = [line[3:] for line in changed]
+        if changed:
+            import hashlib
+
+            diff = subprocess.run(["git", "-C", root, "diff", "HEAD", "--", "src"],
+                                  capture_output=True, timeout=10).stdout
+            info["src_diff_sha1"] = hashlib.sha1(diff).hexdigest()[:10]
     except Exception:
         pass
     return info
@@ -180,13 +194,89 @@ def target_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _pct_cell(row: dict[str, Any] | None) -> str:
+    return "–" if row is None else _fmt_pct(row["overhead_pct"], row["spread_pct"])
+
+
+def _us_cell(row: dict[str, Any] | None) -> str:
+    if row is None or math.isnan(row.get("delta_us_median", math.nan)):
+        return "–"
+    half = (row["delta_us_q75"] - row["delta_us_q25"]) / 2
+    return f"{row['delta_us_median']:+.0f} ±{half:.0f}"
+
+
+def paired_table(results: dict[str, Any]) -> str:
+    """Per model: the unwatched step, each variant's paired overhead, and what gradwatch and the
+    empty mode add in µs per step (median of the per-repetition differences)."""
+    lines = ["| model | unwatched ms/step | full | light | empty mode | anomaly (check_nan=False) "
+             "| Δ µs/step: full | light | empty mode (floor) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, res in results.items():
+        if res.get("error"):
+            continue
+        v = res["variants"]
+        base = v.get("unwatched")
+        if base is None:
+            continue
+        lines.append(f"| {name} | {base['step_ms']:.2f} | {_pct_cell(v.get('full'))} | "
+                     f"{_pct_cell(v.get('light'))} | {_pct_cell(v.get('empty_mode'))} | "
+                     f"{_pct_cell(v.get('anomaly'))} | {_us_cell(v.get('full'))} | "
+                     f"{_us_cell(v.get('light'))} | {_us_cell(v.get('empty_mode'))} |")
+    return "\n".join(lines)
+
+
+def mode_count_lines(results: dict[str, Any]) -> list[str]:
+    """For a model run under a mode of the user's (``count_mode``): its calls per step under each
+    variant, and the torch functions gradwatch adds to it."""
+    out = []
+    for name, res in results.items():
+        if res.get("error"):
+            continue
+        v = res["variants"]
+        base = v.get("unwatched", {})
+        if "count_mode_calls_per_step" not in base:
+            continue
+        b = base["count_mode_calls_per_step"]
+        cells = [f"unwatched {b:g}"]
+        for variant, row in v.items():
+            if variant == "unwatched" or "count_mode_calls_per_step" not in row:
+                continue
+            n = row["count_mode_calls_per_step"]
+            cells.append(f"{VARIANT_TITLES.get(variant, variant)} {n:g} ({n - b:+g})")
+        out.append(f"- `{name}`: `{base['count_mode']}.__torch_function__` calls per step (mean "
+                   "of 10 steps): " + "; ".join(cells))
+        for variant in ("full", "light"):
+            row = v.get(variant)
+            if not row or "count_mode_by_func" not in row:
+                continue
+            extra = {k: n - base["count_mode_by_func"].get(k, 0.0)
+                     for k, n in row["count_mode_by_func"].items()}
+            extra.update({k: -n for k, n in base["count_mode_by_func"].items()
+                          if k not in row["count_mode_by_func"]})
+            extra = {k: d for k, d in sorted(extra.items(), key=lambda kv: -kv[1])
+                     if abs(d) > 1e-9}
+            if extra:
+                out.append(f"  - difference by torch function under `{variant}`: " + ", ".join(
+                    f"{k} {d:+g}" for k, d in list(extra.items())[:12]))
+    return out
+
+
 def machine_line(info: dict[str, Any]) -> str:
     dev = info.get("gpu") or "CPU"
     return (f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} "
             f"({info['torch_threads']} threads; load avg {info['load_avg_1m_at_start']} at start), "
             f"Python {info['python']}, "
             f"pytorch_lightning {info.get('pytorch_lightning', '–')}, device: {dev}, "
-            f"gradwatch {info['gradwatch']} @ {info.get('git', '?')}")
+            f"gradwatch {info['gradwatch']} @ {info.get('git', '?')}" + _src_state(info))
+
+
+def _src_state(info: dict[str, Any]) -> str:
+    if "src_changed" not in info:
+        return ""
+    if not info["src_changed"]:
+        return " (src/ as committed)"
+    return (f" (src/ differs from {info.get('git_head', 'HEAD')} in "
+            f"{len(info['src_changed'])} files, diff sha1 {info.get('src_diff_sha1', '?')})")
 
 
 def render(results: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any]) -> str:
@@ -197,9 +287,12 @@ def render(results: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any]) -
              "",
              markdown_tables(results, info),
              "",
-             "Targets (issue 6):",
+             "Paired per model (overhead in % ± IQR/2; Δ µs/step: median of the per-repetition "
+             "differences to unwatched ± IQR/2):",
              "",
-             target_table(results)]
+             paired_table(results)]
+    if any(name in ("mlp", "cnn", "gpt") for name in results):
+        parts += ["", "Targets (issue 6):", "", target_table(results)]
     parts.append("")
     for name, res in results.items():
         if not res.get("error"):
@@ -208,6 +301,10 @@ def render(results: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any]) -
                          f"of parameters; {res.get('torch_calls_per_step')} torch calls/step; "
                          f"a statistics step holds {res.get('stats_sample_bytes', 0) / 2**10:.0f} KB "
                          f"of samples ({share:.1f}% of the parameter bytes)")
+    counts = mode_count_lines(results)
+    if counts:
+        parts.append("")
+        parts.extend(counts)
     problems = [p for res in results.values() for p in res.get("problems", [])]
     if problems:
         parts.append("\n**Problems seen (gradwatch on a clean loop):**\n")
@@ -230,7 +327,8 @@ def update_readme(text: str, path: str = README, tag: str = "cpu") -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(s.name for s in SPECS.values() if s.default),
-                    help=f"comma list of {', '.join(SPECS)} (default: all but gpt2s)")
+                    help=f"comma list of {', '.join(SPECS)}, or 'shapes' for the loop shapes of "
+                    f"issue 18 ({','.join(SHAPES)}) (default: mlp,cnn,gpt,resnet18,lightning)")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma list; unwatched is always included")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per rep (per model default)")
@@ -265,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         CLOCK[0] = time.process_time
     torch.manual_seed(args.seed)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = []
+    for m in (m.strip() for m in args.models.split(",")):
+        for name in (SHAPES if m == "shapes" else (m,) if m else ()):
+            if name not in models:
+                models.append(name)
     unknown = [m for m in models if m not in SPECS]
     if unknown:
         print(f"unknown model(s) {unknown}; choose from {list(SPECS)}", file=sys.stderr)

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     spec = SPECS[args.model]
+    if spec.context is not None:  # the loop's process-wide setting (torch.set_default_device)
+        outer = spec.context()
+        outer.__enter__()
     model, opt, (x, y), step = spec.build(False, torch.device("cpu"))
     for _ in range(3):
         step(model, opt, x, y)
