@@ -780,3 +780,26 @@ def test_two_optimizers_on_a_shared_module_in_separate_windows_are_silent(level:
                 opt.zero_grad()
                 head(encoder(torch.randn(3, 4))).pow(2).mean().backward()
                 opt.step()
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_hand_written_sgd_through_data_with_a_forgotten_zero_grad_is_stale(zero: bool) -> None:
+    """pytorch/examples regression: ``p.data.add_(p.grad, alpha=-lr)`` bumps no version of p;
+    the edit still counts as an update of p (full sees it), so summing across it is stale."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    with gradwatch.watch(on_anomaly="log") as w:
+        for _ in range(3):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            if zero:
+                model.zero_grad()
+            loss.backward()  # <data_sgd_backward>
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-0.1)  # <data_sgd_edit>
+    if zero:
+        assert w.anomalies == []
+    else:
+        found = sorted({(a.kind, a.tensor, a.location.lineno) for a in w.anomalies})
+        assert found == [("stale_grad_accumulation", "bias", line_of("data_sgd_backward")),
+                         ("stale_grad_accumulation", "weight", line_of("data_sgd_backward"))]
+        assert f":{line_of('data_sgd_edit')}" in w.anomalies[0].message

@@ -119,6 +119,12 @@ class TensorNames:
             if p is not None and name is not None:
                 yield name, p
 
+    def owner_of_storage(self, key: int | None) -> torch.Tensor | None:
+        """The live named tensor whose storage is ``key`` (a ``.data`` alias's parameter)."""
+        entry = self._by_storage.get(key) if key is not None else None
+        owner = entry[1]() if entry is not None else None
+        return owner if owner is not None and storage_key(owner) == key else None
+
     def has_storage(self, key: int | None) -> bool:
         """Whether ``key`` is the storage of a live named tensor (a freed storage's address is
         reused by the allocator: a stale entry is dropped, not matched)."""

@@ -165,12 +165,15 @@ class Writes:
                 if not requires and st is None:
                     if key is None:
                         key = storage_key(t)
-                    if not in_step and (not names.has_storage(key) or (
-                            grad_on and not names.storage_requires_grad(key))):
-                        # with grad on, only an alias of a tensor that requires grad (.data,
-                        # .detach()) writes behind autograd's back; a buffer update in forward
-                        # (BatchNorm's num_batches_tracked) is no edit under no_grad
-                        continue
+                    if func in _ZEROING:  # a .grad zeroed through an alias (p.grad.data.zero_())
+                        st = self.acc.owner_of_grad_storage(key)
+                if not requires and st is None and not in_step and (
+                        not names.has_storage(key)
+                        or (grad_on and not names.storage_requires_grad(key))):
+                    # with grad on, only an alias of a tensor that requires grad (.data,
+                    # .detach()) writes behind autograd's back; a buffer update in forward
+                    # (BatchNorm's num_batches_tracked) is no edit under no_grad
+                    continue
                 if st is not None and func in _ZEROING:
                     if where is None:
                         where = caller()
@@ -257,7 +260,7 @@ class Writes:
                       version(t), p.grad_mode, delta, where, step)
             if not p.in_step:
                 self.emit.record(raw)
-                self.acc.edited(t, where)  # the edit a later stale accumulation will point to
+                self.acc.edited(t, where, key)  # what a later stale accumulation points to
             self.saved.wrote(raw)
             j = flag_of.get(id(t))
             if j is not None:

@@ -14,7 +14,7 @@ import torch
 
 from .._context import RunContext
 from .._location import caller, is_internal, location_of
-from .._naming import describe
+from .._naming import describe, storage_key
 from ..errors import AnomalyError
 from ..events import EventKind
 from ..records.emit import Emitter
@@ -55,6 +55,7 @@ class AccumulationDetector:
         self.emit = emit
         self.windows = AccumulationTracker()
         self._fail = fail
+        self._grad_storage: tuple[int, dict[int | None, LeafState]] | None = None
         self.off = False
 
     # -- per .grad read (hot: every p.grad read while the mode is on, mostly torch's own) ------
@@ -118,6 +119,24 @@ class AccumulationDetector:
         """The window whose ``.grad`` is ``t``, if tracked."""
         return self.windows.owner_of_grad(t)
 
+    def owner_of_grad_storage(self, key: int | None) -> LeafState | None:
+        """The window whose ``.grad`` lives on storage ``key`` (``p.grad.data.zero_()`` zeroes
+        it through an alias). A map built at most once per backward pass (rare writes only)."""
+        if key is None:
+            return None
+        w = self.windows
+        cached = self._grad_storage
+        if cached is None or cached[0] != w.pass_no:
+            w.sync()
+            by_key = {}
+            for st in w.leaves.values():
+                leaf = st.leaf()
+                g = leaf.grad if leaf is not None else None
+                if g is not None:
+                    by_key[storage_key(g)] = st
+            cached = self._grad_storage = (w.pass_no, by_key)
+        return cached[1].get(key)
+
     def has_unconsumed(self) -> bool:
         return self.windows.has_unconsumed()
 
@@ -132,9 +151,18 @@ class AccumulationDetector:
         """An optimizer holds ``p``."""
         self.windows.state(p).optimized = True
 
-    def edited(self, t: torch.Tensor, where: Any) -> None:
-        """``t`` was edited in place under no_grad at ``where``: a later stale sum points there."""
+    def edited(self, t: torch.Tensor, where: Any, key: int | None = None) -> None:
+        """``t`` (on storage ``key``) was edited in place under no_grad at ``where``: a later
+        stale sum points there. An edit through an alias with its own version counter
+        (``p.data.add_``: hand-written SGD) changes the leaf without bumping its version: it
+        counts as an update of the leaf, so gradients summed across it are stale."""
         st = self.windows.get(t)
+        if st is None and key is not None:
+            owner = self.ctx.names.owner_of_storage(key)
+            if owner is not None and owner is not t:
+                st = self.windows.get(owner)
+                if st is not None:
+                    st.steps += 1  # (the window's token: versions and updates no version shows)
         if st is not None:
             st.last_edit = where
 
