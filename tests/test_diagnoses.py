@@ -48,6 +48,7 @@ def test_gan_optimizer_step_on_saved_weight(level: str) -> None:
     assert anomalies(w) == [("saved_tensor_mutated", "D.weight", line)]
     ev = w.anomalies[0]
     assert ev.severity == "error" and ev.op == "optimizer.step"
+    assert ev.hint.startswith("call backward on every loss that uses these weights before")
     (note,) = err.__notes__
     assert note.startswith("gradwatch: `D.weight` was modified in place by optimizer.step")
     assert f"{HERE}:{line}" in note and "Fix:" in note

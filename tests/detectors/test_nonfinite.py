@@ -157,3 +157,16 @@ def test_an_optimizer_step_that_makes_one_parameter_nan_names_it() -> None:
     assert (ev.version_before, ev.version_after) == (versions[0], versions[0] + 2)
     assert (ev.shape, ev.location.lineno) == ((10, 100), where[1])
     assert ev.message == "optimizer.step wrote NaN/Inf into `0.weight`, which was finite before"
+
+
+@pytest.mark.parametrize(("op", "code", "starts"), [
+    ("optimizer.step", "opt.step()", "lower the learning rate or clip"),
+    ("div_", "p.div_(norm)", "guard the division"),
+    ("sub_", "p -= lr * g / (v.sqrt() + eps)", "add eps inside the square root"),
+    ("copy_", "p.copy_(x.log())", "clamp what this line takes the log of"),
+    ("mul_", "p.mul_(scale)", "check what this line writes"),
+])
+def test_the_hint_follows_the_op_and_the_line(op: str, code: str, starts: str) -> None:
+    from gradwatch.detectors.nonfinite import hint_for
+
+    assert hint_for(op, code).startswith(starts)

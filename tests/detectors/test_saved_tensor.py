@@ -15,7 +15,7 @@ from gradwatch._context import RunContext
 from gradwatch._intercept.installed import Installed
 from gradwatch._naming import storage_key
 from gradwatch.config import Config
-from gradwatch.detectors.saved_tensor import HINT, SavedTensorDetector
+from gradwatch.detectors.saved_tensor import HINT, HINT_STEP, SavedTensorDetector
 from gradwatch.events import EventKind, Location
 from gradwatch.records.emit import Emitter
 from gradwatch.records.raw import Raw
@@ -231,7 +231,7 @@ def test_an_optimizer_step_explains_the_error_by_the_transposed_shape_first() ->
     assert info.value.__notes__ == [
         f"gradwatch: `1.weight` was modified in place by optimizer.step at {at(where)} "
         f"(`where = here()`), version {versions[1]} → {versions[1] + 1} after a pending graph "
-        f"saved it for backward. Fix: {HINT}."]
+        f"saved it for backward. Fix: {HINT_STEP}."]
     [ev] = emit.anomalies
     assert (ev.tensor, ev.op, ev.step, ev.location.lineno) == ("1.weight", "optimizer.step", 3,
                                                                where[1])

@@ -36,6 +36,24 @@ HINT = (
     "compute the loss again after this in-place update (or call backward before it); "
     "for a value you only read, use a clone: x = x.clone()"
 )
+HINT_STEP = (
+    "call backward on every loss that uses these weights before this optimizer step changes "
+    "them (e.g. compute the generator's loss after the discriminator's step, or step after all "
+    "backward passes), or compute that loss again after the step"
+)
+HINT_GRAD = (
+    "use the out-of-place form (y = x * s instead of x *= s; inplace=False) for a tensor the "
+    "graph still needs"
+)
+
+
+def hint_for(op: str, grad_mode: str = "no_grad") -> str:
+    """The fix for a write into a saved tensor, by what wrote it."""
+    if op == "optimizer.step":
+        return HINT_STEP
+    if grad_mode == "enabled":
+        return HINT_GRAD
+    return HINT
 
 
 @dataclass(frozen=True)
@@ -307,5 +325,6 @@ def note_text(m: Mutation | None, *, light: bool = False) -> str:
         return ("gradwatch: no in-place write to a tensor of this shape and version was seen: it "
                 "happened where gradwatch cannot look (a C++ kernel, another thread, a compiled "
                 "region) or before watch() started")
-    return f"gradwatch: {m.describe()} after a pending graph saved it for backward. Fix: {HINT}."
+    return (f"gradwatch: {m.describe()} after a pending graph saved it for backward. "
+            f"Fix: {hint_for(m.op)}.")
 

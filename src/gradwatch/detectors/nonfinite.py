@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._context import RunContext, version
+from .._location import location_of
 from ..events import EventKind
 from ..records.emit import Emitter
 from ..records.raw import Raw, describe_shape, op_str
@@ -28,6 +29,27 @@ HINT = (
     "guard the division/log/sqrt on this line (e.g. x / norm.clamp_min(eps)), or lower the "
     "learning rate; check the inputs of this update for zeros and overflow"
 )
+HINT_LOG = "clamp what this line takes the log of (x.clamp_min(eps).log()); check it for zeros"
+HINT_SQRT = ("add eps inside the square root (torch.sqrt(v + eps)), not outside it; check what "
+             "it takes the root of for negative values")
+HINT_STEP = ("lower the learning rate or clip the gradients (torch.nn.utils.clip_grad_norm_) "
+             "before the step; check the gradients for NaN/Inf (a loss that overflowed)")
+HINT_VALUES = ("check what this line writes: its inputs for NaN/Inf and overflow (values "
+               "beyond the dtype's range), or lower the learning rate")
+
+
+def hint_for(op: str, code: str) -> str:
+    """The fix for a write that made a tensor non-finite, by the op and the source line."""
+    if op == "optimizer.step":
+        return HINT_STEP
+    text = f"{op} {code}"
+    if "sqrt" in text:
+        return HINT_SQRT
+    if "log" in text:
+        return HINT_LOG
+    if "div" in text or "/" in code:
+        return HINT
+    return HINT_VALUES
 
 
 class _Vector(NamedTuple):
@@ -135,8 +157,9 @@ class NonfiniteDetector:
             return
         self.reported.add(name)
         op = op_str(raw.op)
+        loc = location_of(raw.where)
         self.emit.anomaly(raw._replace(
             kind=K.NONFINITE_INTRODUCED, change=None,
             message=f"{op} wrote NaN/Inf into `{name}`, which was finite before",
-            hint=HINT,
+            hint=hint_for(op, loc.code if loc is not None else ""),
         ))

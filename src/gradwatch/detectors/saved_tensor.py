@@ -27,15 +27,17 @@ from ..records.emit import Emitter
 from ..records.raw import Raw, describe_shape, op_str
 from ._saved_registry import (
     HINT,
+    HINT_STEP,
     Mutation,
     SavedTensorRegistry,
+    hint_for,
     note_text,
     numel,
     parse_version_error,
     torch_wording,
 )
 
-__all__ = ["HINT", "Mutation", "SavedTensorDetector"]
+__all__ = ["HINT", "HINT_STEP", "Mutation", "SavedTensorDetector"]
 
 K = EventKind
 _SUSPECTS = 1024  # writes into saved tensors waiting for a backward (the oldest are dropped)
@@ -102,7 +104,7 @@ class SavedTensorDetector:
                    "(or use the new values)")
             va = now if after else None
         raw = Raw(K.SAVED_TENSOR_MUTATED, op, name, tuple(t.shape), t.dtype, t.device, vb, va,
-                  grad_mode, None, where, step, msg, HINT)
+                  grad_mode, None, where, step, msg, hint_for(op, grad_mode))
         suspects = self.suspects
         suspects[id(mutation)] = (mutation, raw)
         if len(suspects) > _SUSPECTS:
@@ -168,7 +170,7 @@ class SavedTensorDetector:
                 mutation.version_before, mutation.version_after, "no_grad", None,
                 mutation.where, mutation.step,
                 f"`{mutation.name}` was modified in place after a graph saved it; backward "
-                "failed on it", HINT,
+                "failed on it", hint_for(mutation.op),
             ), raise_now=False)
         return True
 
