@@ -186,18 +186,32 @@ def test_a_forgotten_zero_grad_is_reported_when_a_step_uses_the_mixed_sum() -> N
     assert len(r.emit.anomalies) == 2
 
 
-def test_a_mixed_sum_zeroed_before_a_step_uses_it_is_no_finding() -> None:
+def test_a_mixed_sum_zeroed_before_a_step_uses_it_is_no_finding_when_its_pass_was_used() -> None:
     """A GAN's discriminator picks up the generator's pass onto its stepped gradients, then
-    zeroes them before its own step: correct, nothing to report."""
+    zeroes them before its own step; the generator's optimizer used that pass: correct."""
     r = Rig()
     r.backward()
     r.step()
     r.backward()
+    windows = r.det.windows
+    windows._used(windows.pass_no)  # the generator's step used this pass on its own leaves
     r.zero_grad()
     r.backward()
     r.step()
     assert list(r.emit.anomalies) == []
     assert r.emit.buffer.counts == {"grad_accumulated": 6}
+
+
+def test_a_mixed_sum_of_a_pass_no_step_used_is_a_stale_sum_thrown_away() -> None:
+    """A step after every batch, zero_grad every other one (ECO-pytorch's iter_size bug): the
+    second batch's gradients mix into the stepped window and are zeroed unused."""
+    r = Rig()
+    r.backward()
+    r.step()
+    where, _ = r.backward()
+    r.zero_grad()
+    assert r.anomalies() == [("stale_grad_accumulation", "0.weight", where[1]),
+                             ("stale_grad_accumulation", "0.bias", where[1])]
 
 
 def test_zeroing_on_the_line_that_read_the_gradient_is_not_a_use() -> None:

@@ -100,6 +100,8 @@ class AccumulationTracker:
         # dropping it is no discarded window (recent passes only)
         self.used: set[int] = set()
         self.twice: list[LeafState] = []  # windows a second optimizer's step just used
+        # leaves whose window mixes versions, waiting for a step to use it (or a reset)
+        self.mixed: set[int] = set()
         self.never: list[LeafState] = []  # parameters whose gradients no step ever uses
 
     def state(self, leaf: torch.Tensor) -> LeafState:
@@ -135,7 +137,8 @@ class AccumulationTracker:
 
     def has_unconsumed(self) -> bool:
         """Whether some window holds gradients that no optimizer step has used yet."""
-        return bool(self.unconsumed) or (self.pending is not None and self.pending.steps == 0)
+        return (bool(self.unconsumed) or bool(self.mixed)
+                or (self.pending is not None and self.pending.steps == 0))
 
     def begin_pass(self) -> None:
         """A backward pass starts: what it accumulates is stamped with its number."""
@@ -225,6 +228,7 @@ class AccumulationTracker:
             if st.consumed:
                 if st.stale_where is None:
                     st.stale_where = where
+                    self.mixed.add(id(leaf))
             else:
                 finding = st
         if not same_sum:
@@ -289,6 +293,7 @@ class AccumulationTracker:
             if st.accum > 0:
                 if st.stale_where is not None and not st.reset:
                     due.append(st)
+                    self.mixed.discard(id(leaf))
                 if (st.consumed and not st.reset and owner is not None
                         and st.consumed_by not in (None, owner)):
                     twice.append(st)
@@ -331,6 +336,8 @@ class AccumulationTracker:
         leaf = st.leaf()
         if candidate and leaf is not None and st.token is not None and version(leaf) != st.token[0]:
             candidate = False
+        if leaf is not None:
+            self.mixed.discard(id(leaf))
         st.reset = True
         if leaf is not None:
             self.unconsumed.discard(id(leaf))
@@ -344,6 +351,7 @@ class AccumulationTracker:
             if st.leaf() is None:
                 del self.leaves[key]
                 self.unconsumed.discard(key)
+                self.mixed.discard(key)
                 self.reached.discard(key)
                 if self.grad_owner.get(st.grad_id) is st:
                     del self.grad_owner[st.grad_id]

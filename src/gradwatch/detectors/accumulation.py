@@ -168,8 +168,18 @@ class AccumulationDetector:
 
     # -- zeroing ------------------------------------------------------------------------------
     def zeroing(self, st: LeafState, grad: torch.Tensor, where: Any, op: Any) -> None:
-        """The window ``st`` (holding ``grad``) is zeroed or dropped at ``where``."""
-        if not self.windows.resetting(st, where) or self.off:
+        """The window ``st`` (holding ``grad``) is zeroed or dropped at ``where``. A window that
+        mixes versions, summed by a pass no step used at all, is a stale sum thrown away: what
+        that pass computed is lost (a step after every batch, a zero_grad every other one)."""
+        w = self.windows
+        mixed = (st.stale_where if st.stale_where is not None and not st.reset
+                 and st.pass_no not in w.used else None)
+        candidate = w.resetting(st, where)
+        if self.off:
+            return
+        if mixed is not None:
+            self.stale(st, mixed, st.leaf())
+        if not candidate:
             return
         if not finite_nonzero(grad):
             return
@@ -194,7 +204,7 @@ class AccumulationDetector:
         w = self.windows
         w.sync()
         leaves = w.leaves
-        if not w.unconsumed:  # the usual case right after a step: only mark the resets
+        if not w.unconsumed and not w.mixed:  # the usual case after a step: mark the resets
             for p in params:
                 st = leaves.get(id(p))
                 if st is not None:
