@@ -22,6 +22,10 @@ from gradwatch.sinks.tensorboard import ANOMALY_KINDS, KINDS, TensorBoardSink
 
 HERE = os.path.abspath(__file__)
 COUNT_TAGS = {f"gradwatch/count/{k}" for k in KINDS}
+DEFAULT_SCALARS = COUNT_TAGS | {
+    "gradwatch/anomalies", "gradwatch/overhead_ms", "gradwatch/update_ratio/max",
+    "gradwatch/update_ratio/median", "gradwatch/update_ratio/min",
+}
 PARAMS = ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
@@ -78,15 +82,12 @@ def test_tag_layout_of_a_watched_loop(tmp_path):
     ]
     ea = read(d)
     tags = ea.Tags()
-    expected = COUNT_TAGS | {
-        "gradwatch/anomalies", "gradwatch/overhead_ms", "gradwatch/update_ratio/max",
-        "gradwatch/update_ratio/median", "gradwatch/update_ratio/min",
-    } | {f"gradwatch/param_update_ratio/{p}" for p in PARAMS}
-    assert set(tags["scalars"]) == expected
+    assert set(tags["scalars"]) == DEFAULT_SCALARS
     assert tags["histograms"] == ["gradwatch/update_ratios"]
     assert set(tags["tensors"]) == {
         "custom_scalars__config__", "gradwatch/anomaly/text_summary",
         "gradwatch/anomaly_json/text_summary", "gradwatch/summary_json/text_summary",
+        "gradwatch/update_ratios_json",
     }
     # per step counts, at the step the events belong to (0-based, as the events' own step)
     assert scalars(ea, "gradwatch/count/optimizer_update") == [(s, 1.0) for s in range(5)]
@@ -98,8 +99,13 @@ def test_tag_layout_of_a_watched_loop(tmp_path):
     assert all(v >= 0 for _, v in scalars(ea, "gradwatch/overhead_ms"))
     # statistics steps 0, 2, 4 (stats_every=2)
     assert [s for s, _ in scalars(ea, "gradwatch/update_ratio/max")] == [0, 2, 4]
+    per_step = {e.step: json.loads(e.tensor_proto.string_val[0])
+                for e in ea.Tensors("gradwatch/update_ratios_json")}
+    assert sorted(per_step) == [0, 2, 4]
+    assert ea.SummaryMetadata("gradwatch/update_ratios_json").plugin_data.plugin_name == "gradwatch"
     for s, mx in scalars(ea, "gradwatch/update_ratio/max"):
-        per_param = [dict(scalars(ea, f"gradwatch/param_update_ratio/{p}"))[s] for p in PARAMS]
+        assert list(per_step[s]["ratios"]) == PARAMS
+        per_param = [per_step[s]["ratios"][p] for p in PARAMS]
         assert mx == pytest.approx(max(per_param))
         assert dict(scalars(ea, "gradwatch/update_ratio/min"))[s] == pytest.approx(min(per_param))
     assert [h.step for h in ea.Histograms("gradwatch/update_ratios")] == [0, 2, 4]
@@ -276,3 +282,135 @@ def test_imports_stay_lazy_and_follow_the_imported_lightning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["[]", "True False"]
+
+
+def test_per_parameter_scalars_are_opt_in_and_the_default_set_stays_small(tmp_path):
+    """A 76-parameter model writes the same small set of scalars as a 4-parameter one; its
+    per-parameter ratios are one JSON tensor per statistics step (not in Time Series)."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(38):
+        layers += [torch.nn.Linear(3, 3), torch.nn.Tanh()]
+    m = torch.nn.Sequential(*layers)
+    assert len(list(m.parameters())) == 76
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    d = str(tmp_path / "default")
+    with watch(m, opt, log_dir=d, on_anomaly="log", stats_every=1):
+        for _ in range(2):
+            opt.zero_grad()
+            m(torch.randn(2, 3)).sum().backward()
+            opt.step()
+    ea = read(d)
+    tags = ea.Tags()
+    assert set(tags["scalars"]) == DEFAULT_SCALARS and len(DEFAULT_SCALARS) == 15
+    assert tags["histograms"] == ["gradwatch/update_ratios"]
+    assert set(tags["tensors"]) == {
+        "custom_scalars__config__", "gradwatch/summary_json/text_summary",
+        "gradwatch/update_ratios_json",
+    }
+    docs = [json.loads(e.tensor_proto.string_val[0]) for e in ea.Tensors("gradwatch/update_ratios_json")]
+    assert len(docs) == 2 and all(len(doc["ratios"]) == 76 for doc in docs)
+    # opt in: one scalar per parameter as well
+    d2 = str(tmp_path / "opt_in")
+    m2 = net()
+    opt2 = torch.optim.SGD(m2.parameters(), lr=0.1)
+    sink = TensorBoardSink(log_dir=d2, per_parameter_scalars=True)
+    with Watch(Config.build(m2, opt2, on_anomaly="log", stats_every=1), sinks=[sink]):
+        train(m2, opt2, steps=2)
+    assert set(read(d2).Tags()["scalars"]) == DEFAULT_SCALARS | {
+        f"gradwatch/param_update_ratio/{p}" for p in PARAMS}
+
+
+def test_zero_initialised_parameters_are_named_in_the_ratio_json(tmp_path):
+    d = str(tmp_path)
+    m = net()
+    with torch.no_grad():
+        m[0].bias.zero_()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    with watch(m, opt, log_dir=d, on_anomaly="log", stats_every=1):
+        train(m, opt, steps=3)
+    docs = [json.loads(e.tensor_proto.string_val[0]) for e in read(d).Tensors("gradwatch/update_ratios_json")]
+    assert docs[0]["ratios"]["0.bias"] == 1.0  # measured against its value after the update
+    assert docs[1]["ratios"]["0.bias"] > 0.1  # still "large" while it grows from zero
+    assert all(doc["zero_init"] == ["0.bias"] for doc in docs)
+
+
+def _events(n: int, step: int) -> list[gradwatch.Event]:
+    """``n`` distinct findings (distinct kinds and lines) at one step."""
+    from gradwatch.events import SEVERITY, EventKind, Location
+
+    kinds = [EventKind.SAVED_TENSOR_MUTATED, EventKind.STALE_GRAD_ACCUMULATION,
+             EventKind.NONFINITE_INTRODUCED, EventKind.GRAD_FLOW_CUT]
+    return [gradwatch.Event(kind=kinds[i], severity=SEVERITY[kinds[i]], step=step, tensor=f"layer{i}.weight", op="mul_",
+                            message=f"finding number {i}", hint=f"fix number {i}",
+                            location=Location(filename="train.py", lineno=10 + i,
+                                              function="main", code=f"line_{i}()"))
+            for i in range(n)]
+
+
+def test_every_finding_of_a_step_is_readable_in_text(tmp_path):
+    """Three findings first seen at one step: one markdown text at that step holds all three
+    (TensorBoard's Text dashboard shows one text per tag and step); the JSON stays one object
+    per finding; a finding of a later step gets its own text."""
+    d = str(tmp_path)
+    sink = TensorBoardSink(log_dir=d)
+    from gradwatch.sinks import StepSummary
+
+    for ev in _events(3, step=4):
+        sink.anomaly(ev)
+    sink.step(StepSummary(step=4, counts={"saved_tensor_mutated": 1,
+                                          "stale_grad_accumulation": 1,
+                                          "nonfinite_introduced": 1}, totals={}))
+    (late,) = _events(4, step=5)[3:]
+    sink.anomaly(late)
+    sink.close()
+    ea = read(d)
+    md = texts(ea, "gradwatch/anomaly")
+    assert [s for s, _ in md] == [4, 5]
+    doc = md[0][1]
+    assert doc.startswith("### 3 findings first seen at step 4")
+    for i in range(3):
+        assert f"finding number {i}" in doc and f"fix number {i}" in doc
+        assert f"`layer{i}.weight` at `train.py:{10 + i}`" in doc
+    assert "finding number 3" in md[1][1] and "finding number 0" not in md[1][1]
+    js = [(s, json.loads(t)) for s, t in texts(ea, "gradwatch/anomaly_json")]
+    assert [(s, o["tensor"]) for s, o in js] == [(4, f"layer{i}.weight") for i in range(3)] + [
+        (5, "layer3.weight")]
+    # and the summary (the tab's source) was written right after the step that brought them
+    summaries = texts(ea, "gradwatch/summary_json")
+    assert len(json.loads(summaries[0][1])) == 3 and len(json.loads(summaries[-1][1])) == 4
+
+
+def test_a_late_finding_of_a_written_step_rewrites_that_steps_text(tmp_path):
+    """A finding arriving for a step whose text was written already: the step's text is written
+    again with every finding (the newest text of a step supersedes the older)."""
+    d = str(tmp_path)
+    sink = TensorBoardSink(log_dir=d)
+    from gradwatch.sinks import StepSummary
+
+    a, b = _events(2, step=2)
+    sink.anomaly(a)
+    sink.step(StepSummary(step=2, counts={"saved_tensor_mutated": 1}, totals={}))
+    sink.anomaly(b)
+    sink.close()
+    md = texts(read(d), "gradwatch/anomaly")
+    assert [s for s, _ in md] == [2, 2]
+    assert "finding number 0" in md[-1][1] and "finding number 1" in md[-1][1]
+
+
+def test_a_step_with_an_anomaly_ends_the_window(tmp_path):
+    """With every_n_steps > 1 the counts of a step with an anomaly are written at that step (the
+    step its finding names), never summed into a later logged step."""
+    d = str(tmp_path)
+    m = net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    sink = TensorBoardSink(log_dir=d, every_n_steps=3)
+    with Watch(Config.build(m, opt, on_anomaly="log"), sinks=[sink]) as w:
+        train(m, opt, steps=7, bug_at=1)
+    ((first, last),) = [(r["first_step"], r["last_step"]) for r in w.distinct_anomalies()]
+    ea = read(d)
+    assert scalars(ea, "gradwatch/count/saved_tensor_mutated") == [(0, 0.0), (1, 1.0), (3, 0.0),
+                                                                   (6, 0.0)]
+    assert first == last == 1
+    assert scalars(ea, "gradwatch/count/optimizer_update") == [(0, 1.0), (1, 1.0), (3, 2.0),
+                                                               (6, 3.0)]

@@ -12,20 +12,30 @@ Example usage::
 Known limitations:
     - With ``every_n_steps > 1`` the counts written at a logged step cover every step since the
       previous logged step (nothing is lost between logged steps), and ``overhead_ms`` is their
-      mean per step; what is left at close is written at the last step. Anomaly texts are
+      mean per step; what is left at close is written at the last step. A step with an
+      anomaly always ends the window (its counts are written at that step). Anomaly texts are
       written at once, whatever the cadence. A window without any event (no optimizer step, e.g.
       the summary at close) is not written.
     - The custom-scalars layout is a single summary per run: a layout written by someone else
       into the same writer replaces ours (or ours replaces theirs).
-    - The ``gradwatch/anomaly`` text of a finding is written (and flushed) at its first event,
-      so it names that event's tensor only; every tensor of the finding is listed in
-      ``gradwatch/summary_json`` (written at flush and close), which the GradWatch tab and
-      ``gradwatch report`` read.
+    - ``gradwatch/anomaly`` holds one markdown document per step: every finding first seen at
+      that step (TensorBoard's Text dashboard shows one text per tag and step). It is written
+      when the step's summary arrives (and at flush/close); a finding that arrives later for a
+      step already written is added to the latest document, which is written again at its step
+      (the newest text of a step supersedes the older ones). Each entry names the finding's first
+      event's tensor only; every tensor of the finding is listed in ``gradwatch/summary_json``
+      (written at flush, close, and after each step that brought a new finding), which the
+      GradWatch tab and ``gradwatch report`` read. ``gradwatch/anomaly_json`` (one JSON object
+      per finding) is written and flushed at the finding's first event.
+    - Per-parameter update/weight ratios are written as one JSON tensor per statistics step
+      (``gradwatch/update_ratios_json``, plugin ``gradwatch``: not shown by Time Series or Text)
+      unless ``per_parameter_scalars=True``, which adds one scalar per parameter.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from typing import Any
@@ -34,9 +44,12 @@ from ..events import SEVERITY, Event, EventKind
 from ..records.findings import Findings
 from . import Sink, StepSummary
 
-__all__ = ["ANOMALY_KINDS", "KINDS", "TensorBoardSink", "layout", "rank_log_dir"]
+__all__ = ["ANOMALY_KINDS", "KINDS", "RATIOS_JSON_TAG", "TensorBoardSink", "layout",
+           "rank_log_dir"]
 
 PREFIX = "gradwatch/"
+PLUGIN_NAME = "gradwatch"  # the plugin_name of gradwatch's own tensors (read by tb_plugin/)
+RATIOS_JSON_TAG = f"{PREFIX}update_ratios_json"
 KINDS: tuple[str, ...] = tuple(k.value for k in EventKind)
 ANOMALY_KINDS: tuple[str, ...] = tuple(k.value for k in EventKind if SEVERITY[k] != "info")
 _COUNT_TAGS = {k: f"{PREFIX}count/{k}" for k in KINDS}
@@ -63,6 +76,17 @@ def layout() -> dict[str, dict[str, list[Any]]]:
             "gradwatch overhead (ms per step)": ["Multiline", [f"{PREFIX}overhead_ms"]],
         }
     }
+
+
+def step_markdown(step: int, entries: list[str]) -> str:
+    """The ``gradwatch/anomaly`` document of one step: every finding first seen at the step."""
+    if len(entries) == 1:
+        return entries[0]
+    head = f"### {len(entries)} findings first seen at step {step}"
+    parts = [head]
+    for i, md in enumerate(entries, 1):
+        parts += ["", "---", "", f"**{i}/{len(entries)}** · {md}"]
+    return "\n".join(parts)
 
 
 def anomaly_markdown(event: Event) -> str:
@@ -100,6 +124,11 @@ class TensorBoardSink(Sink):
         rank, world: distributed rank and world size.
         every_n_steps: write step scalars on steps divisible by this (Lightning:
             ``trainer.log_every_n_steps``); counts in between are summed, never dropped.
+        per_parameter_scalars: also write one scalar per parameter
+            (``gradwatch/param_update_ratio/<name>``) on statistics steps. Off by default: a
+            large model would flood Time Series; the per-parameter ratios are always written
+            as one JSON tensor per statistics step (``gradwatch/update_ratios_json``), which the
+            GradWatch tab reads.
     """
 
     def __init__(
@@ -109,12 +138,14 @@ class TensorBoardSink(Sink):
         rank: int = 0,
         world: int = 1,
         every_n_steps: int = 1,
+        per_parameter_scalars: bool = False,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
         self.rank = rank
         self.world = world
         self.every_n_steps = every_n_steps
+        self.per_parameter_scalars = bool(per_parameter_scalars)
         self._given = writer
         self._log_dir = os.fspath(log_dir) if log_dir is not None else None
         self._writer: Any = None  # created on first use (never raises in __init__)
@@ -130,6 +161,15 @@ class TensorBoardSink(Sink):
         # the findings seen by this sink (one per kind and culprit line; records.findings)
         self._findings = Findings()
         self._summary_dirty = True
+        self._new_findings = False  # a finding appeared since the summary was last written
+        # the markdown document of the latest step with new findings (``gradwatch/anomaly``)
+        self._md_step: int | None = None
+        self._md_entries: list[str] = []
+        self._md_dirty = False
+        # parameters whose first measured ratio was exactly 1: zero before the update (a
+        # zero-initialised bias), measured against their value after it (records.raw)
+        self._seen_params: set[str] = set()
+        self._zero_init: set[str] = set()
 
     # ------------------------------------------------------------------ the writer
     @property
@@ -177,10 +217,16 @@ class TensorBoardSink(Sink):
         self._summary_dirty = True
         if not new:
             return
+        self._new_findings = True
         w = self._get_writer()
         if w is None:
             return
-        w.add_text(f"{PREFIX}anomaly", anomaly_markdown(event), event.step)
+        step = event.step if isinstance(event.step, int) else self._last_step
+        if self._md_step is None or step > self._md_step:
+            self._write_markdown(w)
+            self._md_step, self._md_entries = step, []
+        self._md_entries.append(anomaly_markdown(event))
+        self._md_dirty = True
         w.add_text(f"{PREFIX}anomaly_json",
                    json.dumps(event.to_dict(), ensure_ascii=False, default=str), event.step)
         w.flush()  # an anomaly often precedes a crash: make it durable now
@@ -197,8 +243,17 @@ class TensorBoardSink(Sink):
         if summary.update_ratios:
             self._ratios = (summary.step, dict(summary.update_ratios))
         self._last_step = summary.step
-        if summary.step % self.every_n_steps == 0:
+        if summary.step % self.every_n_steps == 0 or any(
+                summary.counts.get(k) for k in ANOMALY_KINDS):
+            # a step with an anomaly ends the window: its counts sit at the anomaly's own step,
+            # the step its finding names (the tab's timeline and table agree)
             self._write_window(summary.step)
+        if self._md_dirty or self._new_findings:
+            w = self._get_writer()
+            if w is not None:
+                self._write_markdown(w)
+                if self._new_findings:  # the tab reads every finding of a live run from it
+                    self._write_summary(w)
 
     def flush(self) -> None:
         if self._pending_data():
@@ -206,6 +261,7 @@ class TensorBoardSink(Sink):
         w = self._get_writer() if (self._writer is not None or self._summary_dirty) else None
         if w is None:
             return
+        self._write_markdown(w)
         if self._summary_dirty:
             self._write_summary(w)
         w.flush()
@@ -244,16 +300,34 @@ class TensorBoardSink(Sink):
         if ratios is not None:
             self._write_ratios(w, *ratios)
 
+    def _write_markdown(self, w: Any) -> None:
+        if not self._md_dirty or self._md_step is None:
+            return
+        self._md_dirty = False
+        w.add_text(f"{PREFIX}anomaly", step_markdown(self._md_step, self._md_entries),
+                   self._md_step)
+
     def _write_ratios(self, w: Any, step: int, ratios: dict[str, float]) -> None:
         finite = [v for v in ratios.values() if v == v and abs(v) != float("inf")]
+        for name, v in ratios.items():
+            if name not in self._seen_params:
+                self._seen_params.add(name)
+                if v == 1.0:  # ‖Δ‖ = ‖w after‖: w was exactly zero before (records.raw)
+                    self._zero_init.add(name)
         values: dict[str, float] = {}
         if finite:
             values[f"{PREFIX}update_ratio/max"] = max(finite)
             values[f"{PREFIX}update_ratio/median"] = statistics.median(finite)
             values[f"{PREFIX}update_ratio/min"] = min(finite)
-        for name, v in ratios.items():
-            values[f"{PREFIX}param_update_ratio/{name}"] = float(v)
+        if self.per_parameter_scalars:
+            for name, v in ratios.items():
+                values[f"{PREFIX}param_update_ratio/{name}"] = float(v)
         _add_scalars(w, values, step)
+        doc = {
+            "ratios": {n: (float(v) if math.isfinite(v) else None) for n, v in ratios.items()},
+            "zero_init": sorted(n for n in self._zero_init if n in ratios),
+        }
+        _add_json_tensor(w, RATIOS_JSON_TAG, json.dumps(doc, ensure_ascii=False), step)
         if finite:
             import numpy as np
 
@@ -261,6 +335,7 @@ class TensorBoardSink(Sink):
 
     def _write_summary(self, w: Any) -> None:
         self._summary_dirty = False
+        self._new_findings = False
         rows = [{**row, "event": row["event"].to_dict()} for row in self._findings.rows()]
         w.add_text(f"{PREFIX}summary_json", json.dumps(rows, ensure_ascii=False, default=str),
                    self._last_step)
@@ -290,3 +365,29 @@ def _add_scalars(w: Any, values: dict[str, float], step: int) -> None:
         return
     for tag, v in values.items():
         w.add_scalar(tag, v, step)
+
+
+def _add_json_tensor(w: Any, tag: str, text: str, step: int) -> None:
+    """A string tensor of gradwatch's own plugin (Time Series and Text do not show it) into a
+    torch ``SummaryWriter``; other writers get it as text (``<tag>/text_summary``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if isinstance(w, SummaryWriter):
+        from tensorboard.compat.proto.summary_pb2 import (
+            DATA_CLASS_TENSOR,
+            Summary,
+            SummaryMetadata,
+        )
+        from tensorboard.compat.proto.tensor_pb2 import TensorProto
+        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+        from tensorboard.compat.proto.types_pb2 import DT_STRING
+
+        meta = SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME),
+            data_class=DATA_CLASS_TENSOR)
+        tensor = TensorProto(dtype=DT_STRING, string_val=[text.encode("utf-8")],
+                             tensor_shape=TensorShapeProto())
+        summary = Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
+        w._get_file_writer().add_summary(summary, step)
+        return
+    w.add_text(tag, text, step)

@@ -10,7 +10,9 @@ the Python loader and with the Rust data server alike. The tag layout is the one
 Findings are grouped by ``gradwatch.records.findings`` (one per rank, kind and culprit line),
 the rule the watch, its warnings and ``gradwatch report`` use.
 - scalars ``gradwatch/count/<kind>`` (events of that kind per step)
-- scalars ``gradwatch/param_update_ratio/<param>`` (‖Δ‖/‖w‖ per parameter on statistics steps)
+- tensor ``gradwatch/update_ratios_json`` (plugin ``gradwatch``; text from writers other than
+  torch's): ‖Δ‖/‖w‖ per parameter on statistics steps, and the zero-initialised parameters
+- scalars ``gradwatch/param_update_ratio/<param>`` (``per_parameter_scalars=True`` or older runs)
 
 torch's ``SummaryWriter.add_text`` appends ``/text_summary`` to text tags; both spellings are read.
 """
@@ -42,6 +44,9 @@ ANOMALY_JSON_TAGS = ("gradwatch/anomaly_json", "gradwatch/anomaly_json/text_summ
 SUMMARY_JSON_TAGS = ("gradwatch/summary_json", "gradwatch/summary_json/text_summary")
 COUNT_PREFIX = "gradwatch/count/"
 PARAM_RATIO_PREFIX = "gradwatch/param_update_ratio/"
+GRADWATCH_PLUGIN = "gradwatch"
+RATIOS_JSON_TAGS = ("gradwatch/update_ratios_json", "gradwatch/update_ratios_json/text_summary")
+OPTIMIZER_COUNT_TAG = "gradwatch/count/optimizer_update"
 ANOMALY_KINDS = [k.value for k in EventKind if SEVERITY[k] != "info"]
 DOWNSAMPLE = 100_000  # read every stored point (TensorBoard's own reservoir bounds storage)
 
@@ -54,14 +59,17 @@ EXPLODING_ABOVE = 1e-1
 _RANK_RUN_RE = re.compile(r"(?:^|/)rank(\d+)$")
 
 
-def ratio_status(value: float | None) -> str:
-    """``"nonfinite"``, ``"stalled"``, ``"exploding"`` or ``"ok"`` for one update/weight ratio."""
+def ratio_status(value: float | None, zero_init: bool = False) -> str:
+    """``"nonfinite"``, ``"stalled"``, ``"exploding"`` or ``"ok"`` for one update/weight ratio.
+
+    A zero-initialised parameter (a bias) is never ``"exploding"``: ‖w‖ grows from 0, so its
+    ratio says nothing about the update's size (``"zero_init"``, shown as n/a)."""
     if value is None or not math.isfinite(value):
         return "nonfinite"
     if value < STALLED_BELOW:
         return "stalled"
     if value > EXPLODING_ABOVE:
-        return "exploding"
+        return "zero_init" if zero_init else "exploding"
     return "ok"
 
 
@@ -175,7 +183,8 @@ class GradWatchData:
 
     # ------------------------------------------------------------------ timeline
     def timeline(self, run: str | None = None) -> dict[str, Any]:
-        """Per run and anomaly kind: ``[[step, count], ...]`` for steps with that anomaly."""
+        """Per run and anomaly kind: ``[[step, count], ...]`` for steps with that anomaly;
+        ``max_step`` (all runs) and ``run_max_step`` (per run: the tab's axis after filtering)."""
         runs = self._runs_filter(run)
         tags = [COUNT_PREFIX + k for k in ANOMALY_KINDS]
         scalars = self._dp.read_scalars(
@@ -188,19 +197,23 @@ class GradWatchData:
             ranks.setdefault(a["run"], a["rank"])
         series: list[dict[str, Any]] = []
         max_step = 0
+        run_max: dict[str, int] = {}
         covered: set[tuple[str, str]] = set()
         for run_name in sorted(scalars):
             for tag, data in sorted(scalars[run_name].items()):
                 kind = tag[len(COUNT_PREFIX):]
                 points = [[d.step, d.value] for d in data if math.isfinite(d.value) and d.value > 0]
                 if data:
-                    max_step = max(max_step, max(d.step for d in data))
+                    top = max(d.step for d in data)
+                    max_step = max(max_step, top)
+                    run_max[run_name] = max(run_max.get(run_name, 0), top)
                     covered.add((run_name, kind))
                 if points:
                     series.append(self._series(run_name, kind, points, ranks))
         # Runs without count scalars (an older or foreign writer): first and last occurrence.
         for a in anomalies:
             max_step = max(max_step, a["last_step"])
+            run_max[a["run"]] = max(run_max.get(a["run"], 0), a["last_step"])
             if (a["run"], a["kind"]) in covered:
                 continue
             pts = {a["first_step"]: 1, a["last_step"]: 1}
@@ -216,7 +229,8 @@ class GradWatchData:
                 existing["points"] = [[s, n] for s, n in sorted(merged.items())]
         order = {k: i for i, k in enumerate(ANOMALY_KINDS)}
         series.sort(key=lambda s: (order.get(s["kind"], 99), s["run"]))
-        return {"kinds": ANOMALY_KINDS, "series": series, "max_step": max_step}
+        return {"kinds": ANOMALY_KINDS, "series": series, "max_step": max_step,
+                "run_max_step": run_max}
 
     @staticmethod
     def _series(run: str, kind: str, points: list[list[float]], ranks: dict[str, int]
@@ -232,41 +246,92 @@ class GradWatchData:
 
     # ------------------------------------------------------------------ update/weight ratios
     def update_ratios(self, run: str | None = None) -> dict[str, Any]:
-        """Per run and parameter: the update/weight ratio over steps and a status."""
-        listing = self._list(SCALARS_PLUGIN, self._runs_filter(run))
+        """Per run and parameter: the update/weight ratio over steps and a status. Read from
+        ``gradwatch/update_ratios_json`` (one document per statistics step), else from the
+        per-parameter scalars. ``updated``: parameters with a ratio; ``optimizer_updates``:
+        optimizer updates counted in the run (0: no optimizer step changed a parameter)."""
+        runs = self._runs_filter(run)
+        series: dict[str, dict[str, list[tuple[int, float | None]]]] = {}
+        zero_init: dict[str, set[str]] = {}
+        for plugin in (GRADWATCH_PLUGIN, TEXT_PLUGIN):
+            listing = self._list(plugin, runs)
+            if not any(t in RATIOS_JSON_TAGS for tags in listing.values() for t in tags):
+                continue
+            texts = self._dp.read_tensors(
+                self._ctx, experiment_id=self._eid, plugin_name=plugin, downsample=DOWNSAMPLE,
+                run_tag_filter=provider.RunTagFilter(runs=runs, tags=list(RATIOS_JSON_TAGS)),
+            ) or {}
+            for run_name, tags in texts.items():
+                per = series.setdefault(run_name, {})
+                zi = zero_init.setdefault(run_name, set())
+                for tag in RATIOS_JSON_TAGS:
+                    for datum in tags.get(tag, []):
+                        doc = _loads(_text(datum))
+                        if not isinstance(doc, dict) or not isinstance(doc.get("ratios"), dict):
+                            continue
+                        for name, v in doc["ratios"].items():
+                            value = _finite(v) if isinstance(v, (int, float)) else None
+                            per.setdefault(str(name), []).append((datum.step, value))
+                        if isinstance(doc.get("zero_init"), list):
+                            zi.update(str(n) for n in doc["zero_init"])
+        listing = self._list(SCALARS_PLUGIN, runs)
         tags = sorted({t for tags in listing.values() for t in tags
                        if t.startswith(PARAM_RATIO_PREFIX)})
-        runs_out: list[dict[str, Any]] = []
-        if tags:
+        scalar_runs = [r for r, t in listing.items() if r not in series
+                       and any(x.startswith(PARAM_RATIO_PREFIX) for x in t)]
+        if tags and scalar_runs:  # runs without the JSON: per-parameter scalars
             scalars = self._dp.read_scalars(
                 self._ctx, experiment_id=self._eid, plugin_name=SCALARS_PLUGIN,
                 downsample=DOWNSAMPLE,
-                run_tag_filter=provider.RunTagFilter(runs=self._runs_filter(run), tags=tags),
+                run_tag_filter=provider.RunTagFilter(runs=scalar_runs, tags=tags),
             ) or {}
-            for run_name in sorted(scalars):
-                params = []
-                for tag, data in scalars[run_name].items():
-                    if not data:
-                        continue
-                    values = [_finite(d.value) for d in data]
-                    finite = [v for v in values if v is not None]
-                    last = values[-1]
-                    params.append({
-                        "name": tag[len(PARAM_RATIO_PREFIX):],
-                        "points": [[d.step, v] for d, v in zip(data, values)],
-                        "last": last,
-                        "last_step": data[-1].step,
-                        "min": min(finite) if finite else None,
-                        "max": max(finite) if finite else None,
-                        "status": ratio_status(last),
-                    })
-                flagged = {"nonfinite": 0, "exploding": 1, "stalled": 2, "ok": 3}
-                params.sort(key=lambda p: (flagged[p["status"]], p["name"]))
-                runs_out.append({"run": run_name, "rank": run_rank(run_name), "params": params})
+            for run_name, by_tag in scalars.items():
+                per = series.setdefault(run_name, {})
+                for tag, data in by_tag.items():
+                    per[tag[len(PARAM_RATIO_PREFIX):]] = [(d.step, _finite(d.value)) for d in data]
+        updates = self._optimizer_updates(runs)
+        runs_out: list[dict[str, Any]] = []
+        for run_name in sorted(set(series) | set(updates)):
+            params = []
+            for name, points in series.get(run_name, {}).items():
+                if not points:
+                    continue
+                points = sorted(set(points), key=lambda p: p[0])
+                finite = [v for _, v in points if v is not None]
+                last = points[-1][1]
+                # the first ratio of a parameter that was exactly zero is exactly 1 (‖Δ‖ is
+                # measured against ‖w‖ after the update): recognised in older runs too
+                zi = name in zero_init.get(run_name, ()) or (
+                    run_name not in zero_init and points[0][1] == 1.0)
+                params.append({
+                    "name": name,
+                    "points": [[s, v] for s, v in points],
+                    "last": last,
+                    "last_step": points[-1][0],
+                    "min": min(finite) if finite else None,
+                    "max": max(finite) if finite else None,
+                    "zero_init": zi,
+                    "status": ratio_status(last, zi),
+                })
+            flagged = {"nonfinite": 0, "exploding": 1, "stalled": 2, "zero_init": 3, "ok": 4}
+            params.sort(key=lambda p: (flagged[p["status"]], p["name"]))
+            runs_out.append({"run": run_name, "rank": run_rank(run_name), "params": params,
+                             "updated": len(params),
+                             "optimizer_updates": updates.get(run_name)})
         return {
             "thresholds": {"stalled_below": STALLED_BELOW, "exploding_above": EXPLODING_ABOVE},
             "runs": runs_out,
         }
+
+    def _optimizer_updates(self, runs: list[str] | None) -> dict[str, int]:
+        """Optimizer updates per run (``gradwatch/count/optimizer_update``), for runs with it."""
+        scalars = self._dp.read_scalars(
+            self._ctx, experiment_id=self._eid, plugin_name=SCALARS_PLUGIN, downsample=DOWNSAMPLE,
+            run_tag_filter=provider.RunTagFilter(runs=runs, tags=[OPTIMIZER_COUNT_TAG]),
+        ) or {}
+        return {r: int(sum(d.value for d in t.get(OPTIMIZER_COUNT_TAG, [])
+                           if math.isfinite(d.value)))
+                for r, t in scalars.items() if t.get(OPTIMIZER_COUNT_TAG)}
 
 
 _SEV_RANK = {"info": 0, "warning": 1, "error": 2}

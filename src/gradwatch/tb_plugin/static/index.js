@@ -1,6 +1,11 @@
 // The GradWatch tab: a hand-written ES module (no build step, no network beyond this
 // TensorBoard). TensorBoard loads it in an iframe whose base URL is
-// /data/plugin/gradwatch/, imports it and calls render().
+// /data/plugin/gradwatch/, imports it and calls render() once. The tab follows TensorBoard's
+// reloads (the reload button and auto-reload): TensorBoard's host answers an
+// 'experimental.bootstrap' MessagePort and broadcasts 'experimental.DataReloaded' on it after
+// each reload; the tab also polls its own routes every POLL_MS while the page is visible (a
+// reload it may have missed, or a host without that message). It redraws only when the data
+// changed, keeping filters and the selected row.
 
 const SEVERITY_ORDER = {error: 0, warning: 1, info: 2};
 const COLORS = {error: '#d93025', warning: '#e37400', info: '#5f6368'};
@@ -8,8 +13,10 @@ const STATUS_TEXT = {
   stalled: 'stopped training',
   exploding: 'blowing up',
   nonfinite: 'NaN / Inf',
+  zero_init: 'n/a (zero-init)',
   ok: 'ok',
 };
+const POLL_MS = 5000;
 
 const CSS = `
 :root { color-scheme: light; }
@@ -57,7 +64,8 @@ tr.gw-row.selected { background: #e8f0fe; }
   display: block; margin-top: 2px; color: #3c4043; background: #f1f3f4; border-radius: 4px;
   padding: 1px 6px; white-space: pre; overflow: hidden; text-overflow: ellipsis; max-width: 460px;
 }
-.gw-hint { color: #3c4043; max-width: 420px; }
+.gw-hint { color: #3c4043; min-width: 260px; max-width: 460px; white-space: normal; overflow-wrap: anywhere; }
+#gw-anomaly-table td.mono { overflow-wrap: anywhere; }
 .gw-details td { background: #fafbfc; padding: 10px 16px 14px; }
 .gw-details dl { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; margin: 0; }
 .gw-details dt { color: #5f6368; }
@@ -69,6 +77,7 @@ tr.gw-row.selected { background: #e8f0fe; }
 .gw-status.stalled { color: #1967d2; }
 .gw-status.exploding, .gw-status.nonfinite { color: #c5221f; }
 .gw-status.ok { color: #137333; }
+.gw-status.zero_init { color: #5f6368; }
 .gw-run-title { font-weight: 500; margin: 14px 0 4px; }
 table.gw-ratios { table-layout: fixed; }
 table.gw-ratios td { vertical-align: middle; padding: 3px 8px; }
@@ -84,6 +93,7 @@ const state = {
   ratios: {thresholds: {}, runs: []},
   filters: {run: '', rank: '', kind: ''},
   selected: null,
+  loaded: '',
 };
 
 export async function render() {
@@ -94,21 +104,40 @@ export async function render() {
   const root = el('div', {id: 'gw-root'});
   document.body.appendChild(root);
   root.appendChild(el('div', {class: 'gw-empty', id: 'gw-loading'}, 'Loading gradwatch data…'));
+  await refresh();
+  listenForReloads();
+  schedulePoll();
+}
+
+let refreshing = null;
+
+// Fetch everything; redraw when it changed (or on the first load). Returns whether it redrew.
+function refresh() {
+  if (!refreshing) refreshing = load().finally(() => { refreshing = null; });
+  return refreshing;
+}
+
+async function load() {
+  const root = document.getElementById('gw-root');
+  let data;
   try {
-    const [anomalies, timeline, ratios] = await Promise.all([
+    data = await Promise.all([
       getJson('./anomalies'),
       getJson('./timeline'),
       getJson('./update_ratios'),
     ]);
-    state.anomalies = anomalies;
-    state.timeline = timeline;
-    state.ratios = ratios;
   } catch (err) {
+    if (state.loaded) return false;  // keep what is shown; the next reload tries again
     root.replaceChildren(
       el('div', {class: 'gw-card gw-error-box'}, `Could not load gradwatch data: ${err}`)
     );
-    return;
+    return false;
   }
+  const key = JSON.stringify(data);
+  if (key === state.loaded) return false;
+  state.loaded = key;
+  [state.anomalies, state.timeline, state.ratios] = data;
+  const scroll = [window.scrollX, window.scrollY];
   root.replaceChildren(
     header(),
     filtersBar(),
@@ -117,8 +146,46 @@ export async function render() {
     el('div', {class: 'gw-card', id: 'gw-ratios-card'})
   );
   redraw();
+  window.scrollTo(scroll[0], scroll[1]);
   root.setAttribute('data-ready', 'true');
+  root.setAttribute('data-loads', String(Number(root.getAttribute('data-loads') || 0) + 1));
+  return true;
 }
+
+// TensorBoard's plugin IPC: a MessagePort handed to the host; it broadcasts
+// 'experimental.DataReloaded' after every reload (button or auto-reload).
+function listenForReloads() {
+  if (window.parent === window || typeof MessageChannel === 'undefined') return;
+  const channel = new MessageChannel();
+  const port = channel.port1;
+  port.addEventListener('message', (event) => {
+    let msg;
+    try {
+      msg = JSON.parse(event.data);
+    } catch (err) {
+      return;
+    }
+    if (!msg || msg.isReply) return;
+    port.postMessage(JSON.stringify({type: msg.type, id: msg.id, payload: null, error: null, isReply: true}));
+    if (msg.type === 'experimental.DataReloaded' || msg.type === 'experimental.RunsChanged') {
+      refresh();
+    }
+  });
+  port.start();
+  window.parent.postMessage('experimental.bootstrap', '*', [channel.port2]);
+}
+
+function schedulePoll() {
+  const ms = Number(window.gradwatchPollMs) || POLL_MS;
+  setTimeout(async () => {
+    if (document.visibilityState !== 'hidden') await refresh();
+    schedulePoll();
+  }, ms);
+}
+
+document.addEventListener('visibilitychange', () => {
+  if (document.visibilityState === 'visible' && state.loaded) refresh();
+});
 
 async function getJson(path) {
   const response = await fetch(path);
@@ -161,6 +228,10 @@ function select(key, label, options) {
   const s = el('select', {id: `gw-filter-${key}`});
   s.appendChild(el('option', {value: ''}, 'all'));
   for (const [value, text] of options) s.appendChild(el('option', {value}, text));
+  if (state.filters[key] && !options.some(([value]) => value === state.filters[key])) {
+    s.appendChild(el('option', {value: state.filters[key]}, state.filters[key]));
+  }
+  s.value = state.filters[key];
   s.addEventListener('change', () => {
     state.filters[key] = s.value;
     state.selected = null;
@@ -192,12 +263,16 @@ function drawTimeline(card) {
   }
   const multiRun = allRuns().length > 1 || series.some((s) => s.rank !== 0);
   const labels = series.map((s) => multiRun ? `${s.kind} · ${runLabel(s.run)} r${s.rank}` : s.kind);
-  const labelWidth = Math.min(360, 16 + 6.6 * Math.max(...labels.map((l) => l.length)));
+  const maxChars = 52;  // longer labels are cut with an ellipsis (the full one in a tooltip)
+  const labelWidth = 24 + 6.4 * Math.min(maxChars, Math.max(...labels.map((l) => l.length)));
   const width = Math.max(640, card.clientWidth - 32);
   const lane = 30;
   const top = 8;
   const height = top + lane * series.length + 30;
-  const maxStep = Math.max(1, state.timeline.max_step || 0,
+  // the axis of what is shown: the filtered runs' own steps, not every run's
+  const runMax = state.timeline.run_max_step || {};
+  const shownRuns = new Set(series.map((s) => s.run));
+  const maxStep = Math.max(1, ...[...shownRuns].map((r) => runMax[r] || 0),
     ...series.flatMap((s) => s.points.map((p) => p[0])));
   const x0 = labelWidth;
   const x1 = width - 24;
@@ -208,8 +283,12 @@ function drawTimeline(card) {
     if (i % 2 === 0) {
       svg.appendChild(svgEl('rect', {x: 0, y: y - lane / 2, width, height: lane, fill: '#f8f9fa'}));
     }
-    const t = svgEl('text', {x: 8, y: y + 4});
-    t.textContent = labels[i];
+    const t = svgEl('text', {x: 8, y: y + 4, class: 'gw-lane-label'});
+    const full = labels[i];
+    t.textContent = full.length > maxChars ? full.slice(0, maxChars - 1) + '…' : full;
+    const tip = svgEl('title');
+    tip.textContent = full;
+    t.appendChild(tip);
     svg.appendChild(t);
     svg.appendChild(svgEl('line', {x1: x0, x2: x1, y1: y, y2: y, stroke: '#e0e0e0'}));
     const maxCount = Math.max(...s.points.map((p) => p[1]));
@@ -320,7 +399,8 @@ function details(a, colspan) {
     ['Change', ev.change ? `‖Δ‖₂ ${fmt(ev.change.l2)} · rel ${fmt(ev.change.rel)} · max |Δ| ${fmt(ev.change.max_abs)}` +
       (ev.change.nonfinite ? ' · non-finite after' : '') : null],
     ['Run / rank', `${runLabel(a.run)} / ${a.rank}`],
-    ['Steps', `${a.first_step} – ${a.last_step} (${plural(a.count, 'occurrence')})`],
+    ['Steps', `${a.first_step === a.last_step ? `step ${a.first_step}` : `${a.first_step} – ${a.last_step}`}` +
+      ` (${plural(a.count, 'occurrence')})`],
   ];
   const dl = el('dl');
   for (const [k, v] of items) {
@@ -340,13 +420,18 @@ function drawRatios(card) {
     (!state.filters.run || r.run === state.filters.run) &&
     (state.filters.rank === '' || String(r.rank) === state.filters.rank));
   if (!runs.some((r) => r.params.length)) {
-    card.appendChild(el('div', {class: 'gw-empty'},
-      'No update/weight ratios logged (they are written on statistics steps: watch(stats_every=N)).'));
+    const counted = runs.filter((r) => r.optimizer_updates != null);
+    const updates = counted.reduce((n, r) => n + r.optimizer_updates, 0);
+    card.appendChild(el('div', {class: 'gw-empty', id: 'gw-ratios-empty'},
+      counted.length && !updates
+        ? '0 parameters updated: no optimizer step changed a parameter in the selected runs.'
+        : 'No update/weight ratios logged (they are written on statistics steps: watch(stats_every=N)).'));
     return;
   }
   card.appendChild(el('div', {class: 'gw-legend'},
     `‖Δw‖ / ‖w‖ per optimizer step, log scale. Flagged: below ${fmt(th.stalled_below)} ` +
-    `(stopped training) or above ${fmt(th.exploding_above)} (blowing up); healthy is about 1e-3.`));
+    `(stopped training) or above ${fmt(th.exploding_above)} (blowing up); healthy is about 1e-3. ` +
+    'A parameter initialised to zero (a bias) has no meaningful ratio while it grows: n/a.'));
   for (const run of runs) {
     if (!run.params.length) continue;
     if (runs.length > 1 || run.rank !== 0) {
