@@ -306,11 +306,10 @@ class Optimizers:
         # One fused norm call for ‖before‖, ‖after‖, ‖Δ‖ of the samples and, for the NaN/Inf
         # probe, of each whole parameter; one vector, read at the flush (no sync here).
         vec = without_grad(update_norms, before, after, params if check else [])
-        names = self.ctx.names
-        labels = [names.param_name(p) or f"{info.name}{info.index}.param{i}"
-                  for i, p in enumerate(params)]
+        names = [self.ctx.names.param_name(p) for p in params]
+        labels = [n or f"{info.name}{info.index}.param{i}" for i, n in enumerate(names)]
         if check:
-            self.nonfinite.stepped(vec, len(params), params, versions, where, step)
+            self.nonfinite.stepped(vec, len(params), params, versions, where, step, names)
         return UpdateStats(vec, labels)
 
 

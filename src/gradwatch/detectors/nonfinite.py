@@ -125,11 +125,16 @@ class NonfiniteDetector:
             self.queue.resolve(self.report)
 
     def stepped(self, vec: torch.Tensor, k: int, params: list[torch.Tensor],
-                versions: list[int | None], where: Any, step: int) -> None:
+                versions: list[int | None], where: Any, step: int,
+                names: list[str | None] | None = None) -> None:
         """An optimizer step's probes: ``vec[i]`` before and ``vec[2k + ... ]`` layout of
-        :func:`gradwatch._stats.update_norms` (sample before, whole parameter after)."""
-        lazy = [functools.partial(self._update_raw, weakref.ref(p), vb, where, step)
-                for p, vb in zip(params, versions)]
+        :func:`gradwatch._stats.update_norms` (sample before, whole parameter after).
+        ``names``: the parameters' names now (they may be gone when the probes are read)."""
+        if names is None:
+            names = [self.ctx.names.param_name(p) for p in params]
+        lazy = [functools.partial(self._update_raw, weakref.ref(p), vb, where, step, name,
+                                  (tuple(p.shape), p.dtype, p.device))
+                for p, vb, name in zip(params, versions, names)]
         self.queue.queue_vector(vec, 0, 3 * k, lazy)
 
     def end_step(self, final: bool) -> None:
@@ -139,15 +144,13 @@ class NonfiniteDetector:
             q.resolve(self.report)
 
     def _update_raw(self, ref: weakref.ref[torch.Tensor], vb: int | None, where: Any,
-                    step: int) -> Raw:
+                    step: int, name: str | None, meta: tuple) -> Raw:
         """The record of an optimizer step's write into one parameter (built only when its NaN
-        check fails)."""
+        check fails; the parameter may be gone by then: its name and shape were kept)."""
         p = ref()
-        return Raw(K.NONFINITE_INTRODUCED, "optimizer.step",
-                   self.ctx.names.param_name(p) if p is not None else None,
-                   tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
-                   p.device if p is not None else None, vb, version(p) if p is not None else None,
-                   "no_grad", None, where, step)
+        shape, dtype, device = meta
+        return Raw(K.NONFINITE_INTRODUCED, "optimizer.step", name, shape, dtype, device, vb,
+                   version(p) if p is not None else None, "no_grad", None, where, step)
 
     def report(self, raw: Raw | Callable[[], Raw]) -> None:
         if callable(raw):

@@ -12,9 +12,7 @@ from torch import nn
 SOURCE = "https://github.com/KohakuBlueleaf/LyCORIS/pull/166"
 FAMILY = "nonfinite_introduced"
 EXPECT = dict(kind="nonfinite_introduced", tensor="lora_up")
-KNOWN_MISS = {
-    "cli": "not yet diagnosed: names the tensor 'tensor', not 'lora_up'",
-}
+KNOWN_MISS = {}
 
 
 class DoRALinear(nn.Module):

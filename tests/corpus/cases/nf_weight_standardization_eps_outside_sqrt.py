@@ -17,9 +17,7 @@ SOURCE = ["https://github.com/joe-siyuan-qiao/WeightStandardization/issues/16",
           "https://github.com/joe-siyuan-qiao/WeightStandardization/issues/1"]
 FAMILY = "nonfinite_introduced"
 EXPECT = dict(kind="nonfinite_introduced", tensor="weight")
-KNOWN_MISS = {
-    "cli": "not yet diagnosed: names the tensor 'tensor', not 'weight'",
-}
+KNOWN_MISS = {}
 
 
 class Conv2d(nn.Conv2d):
