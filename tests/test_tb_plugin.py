@@ -202,6 +202,32 @@ def test_tab_in_a_real_tensorboard_and_headless_chromium(logdir, tmp_path) -> No
             assert len(driver.find_elements(By.CSS_SELECTOR, "tr.gw-row")) == 1
             Select(driver.find_element(By.ID, "gw-filter-kind")).select_by_value("")
             driver.find_elements(By.CSS_SELECTOR, "tr.gw-row")[0].click()
+            # filtering to one run: the axis is that run's own steps
+            Select(driver.find_element(By.ID, "gw-filter-run")).select_by_value("buggy")
+            last_tick = driver.find_elements(By.CSS_SELECTOR, "#gw-timeline text")[-1].text
+            assert int(last_tick) <= 5
+            Select(driver.find_element(By.ID, "gw-filter-run")).select_by_value("")
+            # a new run written after the page loaded appears without reloading the page
+            # (TensorBoard's reload button: its 'experimental.DataReloaded', or the tab's poll)
+            loads = int(driver.find_element(By.ID, "gw-root").get_attribute("data-loads"))
+            tb_helpers.buggy_run(os.path.join(logdir["root"], "z_later_run_with_a_long_name_"
+                                              "that_must_not_cover_the_timeline"), steps=5)
+            driver.switch_to.default_content()
+            time.sleep(1.5)  # TensorBoard's --reload_interval 1
+            driver.find_element(By.CSS_SELECTOR, "app-header-reload button").click()
+            driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
+            WebDriverWait(driver, 20).until(lambda d: any(
+                "z_later_run" in r.text for r in d.find_elements(
+                    By.CSS_SELECTOR, "#gw-anomaly-table tr.gw-row")))
+            assert int(driver.find_element(By.ID, "gw-root").get_attribute("data-loads")) > loads
+            labels = driver.execute_script(  # shown text, and whether it ends left of the dots
+                "const x0 = Math.min(...[...document.querySelectorAll('#gw-timeline circle')]"
+                "  .map((c) => +c.getAttribute('cx') - +c.getAttribute('r')));"
+                "return [...document.querySelectorAll('text.gw-lane-label')].map((t) =>"
+                "  [t.firstChild.nodeValue, t.getBBox().x + t.getBBox().width < x0]);")
+            assert any(text.endswith("…") for text, _ in labels)
+            assert all(left_of_dots for _, left_of_dots in labels), labels
+            driver.find_elements(By.CSS_SELECTOR, "tr.gw-row")[0].click()
             _screenshots(driver, tmp_path)
     assert time.monotonic() - t0 < 60
 
@@ -221,3 +247,51 @@ def _screenshots(driver: Any, tmp_path: Path) -> None:
         if os.environ.get("GRADWATCH_SCREENSHOTS") == "1":
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             shutil.copy(tmp_path / name, SCREENSHOTS / name)
+
+
+# ------------------------------------------------------------------ details of the tab's data
+def _data_of(root: str) -> GradWatchData:
+    return GradWatchData(_provider(root), tb_context.RequestContext(), "")
+
+
+def test_zero_initialised_bias_is_never_blowing_up(tmp_path) -> None:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].bias.zero_()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with tb_helpers.watched(str(tmp_path / "zero"), model, opt, stats_every=1):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    (run,) = _data_of(str(tmp_path)).update_ratios()["runs"]
+    params = {p["name"]: p for p in run["params"]}
+    bias = params["0.bias"]
+    assert bias["zero_init"] is True and bias["points"][0][1] == 1.0
+    assert bias["last"] > 0.1 and bias["status"] == "zero_init"  # n/a, never "blowing up"
+    assert {p["status"] for n, p in params.items() if n != "0.bias"} == {"ok"}
+    assert run["updated"] == 4 and run["optimizer_updates"] == 3
+    assert ratio_status(0.5, zero_init=True) == "zero_init"
+    assert ratio_status(0.0, zero_init=True) == "stalled"
+
+
+def test_an_optimizer_that_updated_nothing(tmp_path) -> None:
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with tb_helpers.watched(str(tmp_path / "idle"), model, opt, stats_every=1):
+        for _ in range(3):
+            opt.step()  # no backward: nothing to apply
+    (run,) = _data_of(str(tmp_path)).update_ratios()["runs"]
+    assert run["params"] == [] and run["updated"] == 0 and run["optimizer_updates"] == 3
+
+
+def test_timeline_axis_per_run(tmp_path) -> None:
+    """Filtering the tab to one run draws that run's steps (run_max_step), not every run's."""
+    tb_helpers.buggy_run(str(tmp_path / "short"), steps=6)
+    tb_helpers.layer_health_run(str(tmp_path / "long"), steps=30)
+    tl = _data_of(str(tmp_path)).timeline()
+    assert tl["run_max_step"]["long"] == 29 and tl["run_max_step"]["short"] == 4
+    assert tl["max_step"] == 29

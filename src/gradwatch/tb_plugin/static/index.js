@@ -420,11 +420,14 @@ function drawRatios(card) {
     (!state.filters.run || r.run === state.filters.run) &&
     (state.filters.rank === '' || String(r.rank) === state.filters.rank));
   if (!runs.some((r) => r.params.length)) {
+    // gradwatch measures the first optimizer step and every stats_every-th one: a run with
+    // optimizer steps but no ratio had an optimizer that changed no parameter
     const counted = runs.filter((r) => r.optimizer_updates != null);
     const updates = counted.reduce((n, r) => n + r.optimizer_updates, 0);
     card.appendChild(el('div', {class: 'gw-empty', id: 'gw-ratios-empty'},
-      counted.length && !updates
-        ? '0 parameters updated: no optimizer step changed a parameter in the selected runs.'
+      counted.length
+        ? `0 parameters updated: ${updates ? plural(updates, 'optimizer step') + ' changed no parameter'
+          : 'no optimizer step'} in the selected runs.`
         : 'No update/weight ratios logged (they are written on statistics steps: watch(stats_every=N)).'));
     return;
   }
