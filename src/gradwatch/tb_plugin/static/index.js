@@ -65,7 +65,9 @@ tr.gw-row.selected { background: #e8f0fe; }
   padding: 1px 6px; white-space: pre; overflow: hidden; text-overflow: ellipsis; max-width: 460px;
 }
 .gw-hint { color: #3c4043; min-width: 260px; max-width: 460px; white-space: normal; overflow-wrap: anywhere; }
-#gw-anomaly-table td.mono { overflow-wrap: anywhere; }
+#gw-anomaly-table td.gw-kind { white-space: nowrap; }
+#gw-anomaly-table td.gw-tensor-cell { overflow-wrap: anywhere; min-width: 120px; }
+#gw-anomaly-table td.gw-run-cell { overflow-wrap: anywhere; max-width: 220px; }
 .gw-details td { background: #fafbfc; padding: 10px 16px 14px; }
 .gw-details dl { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; margin: 0; }
 .gw-details dt { color: #5f6368; }
@@ -352,14 +354,14 @@ function drawTable(card) {
     const tr = el('tr', {class: 'gw-row' + (state.selected === id ? ' selected' : ''),
       'data-where': a.where, 'data-kind': a.kind});
     tr.appendChild(el('td', null, el('span', {class: `gw-sev ${a.severity}`}, a.severity)));
-    tr.appendChild(el('td', {class: 'mono'}, a.kind));
-    tr.appendChild(el('td', {class: 'mono'}, a.tensor));
+    tr.appendChild(el('td', {class: 'mono gw-kind'}, a.kind));
+    tr.appendChild(el('td', {class: 'mono gw-tensor-cell'}, a.tensor));
     tr.appendChild(el('td', null, [
       el('span', {class: 'gw-where mono', title: a.file ? `${a.file}:${a.line}` : ''}, a.where || '?'),
       a.code ? el('code', {class: 'gw-code'}, a.code) : null,
     ]));
     if (multi) {
-      tr.appendChild(el('td', {class: 'mono'}, runLabel(a.run)));
+      tr.appendChild(el('td', {class: 'mono gw-run-cell', title: runLabel(a.run)}, runLabel(a.run)));
       tr.appendChild(el('td', {class: 'num'}, String(a.rank)));
     }
     tr.appendChild(el('td', {class: 'num'}, String(a.first_step)));
