@@ -3,6 +3,7 @@
     python -m benchmarks.calls --model mlp --level full
     python -m benchmarks.calls --model mlp --level light --json runs/calls_mlp_light.json
     python -m benchmarks.calls --model mlp --level full --baseline runs/calls_mlp_full.json
+    python -m benchmarks.calls --models mlp,shapes --levels none,full,light   # a summary table
     PYTHONPATH=/other/checkout/src python -m benchmarks.calls ...   # another gradwatch
 
 Times scatter on a shared machine; these counts do not. Each entry into gradwatch between torch
@@ -72,7 +73,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradwatch
 
-from ._models import SPECS
+from ._models import SHAPES, SPECS
 
 GW_DIR = os.path.dirname(os.path.abspath(gradwatch.__file__)) + os.sep
 THIS_FILE = os.path.abspath(__file__)
@@ -541,10 +542,88 @@ def render(res: dict[str, Any], base: dict[str, Any] | None, top: int) -> str:
     return "\n".join(lines)
 
 
+_SUMMARY_KINDS = ("mode", "saved tensors", "wrapt", "hook", "replaced")
+
+
+def summary_row(res: dict[str, Any]) -> dict[str, Any]:
+    """One run's counts per step, by boundary kind, and its totals."""
+    kinds = dict.fromkeys(_SUMMARY_KINDS, 0.0)
+    for row in res["boundaries"].values():
+        kinds[row["kind"]] = kinds.get(row["kind"], 0.0) + row["per_step"]
+    return {"model": res["model"], "level": res["level"], "by_kind": kinds,
+            "entries": res["boundary_entries_per_step"],
+            "gradwatch_calls": res["gradwatch_calls_per_step"],
+            "python_calls": res["python_calls_per_step"],
+            "user_mode": res.get("user_mode"), "perturbed": res["perturbed"],
+            "anomalies": res["anomalies"]}
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| loop | level | entries / step: mode | saved-tensor pack + unpack | wrappers | "
+             "hooks | total | (replaced) | gradwatch Python calls / step | all Python calls / "
+             "step | user mode's calls / step |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        um = r["user_mode"]
+        ums = f"{um['per_step']:g}" if um and um.get("per_step") is not None else "–"
+        k = r["by_kind"]
+        if r["level"] == "none":
+            lines.append(f"| {r['model']} | unwatched | | | | | | | | {r['python_calls']:.0f} | "
+                         f"{ums} |")
+            continue
+        lines.append(f"| {r['model']} | {r['level']} | {k['mode']:g} | {k['saved tensors']:g} | "
+                     f"{k['wrapt']:g} | {k['hook']:g} | {r['entries']:g} | {k['replaced']:g} | "
+                     f"{r['gradwatch_calls']:.0f} | {r['python_calls']:.0f} | {ums} |")
+    return "\n".join(lines)
+
+
+def main_many(models: list[str], levels: list[str], args: argparse.Namespace) -> int:
+    """Each (model, level) in a process of its own; one summary table (and ``--json``)."""
+    import subprocess
+    import tempfile
+
+    rows, failed = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            for level in levels:
+                out = os.path.join(tmp, f"{model}_{level}.json")
+                cmd = [sys.executable, "-m", "benchmarks.calls", "--model", model, "--level",
+                       level, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--json", out]
+                proc = subprocess.run(cmd, capture_output=True, text=True,
+                                      cwd=os.path.dirname(os.path.dirname(THIS_FILE)))
+                if not os.path.exists(out):
+                    failed.append(f"{model} {level}: exit {proc.returncode}: "
+                                  f"{proc.stderr.strip()[-500:]}")
+                    continue
+                with open(out, encoding="utf-8") as f:
+                    res = json.load(f)
+                rows.append(summary_row(res))
+                if proc.returncode:
+                    failed.append(f"{model} {level}: exit {proc.returncode} (perturbed: "
+                                  f"{res['perturbed']}, anomalies: {res['anomalies']})")
+                print(f"  {model} {level}: {rows[-1]['entries']:g} entries/step",
+                      file=sys.stderr, flush=True)
+    print(summary_table(rows))
+    for line in failed:
+        print(f"WARNING: {line}")
+    if args.json_path:
+        d = os.path.dirname(os.path.abspath(args.json_path))
+        os.makedirs(d, exist_ok=True)
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump({"torch": torch.__version__, "gradwatch_dir": GW_DIR.rstrip(os.sep),
+                       "steps": args.steps, "warmup": args.warmup, "rows": rows}, f, indent=1)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mlp", choices=[n for n, s in SPECS.items() if not s.lightning])
     ap.add_argument("--level", default="full", choices=["full", "light", "none"])
+    ap.add_argument("--models", default=None, help="several models ('shapes': the loop shapes of "
+                    "issue 18 but Lightning's), each at each of --levels in a process of its "
+                    "own: one summary table (--json: its rows)")
+    ap.add_argument("--levels", default="none,full,light", help="with --models")
     ap.add_argument("--steps", type=int, default=50, help="counted steps per pass (a multiple of "
                     "stats_every=10)")
     ap.add_argument("--warmup", type=int, default=10)
@@ -553,6 +632,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", default=None, help="a --json file of an earlier run: "
                     "print its counts beside these")
     args = ap.parse_args(argv)
+    if args.models:
+        models = []
+        for m in (m.strip() for m in args.models.split(",")):
+            for name in ((n for n in SHAPES if not SPECS[n].lightning) if m == "shapes"
+                         else (m,) if m else ()):
+                if name not in SPECS or SPECS[name].lightning:
+                    ap.error(f"--models: {name!r} is not a hand-written loop of {list(SPECS)}")
+                models.append(name)
+        levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+        if bad := [lv for lv in levels if lv not in ("none", "full", "light")]:
+            ap.error(f"--levels: {bad}")
+        return main_many(models, levels, args)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     res = measure(args.model, args.level, args.steps, args.warmup)

@@ -164,3 +164,20 @@ def test_calls_per_step_finds_the_boundaries(tmp_path: Path) -> None:
                       if label.startswith("hook torch.optim.optimizer._global_optimizer_")]
         assert step_hooks == [1.0, 1.0], level
         assert sum(v for label, v in rows[level].items() if label.startswith("wrapt ")) >= 3, level
+
+
+@pytest.mark.timeout(300)
+def test_calls_summary_counts_the_users_mode(tmp_path: Path) -> None:
+    """``python -m benchmarks.calls --models ... --levels ...``: one process per run, one table;
+    under ``torch.set_default_device`` the DeviceContext's calls per step are counted, and the
+    MLP loop's are the same watched as unwatched."""
+    out = tmp_path / "summary.json"
+    proc = _run_module("calls", ["--models", "default_device", "--levels", "none,full",
+                                 "--steps", "10", "--warmup", "10", "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["level"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"none", "full"}
+    assert rows["none"]["entries"] == 0 < rows["full"]["entries"]
+    assert rows["none"]["user_mode"]["name"] == "DeviceContext.__torch_function__"
+    assert rows["none"]["user_mode"]["per_step"] == rows["full"]["user_mode"]["per_step"] > 0
+    assert "| default_device | full |" in proc.stdout
