@@ -194,7 +194,7 @@ def test_a_mixed_sum_zeroed_before_a_step_uses_it_is_no_finding_when_its_pass_wa
     r.step()
     r.backward()
     windows = r.det.windows
-    windows._used(windows.pass_no)  # the generator's step used this pass on its own leaves
+    windows.mark_used(windows.pass_no)  # the generator's step used this pass on its own leaves
     r.zero_grad()
     r.backward()
     r.step()

@@ -93,6 +93,7 @@ class Backward:
                         self.fail.guard(Part.ACCUMULATION, self._accumulated, refs, before, where)
                 except AnomalyError:
                     pass  # recorded; torch's own error is the one to see
+                self.acc.backward_failed()
             raise
         finally:
             self.running = False

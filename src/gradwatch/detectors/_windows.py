@@ -144,7 +144,8 @@ class AccumulationTracker:
         """A backward pass starts: what it accumulates is stamped with its number."""
         self.pass_no += 1
 
-    def _used(self, number: int) -> None:
+    def mark_used(self, number: int) -> None:
+        """Pass ``number``'s gradients were used by some step (or need no step)."""
         used = self.used
         used.add(number)
         if len(used) > 256:
@@ -282,7 +283,7 @@ class AccumulationTracker:
         self.all_steps += 1
         due = []
         twice = self.twice
-        used = self._used
+        used = self.mark_used
         get = self.leaves.get
         for leaf in leaves:
             st = get(id(leaf))
@@ -314,7 +315,7 @@ class AccumulationTracker:
             st = get(id(leaf))
             if st is not None and st.leaf() is leaf and st.accum > 0:
                 st.consumed = True
-                self._used(st.pass_no)
+                self.mark_used(st.pass_no)
         if self.unconsumed:
             self.unconsumed.difference_update(map(id, leaves))
 

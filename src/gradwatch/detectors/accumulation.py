@@ -280,6 +280,11 @@ class AccumulationDetector:
                 self._never_applied(st, where)
         return [p for p, _ in fresh + added]
 
+    def backward_failed(self) -> None:
+        """The last pass raised (torch's error is on its way): what it left is no batch's
+        gradient thrown away later (the user zeroes it after catching the error)."""
+        self.windows.mark_used(self.windows.pass_no)
+
     # -- optimizer steps ----------------------------------------------------------------------
     def stepped(self, params: list[torch.Tensor], opt: Any = None, where: Any = None) -> None:
         """An optimizer step (``opt``, called at ``where``) is about to use these leaves'
