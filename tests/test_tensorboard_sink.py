@@ -341,7 +341,8 @@ def _events(n: int, step: int) -> list[gradwatch.Event]:
 
     kinds = [EventKind.SAVED_TENSOR_MUTATED, EventKind.STALE_GRAD_ACCUMULATION,
              EventKind.NONFINITE_INTRODUCED, EventKind.GRAD_FLOW_CUT]
-    return [gradwatch.Event(kind=kinds[i], severity=SEVERITY[kinds[i]], step=step, tensor=f"layer{i}.weight", op="mul_",
+    return [gradwatch.Event(kind=kinds[i], severity=SEVERITY[kinds[i]], step=step,
+                            tensor=f"layer{i}.weight", op="mul_",
                             message=f"finding number {i}", hint=f"fix number {i}",
                             location=Location(filename="train.py", lineno=10 + i,
                                               function="main", code=f"line_{i}()"))
