@@ -152,6 +152,18 @@ def _callee(call: ast.Call) -> str:
     return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
 
 
+def _barrier(call: ast.Call) -> bool:
+    """A call into the fail-open barrier: a FailOpen method (``fail.guard(...)``,
+    ``self.fail.fail(...)``, ...) or one of ``BARRIER_CALLS``, or a trivial builtin."""
+    f = call.func
+    if isinstance(f, ast.Attribute):
+        owner = f.value
+        if (isinstance(owner, ast.Name) and owner.id == "fail") or (
+                isinstance(owner, ast.Attribute) and owner.attr == "fail"):
+            return True
+    return _callee(call) in BARRIER_CALLS | TRIVIAL_CALLS
+
+
 _RAISABLE: dict[str, dict[int, str]] = {}
 _FAULTABLE: dict[str, set[int]] = {}
 
@@ -173,7 +185,7 @@ def raisable_lines(filename: str) -> dict[int, str]:
                                 for c in calls):
                 continue
             lines[node.lineno] = text[node.lineno - 1].strip()
-            if any(_callee(c) not in BARRIER_CALLS | TRIVIAL_CALLS for c in calls):
+            if not all(_barrier(c) for c in calls):
                 faultable.add(node.lineno)
         _RAISABLE[filename] = lines
         _FAULTABLE[filename] = set() if filename.endswith(BARRIER_FILES) else faultable
