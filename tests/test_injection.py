@@ -399,17 +399,6 @@ FULL, FULL_LOG, LIGHT, LIGHT_LOG = CONFIGS
 
 FINDINGS: list[Finding] = [
     Finding(
-        "F01-mode-off-leaves-attention-slow-path",
-        "after the mode part fails, eval attention takes torch's slow path: outputs differ",
-        "changed result: once the mode part is off (an internal error in any handler, or in "
-        "the optimizer hooks, which take it along), the attention fast-path bracket "
-        "(Modules._fast_path_enter, guarded by Part.MODE) no longer steps the mode aside, "
-        "while the mode itself stays on the function-mode stack: an eval-mode "
-        "MultiheadAttention under no_grad takes torch's slow path and its output differs in "
-        "the last bits from the unwatched run",
-        lambda c, p: p.kind == "changed" and p.text == "attn differs",
-        (FULL, "_intercept.optimizer:Optimizers.on_step_post (call)", 1, F)),
-    Finding(
         "F02-setup-errors-propagate",
         "an internal error in watch()/__enter__ reaches the user (no fail-open at setup)",
         "user-visible fault: an internal error while watch() builds its parts (Runtime and "
@@ -430,15 +419,6 @@ FINDINGS: list[Finding] = [
             and _left(p) <= STEP_CLASSES),
         (FULL, "_intercept.installed:Installed.optimizer_hooks: "
                "`self.add(h1.remove)`", 1, R)),
-    Finding(
-        "F04-failed-enter-leaves-sinks-open",
-        "a failed __enter__ never closes the sinks (jsonl file, TensorBoard writer)",
-        "leftover: when __enter__ fails after the sinks were made (or JsonlSink.__init__ fails "
-        "after opening its file), Watch.__enter__ only uninstalls: the sinks are never closed "
-        "(ResourceWarning: unclosed gradwatch.jsonl; the TensorBoard writer's thread)",
-        lambda c, p: p.phase in SETUP and (p.kind == "open_sink" or (
-            p.kind == "warning" and "ResourceWarning" in p.text)),
-        (FULL_LOG, "_assembly:Runtime.adopt (call)", 1, R)),
     Finding(
         "F05-close-not-failsafe",
         "close path: internal errors reach the user; an error or Ctrl-C skips uninstall",
@@ -528,17 +508,6 @@ FINDINGS: list[Finding] = [
         lambda c, p: (p.kind == "leftover" and "grad_enabled" in _left(p))
         or (_qual(c) == "without_grad" and p.kind in ("escaped", "warning")),
         (FULL, "_stats:without_grad: `_set_grad_enabled(enabled)`", 1, R)),
-    Finding(
-        "F09-false-anomaly-after-fault",
-        "after an internal error, a correct loop gets false anomaly warnings",
-        "false anomaly: after an internal error the remaining parts report anomalies in a "
-        "correct loop: stale_grad_accumulation after a fault in Clipping._wrapper's "
-        "`gate.pause()` (gate.suspended was set True before it and is never reset) or in "
-        "light's ModeGate.pause; grad_applied_twice after a fault in the backward boundary's "
-        "_before/_discover_leaves",
-        lambda c, p: p.kind == "warning" and p.phase == "loop"
-        and p.text.startswith("GradWatchWarning: [gradwatch]"),
-        (FULL, "_intercept.clipping:Clipping._wrapper: `paused = gate.pause()`", 1, R)),
     Finding(
         "F10-weakref-callback-unguarded",
         "an error in the _discard weakref callback is printed as 'Exception ignored'",

@@ -121,16 +121,18 @@ class Runtime:
                                          world=ctx.world))
 
     def uninstall(self) -> None:
-        self.gate.close()
-        self.installed.undo()
+        try:
+            self.gate.close()
+        finally:
+            self.installed.undo()
 
     def close(self) -> None:
         """Flush everything and remove all hooks (idempotent)."""
         if self.ctx.closed:
             return
         self.ctx.closed = True
-        self.gate.close()
         try:
+            self.gate.close()
             self.step_boundary(final=True)
         finally:
             try:

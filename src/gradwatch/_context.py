@@ -38,7 +38,10 @@ class Leaves:
 
 
 def _discard(ids: set[int], key: int, _ref: Any) -> None:
-    ids.discard(key)
+    try:  # (a weakref callback: an error would be printed as "Exception ignored")
+        ids.discard(key)
+    except Exception:
+        pass
 
 
 class RunContext:

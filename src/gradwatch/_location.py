@@ -206,12 +206,16 @@ _OWN = _INTERNAL_DIRS[0]  # gradwatch's own package directory
 def without_own_frames(tb: TracebackType | None) -> TracebackType | None:
     """``tb`` without gradwatch's frames (re-raised at a boundary, the boundary's own frame is
     the one gradwatch frame left: an error that passes through never looks like ours)."""
-    frames = []
-    while tb is not None:
-        if not tb.tb_frame.f_code.co_filename.startswith(_OWN):
-            frames.append(tb)
-        tb = tb.tb_next
-    out = None
-    for t in reversed(frames):
-        out = TracebackType(out, t.tb_frame, t.tb_lasti, t.tb_lineno)
-    return out
+    try:
+        frames = []
+        t = tb
+        while t is not None:
+            if not t.tb_frame.f_code.co_filename.startswith(_OWN):
+                frames.append(t)
+            t = t.tb_next
+        out = None
+        for t in reversed(frames):
+            out = TracebackType(out, t.tb_frame, t.tb_lasti, t.tb_lineno)
+        return out
+    except Exception:  # never replace the exception passing through by one of ours
+        return tb

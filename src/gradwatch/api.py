@@ -191,9 +191,12 @@ class Watch:
         try:
             self._runtime.install()
         except BaseException:
-            self._runtime.uninstall()
-            with _active_lock:
-                _active = None
+            try:
+                self._runtime.uninstall()
+                self._runtime.emit.close_sinks()
+            finally:
+                with _active_lock:
+                    _active = None
             raise
         self._entered = True
         return self

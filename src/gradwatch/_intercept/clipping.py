@@ -67,8 +67,8 @@ class Clipping:
             if self.saved.registry:
                 self.saved.check_tensors(op, [g for _, g, _ in before], caller)
         where = caller(1)  # skip the boundary wrapper: the next frame called the function
-        gate.suspended = True  # grad-mode switches and the (light) mode: nothing to see inside
         paused = gate.pause()
+        gate.suspended = True  # grad-mode switches and the (light) mode: nothing to see inside
         self.ctx.busy += time.perf_counter() - t0
         try:
             return call(*args, **kwargs)

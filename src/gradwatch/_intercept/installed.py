@@ -66,17 +66,17 @@ class Installed:
     def wrap_attribute(self, owner: Any, name: str, wrapper: Callable) -> None:
         """Replace ``owner.name`` by a wrapt ``FunctionWrapper``; restore the original on undo."""
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        setattr(owner, name, wrapt.FunctionWrapper(original, wrapper))
 
         def restore() -> None:
             setattr(owner, name, original)
 
-        self.add(restore)
+        self.add(restore)  # (first: an interrupt between the two leaves nothing behind)
+        setattr(owner, name, wrapt.FunctionWrapper(original, wrapper))
 
     def replace_attribute(self, owner: Any, name: str, value: Any) -> None:
         original = getattr(owner, name)
-        setattr(owner, name, value)
         self.add(lambda: setattr(owner, name, original))
+        setattr(owner, name, value)
 
     # -- saved tensors ------------------------------------------------------------------------
     def saved_tensors_hooks(self, pack: Callable, unpack: Callable) -> bool:

@@ -80,7 +80,13 @@ class Modules:
             self._hook = None
 
     def _fast_path_enter(self, module: torch.nn.Module) -> bool:
-        return bool(self.fail.guard(Part.MODE, self.gate.fast_path_enter, module))
+        # (also once the mode part is off: the mode stays on the stack and would still change
+        # the module's result)
+        try:
+            return self.gate.fast_path_enter(module)
+        except Exception as exc:
+            self.fail.fail(Part.MODE, exc)
+            return False
 
     def _fetch(self, call: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         return self.gate.call_paused(call, args, kwargs)

@@ -63,6 +63,8 @@ def classify(func: Any) -> int:
         action = _classify(func)
     except Exception:
         action = Action.PASS
+    if getattr(type(func), "__module__", "").startswith("wrapt"):
+        return action  # a wrapper (gradwatch's own, around backward): memoised, it would pin it
     try:
         ACTIONS[func] = action
     except TypeError:  # unhashable callables: classify each time

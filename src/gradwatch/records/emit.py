@@ -137,10 +137,18 @@ class Emitter:
     def close_sinks(self) -> None:
         """Close every sink, also one switched off (its file is released); warnings still
         waiting (a flush that did not run) are issued first."""
-        if self._unwarned:
-            self.warn_pending()
-        for sink in self.sinks:
-            self._call(sink, sink.close, closing=True)
+        try:
+            if self._unwarned:
+                self.warn_pending()
+        finally:
+            interrupt: BaseException | None = None
+            for sink in self.sinks:
+                try:
+                    self._call(sink, sink.close, closing=True)
+                except BaseException as exc:  # (a Ctrl-C: the other sinks still close)
+                    interrupt = interrupt or exc
+            if interrupt is not None:
+                raise interrupt
 
     def _call(self, sink: Sink, fn: Callable[..., Any], *args: Any, closing: bool = False) -> None:
         off = id(sink) in self._off

@@ -139,9 +139,9 @@ class JsonlSink(Sink):
     def __init__(self, log_dir: str, rank: int = 0, world: int = 1) -> None:
         os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, jsonl_name(rank, world))
-        self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         self._lines = _Lines()
         self._batch_lines = _BatchLines(self._lines)
+        self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (last)
 
     def _write_one(self, event: Event) -> None:
         self._file.write(_encode(event.to_dict()) + "\n")
