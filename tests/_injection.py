@@ -96,8 +96,9 @@ BARRIER_CALLS = frozenset({"guard", "fail", "is_off", "_fail", "_failed", "warn_
                            "on_fail", "_on_light_fail", "_mode_failed", "on_error"})
 TRIVIAL_CALLS = frozenset({"bool", "isinstance", "id", "type", "len"})
 # Called by the interpreter when a tensor dies: Python itself prints and drops any exception
-# raised there ("Exception ignored in"), a Ctrl-C included, whatever gradwatch does. Faults
-# are injected there (a fault would be printed), interrupts are not.
+# raised there ("Exception ignored in"), a Ctrl-C included, whatever gradwatch does, and no
+# callback can guard its own entry. Faults are injected at their lines (a fault there would be
+# printed), not at their entry; interrupts not at all.
 WEAKREF_CALLBACKS = frozenset({"_discard", "CutTracker.add.<locals>._died"})
 _GENERATOR = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
@@ -223,7 +224,7 @@ class Site:
         if filename.endswith(BARRIER_FILES) or self.code.co_qualname in BARRIER_FUNCTIONS:
             return False
         if self.line is None:
-            return True
+            return self.code.co_qualname not in WEAKREF_CALLBACKS
         raisable_lines(filename)
         return self.line in _FAULTABLE[filename]
 

@@ -198,7 +198,10 @@ def _open_sinks(run: Run) -> list[str]:
     if run.watch is None:
         return []
     open_ = []
-    for sink in run.watch._runtime.emit.sinks:
+    emit = run.watch._runtime.emit
+    for sink in emit.sinks:
+        if id(sink) in emit._off:  # its own failure, warned: "sink ... is switched off"
+            continue
         file = getattr(sink, "_file", None)
         if (file is not None and not file.closed) or getattr(sink, "_closed", True) is False:
             open_.append(type(sink).__name__)
@@ -509,29 +512,25 @@ FINDINGS: list[Finding] = [
         or (_qual(c) == "without_grad" and p.kind in ("escaped", "warning")),
         (FULL, "_stats:without_grad: `_set_grad_enabled(enabled)`", 1, R)),
     Finding(
-        "F10-weakref-callback-unguarded",
-        "an error in the _discard weakref callback is printed as 'Exception ignored'",
-        "user-visible fault (stderr): the weakref callback _context._discard (tracked leaves) "
-        "runs unguarded: an error there is printed by Python as 'Exception ignored in'",
-        lambda c, p: p.kind == "unraisable" and _qual(c) in inj.WEAKREF_CALLBACKS,
-        (FULL, "_context:_discard (call)", 1, F)),
-    Finding(
-        "F12-sink-close-leaves-sinks-open",
-        "a failing or interrupted sink close leaves sinks open",
-        "leftover: Emitter.close_sinks closes the sinks one after another without try/finally "
-        "(a Ctrl-C in one sink's close or flush skips the others), and a sink's close() that "
-        "fails before its own try/finally never closes its file or writer: the TensorBoard "
-        "SummaryWriter (its file and writer thread) or gradwatch.jsonl stays open",
+        "F12-interrupted-sink-close-leaves-it-open",
+        "a Ctrl-C as a sink's close() starts leaves that sink open",
+        "leftover: Emitter.close_sinks goes on to the other sinks through an interrupt, but the "
+        "sink whose close() the Ctrl-C cut short is never closed again: its TensorBoard "
+        "SummaryWriter (file and writer thread) or gradwatch.jsonl stays open (a close "
+        "interrupted this way could run once more, as undo steps should: sinks' close() is "
+        "idempotent)",
         lambda c, p: p.kind == "open_sink" and p.phase == "__exit__"
         and c.site.module.startswith("gradwatch.sinks"),
-        (FULL_LOG, "sinks.tensorboard:TensorBoardSink.close (call)", 1, F)),
+        (FULL_LOG, "sinks.tensorboard:TensorBoardSink.close (call)", 1, KeyboardInterrupt)),
     Finding(
         "F13-traceback-trimming-unguarded",
         "without_own_frames failing replaces the user's exception",
         "user-visible fault: when an exception passes through a boundary (the mode, the fail-open "
-        "hooks and wrappers, the optimizer step wrapper), _location.without_own_frames rebuilds "
-        "its traceback outside any guard: an error there replaces the user's (or torch's) "
-        "exception, e.g. the DataLoader's StopIteration, by gradwatch's",
+        "hooks and wrappers, the optimizer step wrapper), the boundary calls "
+        "_location.without_own_frames in its except clause with nothing around the call: an "
+        "error raised as it is called (its body now catches its own; a RecursionError when "
+        "the user's exception is one, a Ctrl-C) replaces the user's (or torch's) exception, "
+        "e.g. the DataLoader's StopIteration, by gradwatch's",
         lambda c, p: p.kind == "escaped" and _qual(c) == "without_own_frames",
         (FULL, "_location:without_own_frames (call)", 1, R)),
     Finding(
@@ -542,7 +541,9 @@ FINDINGS: list[Finding] = [
         "when they reach the mode (a direct torch.autograd.backward/grad call in a full watch; "
         "here: after the optimizer part failed in an LBFGS step): the wrapper's closure keeps "
         "the whole Runtime (registry, names, sinks) alive for the life of the process, one "
-        "more per watch",
+        "more per watch (the check `type(func).__module__.startswith('wrapt')` misses them: "
+        "wrapt 2.x's C FunctionWrapper's module is '_wrappers'; isinstance(func, "
+        "wrapt.FunctionWrapper) holds, isinstance(func, wrapt.ObjectProxy) does not)",
         lambda c, p: p.kind == "outlives" and p.phase == "loop",
         (FULL, "_intercept.optimizer:Optimizers.on_step_pre (call)", "last", F)),
 ]
