@@ -348,6 +348,7 @@ class Pools:
 
 @pytest.fixture(scope="module")
 def pools(one_thread, tmp_path_factory) -> Iterator[Pools]:
+    inj.refresh_pristine()
     gc.collect()
     gc.freeze()  # what exists now is never garbage: a collection then costs microseconds
     try:
@@ -511,6 +512,19 @@ FINDINGS: list[Finding] = [
         lambda c, p: (p.kind == "leftover" and "grad_enabled" in _left(p))
         or (_qual(c) == "without_grad" and p.kind in ("escaped", "warning")),
         (FULL, "_stats:without_grad: `_set_grad_enabled(enabled)`", 1, R)),
+    Finding(
+        "F09b-false-grad-applied-twice-after-backward-fault",
+        "after an internal error in the backward boundary, a correct LBFGS loop gets a false "
+        "grad_applied_twice",
+        "false anomaly: once the backward part failed (e.g. in Backward._discover_leaves or "
+        "_before at the last LBFGS closure's backward), FailOpen.wrapper bypasses the backward "
+        "wrapper, so the accumulation windows stop seeing passes while the accumulation "
+        "detector still judges optimizer steps: the LBFGS step finds windows SGD's step "
+        "consumed and reports grad_applied_twice at `lbfgs.step(closure)`. DEPENDENTS should "
+        "make BACKWARD take ACCUMULATION along, as OPTIMIZER does",
+        lambda c, p: p.kind == "warning" and p.phase == "loop"
+        and p.text.startswith("GradWatchWarning: [gradwatch] grad_applied_twice"),
+        (FULL, "_intercept.backward:Backward._discover_leaves (call)", "last", F)),
     Finding(
         "F12-interrupted-sink-close-leaves-it-open",
         "a Ctrl-C as a sink's close() starts leaves that sink open",
