@@ -504,6 +504,15 @@ def extra_state() -> dict[str, Any]:
 PRISTINE_EXTRA = extra_state()
 
 
+def refresh_pristine() -> None:
+    """Take the pristine state now (at the module's first test), not at import: earlier test
+    modules may have changed it legitimately (torch.compile wraps optimizer classes' step)."""
+    global PRISTINE_EXTRA
+    _PRISTINE_VALUES.update(
+        {label: vars(owner).get(attr, _MISSING) for label, owner, attr in _SLOTS})
+    PRISTINE_EXTRA = extra_state()
+
+
 def extra_diff() -> dict[str, Any]:
     now = extra_state()
     return {k: (PRISTINE_EXTRA[k], now[k]) for k in now if now[k] != PRISTINE_EXTRA.get(k)}

@@ -25,6 +25,7 @@ _PASS = Action.PASS
 _KWARG_WRITE = Action.KWARG_WRITE
 _NO_GRAD_OP = Action.NO_GRAD_OP
 _grad_enabled = torch.is_grad_enabled
+_DisableTorchFunction = torch._C.DisableTorchFunction
 _set_grad_enabled = torch._C._set_grad_enabled
 
 # torch.compiler.is_compiling() is two Python calls (it asks TorchScript first); per op, ask
@@ -73,7 +74,8 @@ class WatchMode(TorchFunctionMode):
                 else:
                     return func(*args, **kwargs)
             try:
-                pre = self.handlers[action](func, args, kwargs)
+                with _DisableTorchFunction():  # our own reads: no mode below ours sees them
+                    pre = self.handlers[action](func, args, kwargs)
             except AnomalyError as exc:
                 raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
             except Exception as exc:
@@ -82,7 +84,8 @@ class WatchMode(TorchFunctionMode):
             out = func(*args, **kwargs)
             if pre is not None:
                 try:
-                    pre[0](pre[1], out)
+                    with _DisableTorchFunction():
+                        pre[0](pre[1], out)
                 except AnomalyError:
                     raise
                 except Exception as exc:
