@@ -391,7 +391,8 @@ MODE_PREAMBLE = {"WatchMode.__torch_function__", "classify", "ModeGate._no_grad_
 EPILOGUES = {"ModeGate.resume", "ModeGate.pause", "ModeGate.call_paused", "ZeroGrad._wrapper",
              "Clipping._wrapper", "Optimizers._wrap_step",
              "Optimizers._wrap_closure.<locals>.closure_watched", "ModeGate.fast_path_exit",
-             "_bracketed.<locals>.bracketed", "Modules._fast_path_enter", "ModeGate.suspended"}
+             "_bracketed.<locals>.bracketed", "Modules._fast_path_enter", "ModeGate.suspended",
+             "_stack_top"}
 LIGHT_SWITCH = {"_light_set_grad_enabled", "ModeGate.grad_mode_switched"}
 BACKWARD_EPILOGUE = {"Backward._wrapper", "SavedTensorDetector.end_step",
                      "SavedTensorDetector.after_backward", "SavedTensorRegistry.sweep",
@@ -402,6 +403,19 @@ F, R = inj.InjectedFault, inj.InjectedRuntimeError
 FULL, FULL_LOG, LIGHT, LIGHT_LOG = CONFIGS
 
 FINDINGS: list[Finding] = [
+    Finding(
+        "F01b-fault-in-fast-path-step-aside-takes-slow-path",
+        "an internal error inside the attention bracket's step-aside: that call takes torch's "
+        "slow path (outputs differ)",
+        "changed result: F01's fix (3d18746) makes the bracket step aside also once the mode "
+        "part is off; an error inside ModeGate.fast_path_enter itself (its pause(), "
+        "_stack_top(), the light pop) still leaves the mode on the stack for that forward: an "
+        "eval-mode MultiheadAttention under no_grad takes torch's slow path and its output "
+        "differs in the last bits (a fallback that only takes the mode off the stack when the "
+        "bookkeeping fails would keep the numerics)",
+        lambda c, p: p.kind == "changed" and p.text == "attn differs",
+        (LIGHT, "_intercept.gate:ModeGate.fast_path_enter: `paused = self.pause()  # full: the "
+                "mode off the stack; light: torch's own switch`", 1, F)),
     Finding(
         "F02-setup-errors-propagate",
         "an internal error in watch()/__enter__ reaches the user (no fail-open at setup)",
