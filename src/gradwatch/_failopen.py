@@ -42,7 +42,10 @@ class Part(enum.Enum):
 
 # Parts that cannot work without another: the step bracketing tells the mode which writes are
 # the optimizer's and tells the accumulation detector when gradients were consumed.
-DEPENDENTS: dict[Part, tuple[Part, ...]] = {Part.OPTIMIZER: (Part.MODE, Part.ACCUMULATION)}
+DEPENDENTS: dict[Part, tuple[Part, ...]] = {
+    Part.OPTIMIZER: (Part.MODE, Part.ACCUMULATION),
+    Part.BACKWARD: (Part.ACCUMULATION,),  # (the backward boundary feeds it every pass)
+}
 
 
 def warn_internal(part: str, exc: BaseException, stacklevel: int = 3) -> None:

@@ -92,10 +92,13 @@ def _light_set_grad_enabled(mode: bool) -> None:
     _original_set_grad_enabled(mode)
     if _dynamo_compiling() or _compiler._is_compiling_flag:
         return
-    ref = _LIGHT_TARGET[0]
-    gate = ref() if ref is not None else None
-    if gate is not None:
-        gate.grad_mode_switched(mode)
+    try:  # (never fail the user's no_grad: the gate reports its own failures)
+        ref = _LIGHT_TARGET[0]
+        gate = ref() if ref is not None else None
+        if gate is not None:
+            gate.grad_mode_switched(mode)
+    except Exception:
+        pass
 
 
 def _not_a_frame_to_compile(fn: Callable) -> None:
@@ -218,9 +221,9 @@ class ModeGate:
 
     def grad_mode_switched(self, enabled: bool) -> None:
         """Light: grad mode was switched; push the mode while user code has it off."""
-        if (self.suspended and not self.light_pushed) or threading.get_ident() != self.thread:
-            return
         try:
+            if (self.suspended and not self.light_pushed) or threading.get_ident() != self.thread:
+                return
             if not enabled:
                 if not self.light_pushed and (self.step_depth or self._user_no_grad()):
                     self._on_no_grad(switch_frame(3))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import wrapt
 
 __all__ = ["ACTIONS", "Action", "classify"]
 
@@ -55,6 +56,7 @@ NONDIFFERENTIABLE = frozenset({
 SCALAR = frozenset({"item", "tolist", "numpy", "__float__", "__int__"})
 
 ACTIONS: dict[Any, int] = {}
+_FunctionWrapper = wrapt.FunctionWrapper
 
 
 def classify(func: Any) -> int:
@@ -63,7 +65,7 @@ def classify(func: Any) -> int:
         action = _classify(func)
     except Exception:
         action = Action.PASS
-    if getattr(type(func), "__module__", "").startswith("wrapt"):
+    if isinstance(func, _FunctionWrapper):
         return action  # a wrapper (gradwatch's own, around backward): memoised, it would pin it
     try:
         ACTIONS[func] = action
