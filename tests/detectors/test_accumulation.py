@@ -13,7 +13,12 @@ from torch import nn
 
 from gradwatch._context import RunContext
 from gradwatch.config import Config
-from gradwatch.detectors.accumulation import HINT_DISCARDED, HINT_STALE, AccumulationDetector
+from gradwatch.detectors.accumulation import (
+    HINT_DISCARDED,
+    HINT_STALE,
+    HINT_STALE_CLOSURE,
+    AccumulationDetector,
+)
 from gradwatch.events import EventKind, Location
 from gradwatch.records.emit import Emitter
 from helpers import line_of
@@ -184,6 +189,37 @@ def test_a_forgotten_zero_grad_is_reported_when_a_step_uses_the_mixed_sum() -> N
     assert "last edited" not in r.emit.anomalies[0].message
     r.det.stepped(r.params)  # reported once per window
     assert len(r.emit.anomalies) == 2
+
+
+def test_closure_calls_at_different_weights_summed_are_stale_when_the_step_reads_them() -> None:
+    """LBFGS evaluates the closure several times per step; a closure that does not zero the
+    gradients sums them across its iterates. The first call is the step's use (as the step
+    boundary reports it), later ones ``closure_used``; the weights change between them."""
+    r = Rig()
+    r.backward()
+    r.det.stepped(r.params, r.opt)  # the first closure call: the step is about to update
+    with torch.no_grad():
+        for p in r.params:
+            p.add_(0.1)  # the line search moves the weights
+    where, _ = r.backward()  # the second closure call, no zero_grad
+    assert list(r.emit.anomalies) == []
+    r.det.closure_used(r.opt)  # the step reads the mixed sum
+    assert r.anomalies() == [("stale_grad_accumulation", n, where[1]) for n in NAMES]
+    assert {e.hint for e in r.emit.anomalies} == {HINT_STALE_CLOSURE}
+    r.det.closure_used(r.opt)  # reported once per window
+    assert len(r.emit.anomalies) == 2
+
+
+def test_closure_calls_that_zero_first_are_silent() -> None:
+    r = Rig()
+    for _ in range(3):
+        r.zero_grad()
+        r.backward()
+        r.det.closure_used(r.opt)
+        with torch.no_grad():
+            for p in r.params:
+                p.add_(0.1)
+    assert list(r.emit.anomalies) == []
 
 
 def test_a_mixed_sum_zeroed_before_a_step_uses_it_is_no_finding_when_its_pass_was_used() -> None:

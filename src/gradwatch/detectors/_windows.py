@@ -305,19 +305,25 @@ class AccumulationTracker:
             self.unconsumed.difference_update(map(id, leaves))
         return due
 
-    def used_by_step(self, leaves: list[torch.Tensor]) -> None:
+    def used_by_step(self, leaves: list[torch.Tensor]) -> list[LeafState]:
         """An optimizer step read these leaves' ``.grad`` without being a new step (what a
         closure computed, for LBFGS and other closure optimizers that call it several times
-        per step): their windows are used; nothing becomes due."""
+        per step): their windows are used. Returns the states whose sum mixes the weights of
+        two closure calls (a closure that does not zero the gradients): the step reads it."""
         self.sync()
         get = self.leaves.get
+        due = []
         for leaf in leaves:
             st = get(id(leaf))
             if st is not None and st.leaf() is leaf and st.accum > 0:
+                if st.stale_where is not None and not st.reset:
+                    due.append(st)
+                    self.mixed.discard(id(leaf))
                 st.consumed = True
                 self.mark_used(st.pass_no)
         if self.unconsumed:
             self.unconsumed.difference_update(map(id, leaves))
+        return due
 
     def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None) -> None:
         st = self.get(leaf)  # (syncs)

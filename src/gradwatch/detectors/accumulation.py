@@ -22,7 +22,7 @@ from ..records.raw import LeafBatch, Raw, op_str
 from ._windows import AccumulationTracker, LeafState, PassEntry, finite_nonzero
 
 __all__ = ["HINT_APPLIED_TWICE", "HINT_DISCARDED", "HINT_NEVER_APPLIED", "HINT_STALE",
-           "AccumulationDetector"]
+           "HINT_STALE_CLOSURE", "AccumulationDetector"]
 
 K = EventKind
 _Tensor = torch.Tensor
@@ -39,6 +39,10 @@ HINT_NEVER_APPLIED = (
 HINT_APPLIED_TWICE = (
     "give each parameter to one optimizer only (e.g. exclude the shared module from the second "
     "optimizer's parameters), or zero the gradients between the two steps"
+)
+HINT_STALE_CLOSURE = (
+    "zero the gradients inside the closure (call optimizer.zero_grad() before its backward): "
+    "the optimizer evaluates the closure several times per step, at different weights"
 )
 HINT_DISCARDED = (
     "step the optimizer before zeroing (zero_grad() belongs after step(), once per accumulation "
@@ -330,11 +334,14 @@ class AccumulationDetector:
 
     def closure_used(self, opt: torch.optim.Optimizer) -> None:
         """A closure ran again within one step (LBFGS): the step reads these gradients."""
-        self.windows.used_by_step([p for g in opt.param_groups for p in g["params"]
-                                   if p.grad is not None])
+        for st in self.windows.used_by_step([p for g in opt.param_groups for p in g["params"]
+                                             if p.grad is not None]):
+            stale_where = st.stale_where
+            st.stale_where = None
+            self.stale(st, stale_where, st.leaf(), hint=HINT_STALE_CLOSURE)
 
     def stale(self, st: LeafState, where: Any, p: torch.Tensor | None = None,
-              edited: bool = False) -> None:
+              edited: bool = False, hint: str = HINT_STALE) -> None:
         p = p if p is not None else st.leaf()
         name = self._name(p)
         edit = location_of(st.last_edit) if edited and st.last_edit is not None else None
@@ -346,7 +353,7 @@ class AccumulationDetector:
             self.ctx.step(),
             f"`{name}.grad` now sums gradients taken at different versions of `{name}` (it "
             f"changed between two backward passes and .grad was not zeroed{cause})",
-            HINT_STALE,
+            hint,
         ))
 
     def prune(self, tracked: set[int]) -> None:
