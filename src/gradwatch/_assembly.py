@@ -126,6 +126,11 @@ class Runtime:
         finally:
             self.installed.undo()
 
+    def explain_error(self, exc: BaseException) -> None:
+        """The user's exception is leaving the watch: add what the detectors know about it."""
+        if not self.ctx.closed:
+            self.fail.guard(Part.GRAD_FLOW, self.grad_flow.explain_error, exc)
+
     def close(self) -> None:
         """Flush everything and remove all hooks (idempotent)."""
         if self.ctx.closed:

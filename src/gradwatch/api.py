@@ -206,6 +206,8 @@ class Watch:
             self.close()
             return
         try:
+            if not self._closed:
+                self._runtime.explain_error(exc)
             self.close()
         except AnomalyError:  # recorded; the user's exception is the one that propagates
             pass

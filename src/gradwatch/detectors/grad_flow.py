@@ -9,6 +9,8 @@ no_grad), the parameter has silently stopped training: that is reported at the c
 
 from __future__ import annotations
 
+import linecache
+import re
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +43,15 @@ _Parameter = torch.nn.Parameter
 HINT_REBIND = (
     "update the tensor in place (w -= lr * w.grad, or w.copy_(...)) instead of rebinding it "
     "under no_grad, so it stays the leaf that requires grad"
+)
+_GRAD_READ = re.compile(r"([A-Za-z_][A-Za-z_0-9]*)\.grad\b")
+HINT_NONLEAF = (
+    "update the tensor in place under torch.no_grad() (with torch.no_grad(): w -= lr * w.grad) "
+    "instead of rebinding it to a computed tensor, so it stays the leaf that requires grad"
+)
+HINT_VALUE = (
+    "call backward() on the tensor and take .item() (or float(), .tolist(), .numpy()) only for "
+    "logging"
 )
 HINT_ROOT = (
     "compute the loss with grad enabled from tensors that require grad: do not build it under "
@@ -321,3 +332,67 @@ class GradFlowDetector:
             ), raise_now=False)
         return True
 
+    # -- the Python errors that follow a cut (seen when they leave the watch) -----------------
+    def explain_error(self, exc: BaseException) -> None:
+        """Add a note to a Python error that a cut explains: ``.backward()`` called on a Python
+        number (the loss went through ``.item()``/``.tolist()``/``.numpy()``/``float()``), or a
+        ``.grad`` that is None because the tensor in use is a cut's result (rebound under
+        no_grad) or a computed, non-leaf tensor (rebound with grad on)."""
+        if self.off or not isinstance(exc, (AttributeError, TypeError)):
+            return
+        text = str(exc)
+        if "'NoneType'" not in text and "has no attribute 'backward'" in text:
+            self._explain_value_error(exc)
+        elif "'NoneType'" in text:
+            self._explain_none_grad(exc)
+
+    def _explain_value_error(self, exc: BaseException) -> None:
+        found = next((w for w in reversed(self.window) if w[0] == 3), None)
+        if found is None:
+            return
+        _rank, op, where, step = found
+        where = statement_start(where)
+        loc = location_of(where)
+        place = f"{loc} (`{loc.code}`)" if loc else "an unknown line"
+        what = f"the loss became a Python value at {place} ({op}): it has no history"
+        exc.add_note(f"gradwatch: {what}. Fix: {HINT_VALUE}.")
+        self.emit.anomaly(Raw(
+            K.GRAD_FLOW_CUT, op, "loss", None, None, None, None, None, "enabled", None, where,
+            step, f"{what}; backward() was then called on it", HINT_VALUE,
+        ), raise_now=False)
+
+    def _explain_none_grad(self, exc: BaseException) -> None:
+        frame, lineno, tb = None, 0, exc.__traceback__
+        while tb is not None:  # the innermost user frame: where `.grad` was used
+            if not is_internal(tb.tb_frame.f_code):
+                frame, lineno = tb.tb_frame, tb.tb_lineno
+            tb = tb.tb_next
+        if frame is None:
+            return
+        line = linecache.getline(frame.f_code.co_filename, lineno)
+        names = dict.fromkeys(_GRAD_READ.findall(line))  # `w` of each `w.grad` on that line
+        if not names:
+            return
+        try:
+            scope = dict(frame.f_globals)
+            scope.update(frame.f_locals)  # (the frame is over: its locals live as long as it)
+        except Exception:
+            return
+        live = {id(r): c for c in self.cuts.ring if (r := c.result()) is not None}
+        for name in names:
+            value = scope.get(name)
+            if not isinstance(value, _Tensor) or value.grad is not None:
+                continue
+            cut = live.get(id(value))
+            if cut is not None and cut.result() is value:
+                exc.add_note(
+                    f"gradwatch: `{name}.grad` is None because `{name}` is no longer the tensor "
+                    f"that was trained: {cut.describe()}. Fix: {HINT_REBIND}.")
+                return
+            if value.requires_grad and value.grad_fn is not None:
+                node = type(value.grad_fn).__name__
+                exc.add_note(
+                    f"gradwatch: `{name}.grad` is None because `{name}` is not a leaf: it holds "
+                    f"a computed tensor ({node}), rebound with grad enabled, so backward() does "
+                    f"not fill its .grad. Fix: {HINT_NONLEAF}.")
+                return

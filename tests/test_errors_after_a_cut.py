@@ -1,0 +1,77 @@
+"""Issue 15, 1(b): the Python errors that follow a cut, as they leave the watch, carry a note
+naming the cut (or the rebinding) at its line. Torch's own errors and unrelated Python errors
+pass unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradwatch
+from helpers import line_of
+
+
+def _notes(exc: BaseException) -> list[str]:
+    return [n for n in getattr(exc, "__notes__", []) if n.startswith("gradwatch:")]
+
+
+def test_backward_on_a_python_number_names_the_item_line() -> None:
+    w0 = torch.randn(3, requires_grad=True)
+    x = torch.randn(3)
+    with pytest.raises(AttributeError) as info, gradwatch.watch(on_anomaly="log") as w:
+        loss = (w0 * x).sum().item()  # <item>
+        loss.backward()
+    [note] = _notes(info.value)
+    assert f"test_errors_after_a_cut.py:{line_of('item')}" in note
+    assert "(item)" in note and "Python value" in note
+    [finding] = w.distinct_anomalies()
+    ev = finding["event"]
+    assert (ev.kind.value, ev.severity, ev.op) == ("grad_flow_cut", "error", "item")
+    assert ev.location.lineno == line_of("item")
+
+
+def test_grad_none_after_rebinding_under_no_grad_names_the_cut() -> None:
+    w = torch.randn(3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    x = torch.randn(3)
+    with pytest.raises(AttributeError) as info, gradwatch.watch(on_anomaly="log"):
+        for _ in range(2):
+            (w * x + b).sum().backward()
+            with torch.no_grad():
+                w = w - 0.1 * w.grad  # <rebind>
+                b -= 0.1 * b.grad
+            b.grad.zero_()
+            w.grad.zero_()
+    [note] = _notes(info.value)
+    assert "`w.grad` is None because `w` is no longer the tensor that was trained" in note
+    assert f"test_errors_after_a_cut.py:{line_of('rebind')}" in note
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_grad_none_of_a_non_leaf_rebound_with_grad_on() -> None:
+    w = torch.randn(3, requires_grad=True)
+    x = torch.randn(3)
+    with pytest.raises(TypeError) as info, gradwatch.watch(on_anomaly="log"):
+        for _ in range(2):
+            (w * x).sum().backward()
+            w = w - 0.1 * w.grad
+    [note] = _notes(info.value)
+    assert "`w.grad` is None because `w` is not a leaf" in note
+    assert "SubBackward0" in note
+
+
+def test_look_alikes_get_no_note() -> None:
+    """A None .grad of a leaf never reached, and an unrelated AttributeError: no note."""
+    w = torch.randn(3, requires_grad=True)
+    unused = torch.randn(3, requires_grad=True)
+    x = torch.randn(3)
+    with pytest.raises(AttributeError) as info, gradwatch.watch(on_anomaly="log"):
+        loss = (w * x).sum()
+        print(loss.item())  # logging: a cut of the user's, harmless
+        loss.backward()
+        unused.grad.zero_()
+    assert _notes(info.value) == []
+    with pytest.raises(AttributeError) as info, gradwatch.watch(on_anomaly="log"):
+        value = 3.0
+        value.backward()  # no tensor was ever cut here
+    assert _notes(info.value) == []
