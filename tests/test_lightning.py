@@ -295,6 +295,21 @@ def test_user_writer_and_log_dir(L, tmp_path):
     assert "gradwatch/anomalies" not in read(trainer.logger.log_dir).Tags()["scalars"]
 
 
+def test_per_parameter_scalars_pass_through_the_callback(L, tmp_path):
+    """Opt-in: one update-ratio scalar per parameter in the logger's run; none by default."""
+    on = GradWatchCallback(on_anomaly="log", stats_every=1, per_parameter_scalars=True)
+    trainer, _ = fit(L, tmp_path / "on", callback=on)
+    tags = set(read(trainer.logger.log_dir).Tags()["scalars"])
+    assert {t for t in tags if t.startswith("gradwatch/param_update_ratio/")} == {
+        f"gradwatch/param_update_ratio/{p}" for p in (
+            "l1.weight", "l1.bias", "bn.weight", "bn.bias", "l2.weight", "l2.bias")}
+    trainer, _ = fit(L, tmp_path / "off", callback=GradWatchCallback(stats_every=1))
+    tags = set(read(trainer.logger.log_dir).Tags()["scalars"])
+    assert not {t for t in tags if t.startswith("gradwatch/param_update_ratio/")}
+    with pytest.raises(TypeError, match=r"^per_parameter_scalars must be a bool"):
+        GradWatchCallback(per_parameter_scalars="yes")
+
+
 # ---------------------------------------------------------------------- checkpoints
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_state_survives_a_checkpoint(L, tmp_path):

@@ -118,7 +118,8 @@ class Runtime:
             from .sinks.tensorboard import TensorBoardSink
 
             sinks.append(TensorBoardSink(writer=cfg.writer, log_dir=cfg.log_dir, rank=ctx.rank,
-                                         world=ctx.world))
+                                         world=ctx.world,
+                                         per_parameter_scalars=cfg.per_parameter_scalars))
 
     def uninstall(self) -> None:
         try:

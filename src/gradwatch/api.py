@@ -46,6 +46,7 @@ def watch(
     stats_every: int = 10,
     change_stats: bool = True,
     check_nonfinite: bool = True,
+    per_parameter_scalars: bool = False,
 ) -> Watch:
     """Watch a training loop for silent gradient corruption.
 
@@ -70,6 +71,8 @@ def watch(
         stats_every: compute data-change and update/weight statistics every N optimizer steps.
         change_stats: compute ``Event.change`` for in-place edits (on statistics steps).
         check_nonfinite: look for NaN/Inf written under no_grad (batched, no per-op sync).
+        per_parameter_scalars: also write one TensorBoard scalar per parameter
+            (``gradwatch/param_update_ratio/<name>``) on statistics steps.
     """
     cfg = Config.build(
         model,
@@ -82,6 +85,7 @@ def watch(
         stats_every=stats_every,
         change_stats=change_stats,
         check_nonfinite=check_nonfinite,
+        per_parameter_scalars=per_parameter_scalars,
     )
     if len(cfg.models) > 1:
         names = call_arg_names(caller(), "watch")

@@ -32,6 +32,7 @@ class Config:
     stats_every: int = 10
     change_stats: bool = True
     check_nonfinite: bool = True
+    per_parameter_scalars: bool = False  # TensorBoard: one update-ratio scalar per parameter
 
     @classmethod
     def build(
@@ -59,7 +60,7 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("change_stats", "check_nonfinite"):
+        for name in ("change_stats", "check_nonfinite", "per_parameter_scalars"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.log_dir is not None:

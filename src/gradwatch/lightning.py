@@ -81,7 +81,8 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
     r"""Run :func:`gradwatch.watch` around ``Trainer.fit``.
 
     Args: the options of :func:`gradwatch.watch` (``log_dir``, ``writer``, ``on_anomaly``,
-    ``level``, ``max_events``, ``stats_every``, ``change_stats``, ``check_nonfinite``). The model
+    ``level``, ``max_events``, ``stats_every``, ``change_stats``, ``check_nonfinite``,
+    ``per_parameter_scalars``). The model
     and optimizers are the trainer's; the step is ``trainer.global_step``.
 
     After ``fit``: :attr:`anomalies`, :attr:`events`, :attr:`counts`, :meth:`report` and
@@ -105,11 +106,12 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
         stats_every: int = 10,
         change_stats: bool = True,
         check_nonfinite: bool = True,
+        per_parameter_scalars: bool = False,
     ) -> None:
         self._options: dict[str, Any] = {
             "on_anomaly": on_anomaly, "level": level, "max_events": max_events,
             "stats_every": stats_every, "change_stats": change_stats,
-            "check_nonfinite": check_nonfinite,
+            "check_nonfinite": check_nonfinite, "per_parameter_scalars": per_parameter_scalars,
         }
         Config(**self._options).validate()  # wrong values fail here, at construction
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
@@ -266,6 +268,7 @@ class GradWatchCallback(Callback):  # type: ignore[misc, valid-type]
             sinks.append(TensorBoardSink(
                 writer=self._tb_writer, log_dir=self.output_dir, rank=rank, world=world,
                 every_n_steps=max(1, int(trainer.log_every_n_steps or 1)),
+                per_parameter_scalars=self._options["per_parameter_scalars"],
             ))
         # the trainer's optimizers name parameters; wrappers that are no torch Optimizer
         # (some strategies') are left out: global optimizer hooks still see every step
