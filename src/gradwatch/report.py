@@ -436,3 +436,57 @@ def _scalar_of(value: Any) -> float | None:
     if tensor.double_val:
         return float(tensor.double_val[0])
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes of one run (``gradwatch run``: the script, the processes it started, the
+# ranks of a torchrun job) merged into one report: one row per finding, with its ranks and the
+# processes it came from.
+
+PROCESS_DIR = "processes"  # <log_dir>/processes/<name>.<pid>/: a child of `gradwatch run`
+
+
+def merge_processes(parts: list[tuple[str | None, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Merge finding rows of several processes of one run. ``parts``: (process label or None,
+    rows like ``Watch.distinct_anomalies()`` or ``RunData.distinct``). Returns one row per
+    finding (``run`` ``"."``) with ``ranks`` (every rank it was seen on) and ``processes`` (the
+    labels of the processes it came from, in the order given; None labels are left out)."""
+    findings = Findings()
+    labels: dict[tuple[Any, ...], list[str]] = {}
+    for label, rows in parts:
+        for row in rows:
+            f, _ = findings.merge_event(row["event"], row)
+            for rank in row.get("ranks", ()):
+                if rank not in f.ranks:
+                    f.ranks = sorted([*f.ranks, rank])
+            names = labels.setdefault(f.key, [])
+            if label is not None and label not in names:
+                names.append(label)
+    return [{**f.to_dict(), "run": ".", "ranks": f.ranks, "processes": labels.get(f.key, [])}
+            for f in findings]
+
+
+def fold_processes(data: RunData) -> None:
+    """``gradwatch report`` of a ``gradwatch run`` log dir: the rows of its child processes
+    (``<run>/processes/<name>.<pid>``) are merged into their run's rows (one row per finding,
+    with ``processes``), instead of one run per child."""
+    parent_of: dict[str, tuple[str, str]] = {}
+    for run in data.runs:
+        head, _, name = run.rpartition("/")
+        parent, _, folder = head.rpartition("/")
+        if folder == PROCESS_DIR or (head == PROCESS_DIR and not parent):
+            parent_of[run] = (parent or ".", name)
+    if not parent_of:
+        return
+    groups: dict[str, list[tuple[str | None, list[dict[str, Any]]]]] = {}
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for row in data.distinct:
+        by_run.setdefault(row.get("run", "."), []).append(row)
+    for run in sorted(set(by_run) | {p for p, _ in parent_of.values()}):
+        parent, label = parent_of.get(run, (run, "main"))
+        groups.setdefault(parent, []).append((label, by_run.get(run, [])))
+    merged: list[dict[str, Any]] = []
+    for parent, parts in groups.items():
+        merged += [{**row, "run": parent} for row in merge_processes(parts)]
+    data.distinct = merged
+    data.runs = sorted({parent_of.get(r, (r, ""))[0] for r in data.runs})
