@@ -381,172 +381,66 @@ def _left(p: Problem) -> set[str]:
 
 
 SETUP = ("watch()", "__enter__")
-# The close path: Watch.__exit__ -> Watch.close -> Runtime.close -> gate.close,
-# step_boundary(final), uninstall -> gate.close, Installed.undo; then Emitter.close_sinks.
-CLOSE_PATH = {"Watch.__exit__", "Watch.close", "Runtime.close", "Runtime.uninstall",
-              "ModeGate.close", "Runtime.step_boundary", "Emitter.close_sinks",
-              "Emitter._call", "ModeGate.suspended"}
-MODE_PREAMBLE = {"WatchMode.__torch_function__", "classify", "ModeGate._no_grad_entered",
-                 "switch_frame"}
-EPILOGUES = {"ModeGate.resume", "ModeGate.pause", "ModeGate.call_paused", "ZeroGrad._wrapper",
-             "Clipping._wrapper", "Optimizers._wrap_step",
-             "Optimizers._wrap_closure.<locals>.closure_watched", "ModeGate.fast_path_exit",
-             "_bracketed.<locals>.bracketed", "Modules._fast_path_enter", "ModeGate.suspended",
-             "_stack_top"}
-LIGHT_SWITCH = {"_light_set_grad_enabled", "ModeGate.grad_mode_switched"}
-BACKWARD_EPILOGUE = {"Backward._wrapper", "SavedTensorDetector.end_step",
-                     "SavedTensorDetector.after_backward", "SavedTensorRegistry.sweep",
-                     "GradFlowDetector.backward_done"}
-SAVED_HOOKS = {"SavedTensorRegistry.pack", "SavedTensorRegistry.unpack"}
-STEP_CLASSES = {"LBFGS.step", "SGD.step", "Adam.step", "AdamW.step"}
+# gradwatch's functions torch calls directly (no frame of gradwatch's above them)
+TORCH_CALLS = {"WatchMode.__torch_function__", "SavedTensorRegistry.pack",
+               "SavedTensorRegistry.unpack", "Optimizers._wrap_closure.<locals>.closure_watched",
+               "_bracketed.<locals>.bracketed"}
 F, R = inj.InjectedFault, inj.InjectedRuntimeError
 FULL, FULL_LOG, LIGHT, LIGHT_LOG = CONFIGS
 
 FINDINGS: list[Finding] = [
     Finding(
-        "F01b-fault-in-fast-path-step-aside-takes-slow-path",
-        "an internal error inside the attention bracket's step-aside: that call takes torch's "
-        "slow path (outputs differ)",
-        "changed result: F01's fix (3d18746) makes the bracket step aside also once the mode "
-        "part is off; an error inside ModeGate.fast_path_enter itself (its pause(), "
-        "_stack_top(), the light pop) still leaves the mode on the stack for that forward: an "
-        "eval-mode MultiheadAttention under no_grad takes torch's slow path and its output "
-        "differs in the last bits (a fallback that only takes the mode off the stack when the "
-        "bookkeeping fails would keep the numerics)",
-        lambda c, p: p.kind == "changed" and p.text == "attn differs",
-        (LIGHT, "_intercept.gate:ModeGate.fast_path_enter: `paused = self.pause()  # full: the "
-                "mode off the stack; light: torch's own switch`", 1, F)),
+        "F05b-exit-entry",
+        "an error or Ctrl-C at the very entry of Watch.__exit__ leaves the watch installed",
+        "leftover, an active watch (and, for an error, a user-visible fault): Python's `with` "
+        "calls Watch.__exit__ itself; an exception raised as that call starts (a Ctrl-C, a "
+        "RecursionError, a MemoryError) comes before any line of gradwatch's runs, so nothing "
+        "can undo what the watch installed or catch the error (every later step of the close "
+        "path is guarded, retried after an interrupt, and idempotent; only atexit closes this "
+        "watch then)",
+        lambda c, p: p.phase == "__exit__" and _qual(c) == "Watch.__exit__" and c.site.line is None
+        and p.kind in ("escaped", "leftover", "active", "outlives", "open_sink", "rewatch"),
+        (FULL, "api:Watch.__exit__ (call)", 1, R)),
     Finding(
-        "F02-setup-errors-propagate",
-        "an internal error in watch()/__enter__ reaches the user (no fail-open at setup)",
-        "user-visible fault: an internal error while watch() builds its parts (Runtime and "
-        "every part's __init__, Config.build) or while __enter__ installs them propagates to "
-        "the user's `with` line instead of failing open (warn once, run unwatched)",
-        lambda c, p: p.kind == "escaped" and p.phase in SETUP and not c.interrupt,
-        (FULL, "_intercept.clipping:Clipping.install (call)", 1, R)),
-    Finding(
-        "F03-registered-before-its-undo",
-        "a hook/patch/mode installed before its undo is pushed stays after an error or Ctrl-C",
-        "leftover: Installed registers a hook / patches an attribute / pushes the mode and "
-        "only then pushes its undo (optimizer_hooks, module_forward_pre_hook, wrap_attribute, "
-        "replace_attribute, saved_tensors_hooks, ModeGate.install, Runtime.install's "
-        "atexit.register): an error or Ctrl-C between the two leaves it installed for good; "
-        "also when a library optimizer's step is wrapped lazily during the loop",
-        lambda c, p: (p.phase in SETUP and p.kind in ("leftover", "outlives"))
-        or (p.phase == "loop" and p.kind == "leftover" and bool(_left(p))
-            and _left(p) <= STEP_CLASSES),
-        (FULL, "_intercept.installed:Installed.optimizer_hooks: "
-               "`self.add(h1.remove)`", 1, R)),
-    Finding(
-        "F05-close-not-failsafe",
-        "close path: internal errors reach the user; an error or Ctrl-C skips uninstall",
-        "user-visible fault and leftovers: in the close path (Watch.__exit__ -> Watch.close -> "
-        "Runtime.close -> ModeGate.close / step_boundary(final) / uninstall; "
-        "Emitter.close_sinks) an internal error propagates to the user, and an error or a "
-        "Ctrl-C before `self.installed.undo()` leaves every hook, wrapper and the mode "
-        "installed (Runtime.close calls gate.close() outside its try/finally; uninstall calls "
-        "gate.close() before undo() without a finally; ctx.closed/Watch._closed are set "
-        "first, so nothing retries)",
-        lambda c, p: p.phase == "__exit__" and _qual(c) in CLOSE_PATH
-        and p.kind in ("escaped", "leftover", "warning", "outlives", "active", "open_sink"),
-        (FULL, "_assembly:Runtime.close: `self.gate.close()`", 1, R)),
-    Finding(
-        "F06-failed-cleanup-step-left-installed",
-        "a failed or interrupted undo step leaves its item installed (RuntimeWarning)",
-        "leftover (and a warning that is not a GradWatchWarning): an undo step that fails "
-        "(restore of a wrapped attribute, the saved-tensors pop, ModeGate._exit_full / "
-        "_exit_light) is warned as RuntimeWarning 'gradwatch: cleanup step failed' and what it "
-        "should have removed stays installed; a Ctrl-C in Installed.undo drops the step it "
-        "interrupted (popped before it ran, never retried)",
-        lambda c, p: p.phase == "__exit__" and _qual(c) not in CLOSE_PATH and (
-            p.kind == "leftover" or (p.kind == "warning" and "cleanup step failed" in p.text)),
-        (FULL, "_intercept.installed:Installed.wrap_attribute.<locals>.restore (call)", 1, F)),
-    Finding(
-        "F07a-mode-preamble-unguarded",
-        "WatchMode.__torch_function__ code before its try fails the user's op",
-        "user-visible fault: WatchMode.__torch_function__ runs code outside its handler try "
-        "(the memo lookup / classify, the out=/inplace check, grad mode, the no_grad "
-        "notification: on_no_grad -> ModeGate._no_grad_entered evaluates switch_frame(3) "
-        "before the GRAD_FLOW hook guard): an error there fails the user's torch op",
-        lambda c, p: p.kind == "escaped" and p.phase == "loop" and _qual(c) in MODE_PREAMBLE,
-        (FULL, "_intercept.gate:ModeGate._no_grad_entered (call)", 1, F)),
-    Finding(
-        "F07b-wrapper-epilogue-unguarded",
-        "gate pause/resume around library calls is unguarded: errors reach the user",
-        "user-visible fault: the gate's pause/resume around library calls runs outside any "
-        "guard, after (or, for the fast path, around) the user's call: Clipping._wrapper, "
-        "ZeroGrad._wrapper, ModeGate.call_paused (DataLoader), Optimizers._wrap_step, "
-        "closure_watched (LBFGS), the attention bracket: an error there reaches the user "
-        "although the user's call succeeded (FailOpen.wrapper re-raises once `called`)",
-        lambda c, p: p.kind == "escaped" and p.phase == "loop" and _qual(c) in EPILOGUES,
-        (FULL, "_intercept.gate:ModeGate.resume (call)", 1, R)),
+        "F02b-setup-entry",
+        "an error at the very entry of watch() or Watch.__enter__ reaches the user",
+        "user-visible fault: watch() and Watch.__enter__ are called by the user's own line; an "
+        "error raised as such a call starts (a RecursionError, a MemoryError), before any line "
+        "of gradwatch's runs, cannot be caught by gradwatch (every error after that fails open: "
+        "a warning, the watch watches nothing, nothing stays installed)",
+        lambda c, p: p.kind == "escaped" and p.phase in SETUP and c.site.line is None
+        and _qual(c) in ("watch", "Watch.__enter__"),
+        (FULL, "api:Watch.__enter__ (call)", 1, R)),
     Finding(
         "F07c-light-grad-switch-entry",
-        "an error at the very entry of light's grad-mode stand-in fails the user's no_grad",
-        "user-visible fault (light): only an error raised at the entry of "
-        "_light_set_grad_enabled itself (before its first line runs: a RecursionError, a "
-        "MemoryError) still fails the user's `with torch.no_grad():`; its body is guarded",
-        lambda c, p: p.kind == "escaped" and p.phase == "loop" and _qual(c) in LIGHT_SWITCH,
+        "an error or Ctrl-C at the very entry of light's grad-mode stand-in",
+        "user-visible fault or grad mode left off (light): torch's no_grad calls "
+        "torch._C._set_grad_enabled, which light replaces by _light_set_grad_enabled; an "
+        "exception raised as that call starts (a RecursionError, a MemoryError, a Ctrl-C), "
+        "before its first line, fails the user's `with torch.no_grad():` (entering) or leaves "
+        "grad mode off (a Ctrl-C as the block exits: torch's __exit__ calls it directly). Its "
+        "body is guarded and puts grad mode back on an interrupt; nothing of gradwatch's runs "
+        "between torch's call and that entry to guard it",
+        lambda c, p: _qual(c) == "_light_set_grad_enabled" and c.site.line is None and (
+            (p.kind == "escaped" and p.phase == "loop")
+            or (p.kind in ("leftover", "changed", "rewatch") and (
+                "grad_enabled" in _left(p) or "does not require grad" in p.text
+                or p.kind == "changed"))),
         (LIGHT, "_intercept.gate:_light_set_grad_enabled (call)", 1, F)),
     Finding(
-        "F07d-backward-epilogue-unguarded",
-        "Backward._wrapper's work after torch's backward is unguarded",
-        "user-visible fault: after torch's backward returned, Backward._wrapper calls "
-        "grad_flow.backward_done(), saved.after_backward() and saved.end_step() (-> "
-        "registry.sweep) outside any guard: an error there reaches the user after a "
-        "successful backward",
-        lambda c, p: p.kind == "escaped" and p.phase == "loop"
-        and _qual(c) in BACKWARD_EPILOGUE,
-        (FULL, "detectors.saved_tensor:SavedTensorDetector.end_step (call)", 1, R)),
-    Finding(
-        "F07e-saved-tensor-hooks-unguarded",
-        "the saved-tensors pack entry and unpack are unguarded",
-        "user-visible fault (full): the saved-tensors hooks torch calls directly are guarded "
-        "only inside pack's try (pack's entry) and not at all in unpack: an error there fails "
-        "the user's forward or backward",
-        lambda c, p: p.kind == "escaped" and p.phase == "loop" and _qual(c) in SAVED_HOOKS,
+        "F07e-callback-entry",
+        "an error at the very entry of a gradwatch function that torch calls directly",
+        "user-visible fault: torch itself calls some of gradwatch's functions, with no "
+        "gradwatch frame between to guard them: the function mode's __torch_function__ (per "
+        "op), the saved-tensors pack/unpack hooks (per saved tensor), the closure wrapper an "
+        "LBFGS step calls, the attention modules' forward bracket (the module's call). Their "
+        "bodies are guarded (an internal error fails open), but an error raised as such a "
+        "call starts (a RecursionError, a MemoryError), before its first line, fails the "
+        "user's op, forward, backward or step; a guard layer above them would cost a Python "
+        "call each time (per op, per saved tensor) or is torch's own code",
+        lambda c, p: p.kind == "escaped" and p.phase == "loop" and _qual(c) in TORCH_CALLS
+        and c.site.line is None,
         (FULL, "detectors._saved_registry:SavedTensorRegistry.unpack (call)", 1, F)),
-    Finding(
-        "F07f-wrapper-prepare-outside-guard",
-        "FailOpen.wrapper runs prepare() outside its try",
-        "user-visible fault: FailOpen.wrapper runs `prepare` (clipping's "
-        "_with_parameter_list) before its try: an error there fails clip_grad_norm_",
-        lambda c, p: p.kind == "escaped" and p.phase == "loop"
-        and _qual(c) == "_with_parameter_list",
-        (FULL, "_intercept.clipping:_with_parameter_list (call)", 1, F)),
-    Finding(
-        "F08-grad-mode-left-off",
-        "grad mode stays off after an error/Ctrl-C in without_grad or light's stand-in",
-        "leftover and changed result: grad mode stays off after the watch when an error or a "
-        "Ctrl-C hits _stats.without_grad's restore (its finally) or the light stand-in after "
-        "it switched grad off (the user's `with torch.no_grad():` then fails in __enter__, so "
-        "its __exit__ never restores grad mode); the next backward fails with 'element 0 of "
-        "tensors does not require grad'",
-        lambda c, p: (p.kind == "leftover" and "grad_enabled" in _left(p))
-        or (_qual(c) == "without_grad" and p.kind in ("escaped", "warning")),
-        (FULL, "_stats:without_grad: `_set_grad_enabled(enabled)`", 1, R)),
-    Finding(
-        "F12-interrupted-sink-close-leaves-it-open",
-        "a Ctrl-C as a sink's close() starts leaves that sink open",
-        "leftover: Emitter.close_sinks goes on to the other sinks through an interrupt, but the "
-        "sink whose close() the Ctrl-C cut short is never closed again: its TensorBoard "
-        "SummaryWriter (file and writer thread) or gradwatch.jsonl stays open (a close "
-        "interrupted this way could run once more, as undo steps should: sinks' close() is "
-        "idempotent)",
-        lambda c, p: p.kind == "open_sink" and p.phase == "__exit__"
-        and c.site.module.startswith("gradwatch.sinks"),
-        (FULL_LOG, "sinks.tensorboard:TensorBoardSink.close (call)", 1, KeyboardInterrupt)),
-    Finding(
-        "F13-traceback-trimming-unguarded",
-        "without_own_frames failing replaces the user's exception",
-        "user-visible fault: when an exception passes through a boundary (the mode, the fail-open "
-        "hooks and wrappers, the optimizer step wrapper), the boundary calls "
-        "_location.without_own_frames in its except clause with nothing around the call: an "
-        "error raised as it is called (its body now catches its own; a RecursionError when "
-        "the user's exception is one, a Ctrl-C) replaces the user's (or torch's) exception, "
-        "e.g. the DataLoader's StopIteration, by gradwatch's",
-        lambda c, p: p.kind == "escaped" and _qual(c) == "without_own_frames",
-        (FULL, "_location:without_own_frames (call)", 1, R)),
 ]
 FINDINGS_WITH_EXAMPLES = [f for f in FINDINGS if f.example is not None]
 

@@ -17,7 +17,7 @@ from ._context import RunContext, process_group
 from ._failopen import FailOpen, Part, warn_internal
 from ._intercept.backward import Backward
 from ._intercept.clipping import Clipping
-from ._intercept.gate import ModeGate
+from ._intercept.gate import ModeGate, switch_frame
 from ._intercept.installed import Installed
 from ._intercept.modules import Modules
 from ._intercept.optimizer import Optimizers
@@ -52,7 +52,7 @@ class Runtime:
         self.grad_flow = GradFlowDetector(ctx, emit, self.acc.is_trained)
         self.nonfinite = NonfiniteDetector(ctx, emit)
         # interception
-        self.gate = gate = ModeGate(ctx.full, fail.hook(Part.GRAD_FLOW, self.grad_flow.no_grad_entered),
+        self.gate = gate = ModeGate(ctx.full, fail.hook(Part.GRAD_FLOW, self._no_grad_entered),
                                     functools.partial(fail.fail, Part.LIGHT_SWITCH))
         self.writes = Writes(ctx, gate, emit, fail, self.saved, self.acc, self.grad_flow,
                              self.nonfinite)
@@ -86,10 +86,16 @@ class Runtime:
         self.writes.install(self.gate.mode)
         if ctx.full:
             self.saved.install(inst, functools.partial(self.fail.fail, Part.SAVED_TENSORS))
+            if self.saved.registry is not None:
+                self.fail.register(Part.SAVED_TENSORS, self.saved.registry)
         self.gate.install(inst)
+        inst.add(functools.partial(atexit.unregister, self.close))  # (first, as every undo)
         atexit.register(self.close)
-        inst.add(functools.partial(atexit.unregister, self.close))
         self.gate.suspended = False
+
+    def _no_grad_entered(self) -> None:
+        """User code switched grad mode off (the mode saw it, or light's switch)."""
+        self.grad_flow.no_grad_entered(switch_frame(1))
 
     def adopt(self, config: Config) -> None:
         """Name and track the models and optimizers of ``config``; from here on the watch holds
@@ -115,17 +121,23 @@ class Runtime:
             except OSError as exc:  # (a directory named gradwatch.jsonl, a full disk...)
                 warn_internal("sink JsonlSink", exc)
         if cfg.writer is not None or cfg.log_dir is not None:
-            from .sinks.tensorboard import TensorBoardSink
+            try:
+                from .sinks.tensorboard import TensorBoardSink
 
-            sinks.append(TensorBoardSink(writer=cfg.writer, log_dir=cfg.log_dir, rank=ctx.rank,
-                                         world=ctx.world,
-                                         per_parameter_scalars=cfg.per_parameter_scalars))
+                sinks.append(TensorBoardSink(writer=cfg.writer, log_dir=cfg.log_dir,
+                                             rank=ctx.rank, world=ctx.world,
+                                             per_parameter_scalars=cfg.per_parameter_scalars))
+            except Exception as exc:
+                warn_internal("sink TensorBoardSink", exc)
 
     def uninstall(self) -> None:
+        """Remove everything installed (idempotent: an interrupt cut short runs again)."""
         try:
             self.gate.close()
+        except Exception as exc:
+            warn_internal("close", exc, consequence="the watch is closed")
         finally:
-            self.installed.undo()
+            self.installed.undo()  # (raises nothing but an interrupt, once it undid the rest)
 
     def explain_error(self, exc: BaseException) -> None:
         """The user's exception is leaving the watch: add what the detectors know about it."""
@@ -133,18 +145,34 @@ class Runtime:
             self.fail.guard(Part.GRAD_FLOW, self.grad_flow.explain_error, exc)
 
     def close(self) -> None:
-        """Flush everything and remove all hooks (idempotent)."""
-        if self.ctx.closed:
-            return
-        self.ctx.closed = True
+        """Flush everything and remove all hooks. Idempotent, and safe to call again after an
+        interrupt: the flush runs once, the removal and the sinks' close until they are done.
+        An internal error never leaves it (only an interrupt or an ``AnomalyError`` of
+        ``on_anomaly="raise"`` at the final flush, once everything is removed)."""
         try:
-            self.gate.close()
-            self.step_boundary(final=True)
+            if not self.ctx.closed:
+                self.ctx.closed = True
+                self.gate.close()
+                self.step_boundary(final=True)
+        except AnomalyError:
+            raise
+        except Exception as exc:
+            warn_internal("close", exc, consequence="the watch is closed")
         finally:
             try:
                 self.uninstall()
             finally:
+                self._close_sinks()
+
+    def _close_sinks(self) -> None:
+        try:
+            self.emit.close_sinks()
+        except Exception as exc:  # (each sink's own failure is handled in there)
+            warn_internal("close", exc, consequence="the watch is closed")
+            try:  # what the error cut short (every sink's close is idempotent)
                 self.emit.close_sinks()
+            except Exception:
+                pass
 
     # -- the step boundary --------------------------------------------------------------------
     def step_boundary(self, step: int | None = None, final: bool = False) -> None:

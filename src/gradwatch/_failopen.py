@@ -48,10 +48,13 @@ DEPENDENTS: dict[Part, tuple[Part, ...]] = {
 }
 
 
-def warn_internal(part: str, exc: BaseException, stacklevel: int = 3) -> None:
+def warn_internal(part: str, exc: BaseException, stacklevel: int = 3,
+                  consequence: str | None = None) -> None:
+    if consequence is None:
+        consequence = f"{part} is switched off for the rest of this run"
     warnings.warn(
-        f"gradwatch: internal error in {part} ({type(exc).__name__}: {exc}); {part} is "
-        "switched off for the rest of this run, training continues unchanged",
+        f"gradwatch: internal error in {part} ({type(exc).__name__}: {exc}); {consequence}, "
+        "training continues unchanged",
         GradWatchWarning,
         stacklevel=stacklevel,
     )
@@ -105,10 +108,10 @@ class FailOpen:
             try:
                 return fn(*args)
             except AnomalyError as exc:
-                raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
+                raise _trimmed(exc)  # noqa: B904
             except Exception as exc:
                 if is_version_error(exc):
-                    raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
+                    raise _trimmed(exc)  # noqa: B904
                 self.fail(part, exc)
                 return None
 
@@ -130,8 +133,6 @@ class FailOpen:
             # (compile check first: dynamo traces this wrapper and must see nothing of ours)
             if _dynamo_compiling() or _compiler._is_compiling_flag or part in failed:
                 return wrapped(*args, **kwargs)
-            if prepare is not None:
-                args, kwargs = prepare(args, kwargs)
             called = False
 
             def call(*a: Any, **k: Any) -> Any:
@@ -140,14 +141,25 @@ class FailOpen:
                 return wrapped(*a, **k)
 
             try:
+                if prepare is not None:  # (it defers the user's own errors to torch's call)
+                    args, kwargs = prepare(args, kwargs)
                 return fn(call, instance, args, kwargs)
             except AnomalyError as exc:
-                raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
+                raise _trimmed(exc)  # noqa: B904
             except BaseException as exc:
                 if called or not isinstance(exc, Exception):
                     # the user's (or torch's) own error: it shows no frame of ours but this one
-                    raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
+                    raise _trimmed(exc)  # noqa: B904
                 self.fail(part, exc)
                 return wrapped(*args, **kwargs)
 
         return wrapper
+
+
+def _trimmed(exc: BaseException) -> BaseException:
+    """``exc`` without gradwatch's frames in its traceback; ``exc`` as it is if that fails (a
+    boundary never replaces the exception passing through by one of its own)."""
+    try:
+        return exc.with_traceback(without_own_frames(exc.__traceback__))
+    except Exception:
+        return exc

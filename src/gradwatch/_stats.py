@@ -42,7 +42,11 @@ def without_grad(fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
     finally:
-        _set_grad_enabled(enabled)
+        try:
+            _set_grad_enabled(enabled)
+        except BaseException:  # (a Ctrl-C just then: grad mode is put back all the same)
+            _set_grad_enabled(enabled)
+            raise
 
 
 def sample_step(params: list[torch.Tensor]) -> tuple[list[Any], list[Any], list[int]]:
@@ -88,26 +92,39 @@ def update_norms(before: list[torch.Tensor], after: list[torch.Tensor],
 
 
 def change(before: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor | None:
+    """[‖after − before‖₂, that over ‖before‖₂, max |after − before|, 1 if after holds NaN/Inf
+    else 0] of the strided sample ``before`` (:func:`sample`) and ``t`` now, in float32, on
+    the device (no sync). The after sample is a view (read now, not copied)."""
     if before is None or not checkable(t):
         return None
-    after = sample(t)
+    flat = t.detach().reshape(-1)
+    step = _stride(flat.numel())
+    after = flat[::step] if step > 1 else flat
     if after.shape != before.shape:
         return None
-    delta = (after - before).abs().float()
-    l2 = delta.norm()
-    ref = before.abs().float().norm()
-    return torch.stack([l2, l2 / ref.clamp_min(1e-12), delta.max(),
+    delta = after - before
+    if delta.dtype != _float32:
+        if delta.is_complex():
+            delta, before = delta.abs(), before.abs()
+        delta, before = delta.float(), before.float()
+    l2, ref = torch._foreach_norm([delta, before])
+    return torch.stack([l2, l2 / ref.clamp_min(1e-12), torch.linalg.vector_norm(delta, _INF),
                         (~torch.isfinite(after).all()).float()])
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
+_float32 = torch.float32
+_INF = float("inf")
+# every floating-point and complex dtype this torch has (a set lookup per call, not two calls)
+_VALUED = frozenset(d for d in vars(torch).values()
+                    if isinstance(d, torch.dtype) and (d.is_floating_point or d.is_complex))
 
 
 def checkable(t: torch.Tensor) -> bool:
     """Whether ``t``'s values can be probed and sampled cheaply (plain strided float tensors)."""
-    return ((t.is_floating_point() or t.is_complex()) and t.layout == torch.strided
-            and not t.is_nested and t.device.type != "meta" and t.numel() > 0
-            and type(t) in _PLAIN)
+    return (type(t) in _PLAIN and t.dtype in _VALUED and t.layout is _STRIDED
+            and not t.is_meta and not t.is_nested and t.numel() > 0)
 
 
 def probe(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -11,16 +11,21 @@ from typing import Any
 import torch
 
 from ._assembly import Runtime
+from ._context import RunContext
+from ._failopen import warn_internal
+from ._intercept.installed import Installed
 from ._location import call_arg_names, caller
 from .config import Config
 from .errors import AnomalyError, GradWatchWarning
 from .events import Event
+from .records.emit import Emitter
 from .sinks import Sink
 
 __all__ = ["Watch", "active_watch", "shared_watch_running", "watch"]
 
 _active_lock = threading.Lock()
 _active: Watch | None = None
+_UNWATCHED = "this watch watches nothing"
 
 
 def active_watch() -> Watch | None:
@@ -74,25 +79,39 @@ def watch(
         per_parameter_scalars: also write one TensorBoard scalar per parameter
             (``gradwatch/param_update_ratio/<name>``) on statistics steps.
     """
-    cfg = Config.build(
-        model,
-        optimizer,
-        log_dir=log_dir,
-        writer=writer,
-        on_anomaly=on_anomaly,  # type: ignore[arg-type]
-        level=level,  # type: ignore[arg-type]
-        max_events=max_events,
-        stats_every=stats_every,
-        change_stats=change_stats,
-        check_nonfinite=check_nonfinite,
-        per_parameter_scalars=per_parameter_scalars,
-    )
-    if len(cfg.models) > 1:
-        names = call_arg_names(caller(), "watch")
-        if len(names) != len(cfg.models):
-            names = []
-        cfg.model_names = [n or f"model{i}" for i, n in enumerate(names or [None] * len(cfg.models))]
-    return Watch(cfg)
+    try:
+        cfg = Config.build(
+            model,
+            optimizer,
+            log_dir=log_dir,
+            writer=writer,
+            on_anomaly=on_anomaly,  # type: ignore[arg-type]
+            level=level,  # type: ignore[arg-type]
+            max_events=max_events,
+            stats_every=stats_every,
+            change_stats=change_stats,
+            check_nonfinite=check_nonfinite,
+            per_parameter_scalars=per_parameter_scalars,
+        )
+    except (TypeError, ValueError):  # the arguments' validation: the user's error
+        raise
+    except Exception as exc:  # an internal error: this watch watches nothing
+        warn_internal("setup", exc, consequence=_UNWATCHED)
+        return Watch(Config(), unwatched=True)
+    try:
+        if len(cfg.models) > 1:
+            names = call_arg_names(caller(), "watch")
+            if len(names) != len(cfg.models):
+                names = []
+            cfg.model_names = [n or f"model{i}"
+                               for i, n in enumerate(names or [None] * len(cfg.models))]
+    except Exception:  # (the names are a nicety: the models stay model0, model1, ...)
+        cfg.model_names = []
+    try:
+        return Watch(cfg)
+    except Exception as exc:  # (Watch() fails open itself; this is an error at its very entry)
+        warn_internal("setup", exc, consequence=_UNWATCHED)
+        return Watch(cfg, unwatched=True)
 
 
 class Watch:
@@ -104,14 +123,24 @@ class Watch:
     """
 
     def __init__(self, config: Config, *, sinks: Iterable[Sink] = (),
-                 step_source: Callable[[], int] | None = None, shared: bool = False) -> None:
+                 step_source: Callable[[], int] | None = None, shared: bool = False,
+                 unwatched: bool = False) -> None:
         self.config = config
         self.shared = shared
-        self._runtime = Runtime(config, list(sinks))
-        self._runtime.ctx.step_source = step_source
         self._joined: Watch | None = None  # the shared watch this one joined
         self._entered = False
         self._closed = False
+        sinks = list(sinks)
+        self._runtime: Runtime | _Unwatched
+        if unwatched:
+            self._runtime = _Unwatched(config, sinks)
+            return
+        try:
+            self._runtime = Runtime(config, sinks)
+            self._runtime.ctx.step_source = step_source
+        except Exception as exc:  # an internal error while building the parts: fail open
+            warn_internal("setup", exc, consequence=_UNWATCHED)
+            self._runtime = _Unwatched(config, sinks)
 
     # -- reading ------------------------------------------------------------------------------
     def _rt(self) -> Runtime:
@@ -193,41 +222,98 @@ class Watch:
                 )
             _active = self
         try:
+            self._entered = True
             self._runtime.install()
-        except BaseException:
+        except BaseException as exc:  # nothing stays installed; an internal error fails open
             try:
-                self._runtime.uninstall()
-                self._runtime.emit.close_sinks()
+                self._runtime.ctx.closed = True  # (nothing to flush)
+                self._runtime.close()  # (idempotent: runs again if an interrupt cuts it short)
+            except BaseException:
+                self._runtime.close()
             finally:
                 with _active_lock:
-                    _active = None
-            raise
-        self._entered = True
+                    if _active is self:
+                        _active = None
+            if not isinstance(exc, Exception):
+                raise
+            warn_internal("setup", exc, consequence=_UNWATCHED)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc is None:
-            self.close()
-            return
         try:
-            if not self._closed:
+            if exc is not None and not self._closed:
                 self._runtime.explain_error(exc)
             self.close()
         except AnomalyError:  # recorded; the user's exception is the one that propagates
-            pass
+            if exc is None:
+                raise
+        except BaseException as err:  # an interrupt (a second Ctrl-C) or an error at close()'s
+            self._closed = True  # very entry: what it cut short runs again (each step is
+            _close(self)  # idempotent)
+            if not isinstance(err, Exception):
+                raise
+            warn_internal("close", err, consequence="the watch is closed")
 
     def close(self) -> None:
         """Flush everything and remove all hooks (idempotent)."""
-        global _active
         if self._closed:
             return
         self._closed = True
-        if self._joined is not None:  # joined a shared watch: that one owns everything
-            self._runtime.emit.close_sinks()  # (given for a watch of its own, never written)
-            return
+        _close(self)
+
+
+def _close(w: Watch) -> None:
+    """Close ``w``'s runtime (or, joined, its own sinks) and make it inactive; safe to run again
+    after an interrupt cut it short. Internal errors are warned, never raised."""
+    global _active
+    rt = w._runtime
+    # joined a shared watch: that one owns everything; its own sinks (given for a watch of its
+    # own, never written) are closed
+    close = rt._close_sinks if w._joined is not None else rt.close
+    try:
         try:
-            self._runtime.close()
-        finally:  # first in the finally: a second interrupt while closing cannot skip it
-            with _active_lock:
-                if _active is self:
-                    _active = None
+            close()
+        except AnomalyError:
+            raise
+        except Exception as exc:  # (an error at the very entry of a step: run it again)
+            warn_internal("close", exc, consequence="the watch is closed")
+            try:
+                close()
+            except Exception:
+                pass
+    finally:  # a second interrupt while closing cannot skip it
+        with _active_lock:
+            if _active is w:
+                _active = None
+
+
+class _Unwatched:
+    """The runtime of a watch whose setup failed: it installs nothing and reads as empty (no
+    step, no event); sinks given to it are closed with it."""
+
+    def __init__(self, config: Config, sinks: list[Sink]) -> None:
+        self.ctx = RunContext(config)
+        self.ctx.closed = True
+        self.emit = Emitter(config.max_events, config.on_anomaly, sinks)
+        self.installed = Installed()
+
+    def install(self) -> None:
+        pass
+
+    def adopt(self, config: Config) -> None:
+        config.models, config.optimizers = [], []
+
+    def explain_error(self, exc: BaseException) -> None:
+        pass
+
+    def uninstall(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._close_sinks()
+
+    def _close_sinks(self) -> None:
+        try:
+            self.emit.close_sinks()
+        except Exception as exc:
+            warn_internal("close", exc, consequence="the watch is closed")

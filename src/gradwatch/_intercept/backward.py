@@ -85,30 +85,48 @@ class Backward:
             out = wrapped(*args, **kwargs)
         except RuntimeError as exc:
             self.running = False
-            self.fail.guard(Part.BACKWARD, self._annotate, exc, roots)
-            self.grad_flow.backward_done()
-            if before is not None:  # what was accumulated before torch raised still counts
-                try:
-                    with disabled:
-                        self.fail.guard(Part.ACCUMULATION, self._accumulated, refs, before, where)
-                except AnomalyError:
-                    pass  # recorded; torch's own error is the one to see
-                self.acc.backward_failed()
+            try:  # (torch's error is the one to see: nothing of ours may replace it)
+                self.fail.guard(Part.BACKWARD, self._annotate, exc, roots)
+                self._failed(refs, before, where)
+            except Exception as err:
+                self.fail.fail(Part.BACKWARD, err)
             raise
         finally:
             self.running = False
-        self.grad_flow.backward_done()
-        self.saved.after_backward()  # writes torch could not see, used by this pass
-        self.saved.end_step()  # this pass's graph is freed (unless retained): drop its entries
+        try:  # (after torch's backward: an error here is ours, never the user's)
+            self.grad_flow.backward_done()
+        except Exception as exc:
+            self.fail.fail(Part.GRAD_FLOW, exc)
+        try:
+            self.saved.after_backward()  # writes torch could not see, used by this pass
+            self.saved.end_step()  # this pass's graph is freed (unless retained): drop its entries
+        except AnomalyError:
+            raise
+        except Exception as exc:
+            self.fail.fail(Part.SAVED_TENSORS, exc)
         if before is not None:
-            with disabled:
-                try:
+            try:
+                with disabled:
                     self._accumulated(refs, before, where)
-                except AnomalyError:
-                    raise
-                except Exception as exc:
-                    self.fail.fail(Part.ACCUMULATION, exc)
+            except AnomalyError:
+                raise
+            except Exception as exc:
+                self.fail.fail(Part.ACCUMULATION, exc)
         return out
+
+    def _failed(self, refs: list[Any], before: list[Any] | None, where: Any) -> None:
+        """Torch's backward raised: what was accumulated before it did still counts."""
+        try:
+            self.grad_flow.backward_done()
+        except Exception as exc:
+            self.fail.fail(Part.GRAD_FLOW, exc)
+        if before is not None:
+            try:
+                with torch._C.DisableTorchFunction():
+                    self.fail.guard(Part.ACCUMULATION, self._accumulated, refs, before, where)
+            except AnomalyError:
+                pass  # recorded; torch's own error is the one to see
+            self.acc.backward_failed()
 
     def _before(self, roots: tuple) -> Any:
         t0 = time.perf_counter()

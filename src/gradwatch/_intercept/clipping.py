@@ -73,16 +73,16 @@ class Clipping:
         try:
             return call(*args, **kwargs)
         finally:
-            gate.suspended = False
-            if paused:
-                gate.resume()
-            with disabled:
-                try:
+            try:  # (after the user's call: an error here is ours, never the user's)
+                gate.suspended = False
+                if paused:
+                    gate.resume()
+                with disabled:
                     self._written(op, before, where)
-                except AnomalyError:
-                    raise
-                except Exception as exc:
-                    self.fail.fail(Part.CLIPPING, exc)
+            except AnomalyError:
+                raise
+            except Exception as exc:
+                self.fail.fail(Part.CLIPPING, exc)
 
     def _written(self, op: str, before: list[tuple[Any, Any, int]], where: Any) -> None:
         if self.off:
@@ -109,11 +109,21 @@ def _with_parameter_list(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
     if isinstance(given, (_Tensor, list, tuple)):
         return args, kwargs
-    params = list(given)
-    again = params if params or not isinstance(given, types.GeneratorType) else (p for p in ())
+    try:
+        params = list(given)
+    except Exception as exc:  # the user's iterable failed: torch's own iteration raises it
+        again: Any = _raising(exc)
+    else:
+        again = params if params or not isinstance(given, types.GeneratorType) else (p for p in ())
     if args:
         return (again, *args[1:]), kwargs
     return args, {**kwargs, "parameters": again}
+
+
+def _raising(exc: BaseException) -> Any:
+    """A generator that raises ``exc`` when iterated (what the user's iterable did)."""
+    raise exc
+    yield  # (a generator)
 
 
 def _parameters(args: tuple, kwargs: dict) -> list[Any]:

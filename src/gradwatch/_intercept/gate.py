@@ -33,6 +33,7 @@ __all__ = ["ModeGate"]
 _push_function_mode = torch._C._push_on_torch_function_stack
 _pop_function_mode = torch._C._pop_torch_function_stack
 _original_set_grad_enabled = torch._C._set_grad_enabled
+_grad_enabled = torch.is_grad_enabled
 _GRAD_MODE_FILE = torch.autograd.grad_mode.__file__
 _CONTEXTLIB_FILE = torch.utils._contextlib.__file__
 _FX_GRAPH = "<eval_with_key>"  # the filename of code torch.fx generates (compiled graphs)
@@ -89,16 +90,37 @@ _LIGHT_TARGET: list[weakref.ref[ModeGate] | None] = [None]
 def _light_set_grad_enabled(mode: bool) -> None:
     """Stands in for ``torch._C._set_grad_enabled`` during a light watch: push the function mode
     while grad is off. One module-level function (memoised once), holding the gate weakly."""
+    try:
+        before = _grad_enabled()
+    except Exception:  # (cannot fail; if it did, grad mode is simply not put back below)
+        before = None
     _original_set_grad_enabled(mode)
-    if _dynamo_compiling() or _compiler._is_compiling_flag:
-        return
     try:  # (never fail the user's no_grad: the gate reports its own failures)
+        if _dynamo_compiling() or _compiler._is_compiling_flag:
+            return
         ref = _LIGHT_TARGET[0]
         gate = ref() if ref is not None else None
         if gate is not None:
             gate.grad_mode_switched(mode)
     except Exception:
         pass
+    except BaseException:  # a Ctrl-C: entering a block (its `with` fails in __enter__, so its
+        # __exit__ never runs) as if it came before the switch; leaving one, as if after it
+        if before is not None and not _leaving_a_block(sys._getframe(1)):
+            _original_set_grad_enabled(before)
+        raise
+
+
+def _leaving_a_block(frame: Any) -> bool:
+    """Whether grad mode is being switched by a context manager's ``__exit__`` (torch's
+    ``no_grad``/``enable_grad``/``set_grad_enabled`` call it directly or one frame down)."""
+    for _ in range(3):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "__exit__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _not_a_frame_to_compile(fn: Callable) -> None:
@@ -119,12 +141,12 @@ _not_a_frame_to_compile(_light_set_grad_enabled)
 class ModeGate:
     """Owns the mode's on/off state (see the module docstring)."""
 
-    def __init__(self, full: bool, on_no_grad: Callable[[Any], None],
+    def __init__(self, full: bool, on_no_grad: Callable[[], None],
                  on_light_fail: Callable[[BaseException], None]) -> None:
         self.full = full
         self.mode = WatchMode()
-        self.mode.on_no_grad = self._no_grad_entered
-        self._on_no_grad = on_no_grad  # (the frame of a user's no_grad block)
+        # a user's no_grad block starts (guarded: it finds the block's frame itself)
+        self.mode.on_no_grad = self._on_no_grad = on_no_grad
         self._on_light_fail = on_light_fail
         self.thread = threading.get_ident()
         self.paused = False
@@ -145,12 +167,13 @@ class ModeGate:
 
     # -- install ------------------------------------------------------------------------------
     def install(self, installed: Any) -> None:
+        # (each undo pushed before what it undoes: an interrupt between them leaves nothing)
         if self.full:
-            self.mode.__enter__()
             installed.add(self._exit_full)
+            self.mode.__enter__()
         else:
-            _LIGHT_TARGET[0] = weakref.ref(self)
             installed.add(lambda: _LIGHT_TARGET.__setitem__(0, None))
+            _LIGHT_TARGET[0] = weakref.ref(self)
             installed.replace_attribute(torch._C, "_set_grad_enabled", _light_set_grad_enabled)
             installed.add(self._exit_light)
             if not torch.is_grad_enabled():
@@ -205,20 +228,7 @@ class ModeGate:
                 torch._C._set_grad_enabled = _light_set_grad_enabled
         return True
 
-    def call_paused(self, call: Callable, args: tuple, kwargs: dict) -> Any:
-        """``call`` with the mode stepped aside, put back after."""
-        if self.pause():
-            try:
-                return call(*args, **kwargs)
-            finally:
-                self.resume()
-        return call(*args, **kwargs)
-
     # -- grad mode switches -------------------------------------------------------------------
-    def _no_grad_entered(self) -> None:
-        """The mode saw grad mode switched off (full)."""
-        self._on_no_grad(switch_frame(3))
-
     def grad_mode_switched(self, enabled: bool) -> None:
         """Light: grad mode was switched; push the mode while user code has it off."""
         try:
@@ -226,7 +236,7 @@ class ModeGate:
                 return
             if not enabled:
                 if not self.light_pushed and (self.step_depth or self._user_no_grad()):
-                    self._on_no_grad(switch_frame(3))
+                    self._on_no_grad()
                     self._push_light()
             elif self.light_pushed:
                 self._pop_light()
@@ -280,6 +290,14 @@ class ModeGate:
             self.suspended = True
             return True
         return False
+
+    def fast_path_aside(self, module: torch.nn.Module) -> bool:
+        """What :meth:`fast_path_enter` is for, when it failed midway: the mode off this
+        thread's stack for this forward (wherever it is), back at :meth:`fast_path_exit`."""
+        if threading.get_ident() != self.thread or not _remove_mode(self.mode):
+            return False
+        self.fast_path_stack.append((module, False, True, self.suspended))
+        return True
 
     def fast_path_exit(self, module: torch.nn.Module) -> None:
         stack = self.fast_path_stack

@@ -9,12 +9,16 @@ of it, in reverse order, whatever happened.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.modules.module as _module
 import wrapt
+from torch.optim import optimizer as _optimizer
+from torch.utils.hooks import RemovableHandle
+
+from .._failopen import warn_internal
 
 __all__ = ["Installed"]
 
@@ -31,36 +35,63 @@ class Installed:
         self._undo.append(undo)
 
     def undo(self) -> None:
-        """Undo everything, newest first. A step that fails is warned about; an interrupt
-        (a second Ctrl-C while closing) does not stop the others: it is re-raised at the end."""
+        """Undo everything, newest first. Every step is idempotent: one that fails is run once
+        more, then reported (a ``GradWatchWarning``, once) and dropped; one that an interrupt (a
+        second Ctrl-C while closing) cut short stays on the stack and runs once more, and the
+        others run too: the interrupt is re-raised at the end."""
         interrupt: BaseException | None = None
-        while self._undo:
-            fn = self._undo.pop()
+        warned = False
+        tries = 0
+        while True:
             try:
-                fn()
-            except Exception as exc:  # never let cleanup break the user's program
-                warnings.warn(f"gradwatch: cleanup step failed: {exc!r}", RuntimeWarning, stacklevel=2)
+                while self._undo:
+                    fn = self._undo[-1]  # (popped once it ran: an interrupt keeps it here)
+                    try:
+                        fn()
+                    except Exception as exc:  # never let cleanup break the user's program
+                        try:
+                            fn()
+                        except Exception:
+                            if not warned:
+                                warned = True
+                                warn_internal("cleanup", exc, consequence=(
+                                    "a step of the watch's cleanup failed twice and was skipped"))
+                    self._undo.pop()
+                    tries = 0
+                break
             except BaseException as exc:  # KeyboardInterrupt, SystemExit
                 interrupt = interrupt or exc
+                tries += 1
+                if tries > 1:  # (a step interrupted again when run once more: given up)
+                    if self._undo:
+                        self._undo.pop()
+                    tries = 0
         if interrupt is not None:
             raise interrupt
 
     # -- global hooks -------------------------------------------------------------------------
-    def optimizer_hooks(self, pre: Callable, post: Callable) -> None:
-        from torch.optim.optimizer import (
-            register_optimizer_step_post_hook,
-            register_optimizer_step_pre_hook,
-        )
+    def _global_hook(self, hooks: Any, register: Callable[[Callable], Any],
+                     hook: Callable) -> Any:
+        """Register ``hook`` in one of torch's global hook dicts, its removal pushed first (an
+        interrupt between the two leaves nothing behind): what torch's ``register_*`` does."""
+        if not isinstance(hooks, dict):  # (a torch without the dict: its public function)
+            h = register(hook)
+            self.add(h.remove)
+            return h
+        handle = RemovableHandle(hooks)
+        self.add(handle.remove)
+        hooks[handle.id] = hook
+        return handle
 
-        h1 = register_optimizer_step_pre_hook(pre)
-        self.add(h1.remove)
-        h2 = register_optimizer_step_post_hook(post)
-        self.add(h2.remove)
+    def optimizer_hooks(self, pre: Callable, post: Callable) -> None:
+        self._global_hook(getattr(_optimizer, "_global_optimizer_pre_hooks", None),
+                          _optimizer.register_optimizer_step_pre_hook, pre)
+        self._global_hook(getattr(_optimizer, "_global_optimizer_post_hooks", None),
+                          _optimizer.register_optimizer_step_post_hook, post)
 
     def module_forward_pre_hook(self, hook: Callable) -> Any:
-        h = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-        self.add(h.remove)
-        return h
+        return self._global_hook(getattr(_module, "_global_forward_pre_hooks", None),
+                                 _module.register_module_forward_pre_hook, hook)
 
     # -- wrappers -----------------------------------------------------------------------------
     def wrap_attribute(self, owner: Any, name: str, wrapper: Callable) -> None:
@@ -75,7 +106,7 @@ class Installed:
 
     def replace_attribute(self, owner: Any, name: str, value: Any) -> None:
         original = getattr(owner, name)
-        self.add(lambda: setattr(owner, name, original))
+        self.add(lambda: setattr(owner, name, original))  # (first, as above)
         setattr(owner, name, value)
 
     # -- saved tensors ------------------------------------------------------------------------
@@ -85,14 +116,14 @@ class Installed:
             return False
         if not _autograd_c._saved_tensors_hooks_is_enabled():
             return False
-        _autograd_c._push_saved_tensors_default_hooks(pack, unpack)
 
         def pop() -> None:
             top = _autograd_c._top_saved_tensors_default_hooks(False)
             if top is not None and top[0] is pack:
                 _autograd_c._pop_saved_tensors_default_hooks()
 
-        self.add(pop)
+        self.add(pop)  # (first: an interrupt between the two leaves nothing behind)
+        _autograd_c._push_saved_tensors_default_hooks(pack, unpack)
 
         # torch.func transforms refuse to run while any pair is registered: step aside for them.
         original = torch.autograd.graph.disable_saved_tensors_hooks

@@ -50,34 +50,41 @@ class WatchMode(TorchFunctionMode):
         self.on_fail: Callable[[BaseException], None] = _nothing
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        if kwargs is None:
-            kwargs = {}
         try:  # (free unless something raises: then no frame of gradwatch's below this one)
+            if kwargs is None:
+                kwargs = {}
             # hot: the suspended/compile check first (dynamo, or export, must trace nothing of ours)
             if self.suspended or _dynamo_compiling() or _compiler._is_compiling_flag:
                 return func(*args, **kwargs)
-            try:
-                action = ACTIONS.get(func)  # hot: memoised classification, identity tests
-            except TypeError:  # an unhashable callable (a user's object): classified per call
-                action = None
-            if action is None:
-                action = classify(func)
+            try:  # the classification is ours: if it fails, the op runs unlooked at
+                try:
+                    action = ACTIONS.get(func)  # hot: memoised classification, identity tests
+                except TypeError:  # an unhashable callable (a user's object): classified per call
+                    action = None
+                if action is None:
+                    action = classify(func)
+                if action is _PASS:
+                    if kwargs and ("out" in kwargs or kwargs.get("inplace") is True):
+                        action = _KWARG_WRITE
+                    elif func is _set_grad_enabled:
+                        if args and args[0] is False:
+                            self.on_no_grad()
+                    elif not _grad_enabled():
+                        action = _NO_GRAD_OP
+            except Exception as exc:
+                self.on_fail(exc)
+                action = _PASS
             if action is _PASS:
-                if kwargs and ("out" in kwargs or kwargs.get("inplace") is True):
-                    action = _KWARG_WRITE
-                elif func is _set_grad_enabled:
-                    if args and args[0] is False:
-                        self.on_no_grad()
-                    return func(*args, **kwargs)
-                elif not _grad_enabled():
-                    action = _NO_GRAD_OP
-                else:
-                    return func(*args, **kwargs)
+                return func(*args, **kwargs)
             try:
                 with _DisableTorchFunction():  # our own reads: no mode below ours sees them
                     pre = self.handlers[action](func, args, kwargs)
             except AnomalyError as exc:
-                raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
+                try:
+                    exc = exc.with_traceback(without_own_frames(exc.__traceback__))
+                except Exception:
+                    pass
+                raise exc
             except Exception as exc:
                 self.on_fail(exc)
                 pre = None
@@ -92,4 +99,8 @@ class WatchMode(TorchFunctionMode):
                     self.on_fail(exc)
             return out
         except BaseException as exc:
-            raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
+            try:  # (never replace the exception passing through by one of ours)
+                exc = exc.with_traceback(without_own_frames(exc.__traceback__))
+            except Exception:
+                pass
+            raise exc

@@ -45,8 +45,9 @@ class Modules:
     def install(self, installed: Any) -> None:
         self._hook = installed.module_forward_pre_hook(self.fail.hook(Part.NAMING, self._on_call))
         for cls in FAST_PATH_CLASSES:
-            installed.replace_attribute(cls, "forward", _bracketed(cls.__dict__["forward"],
-                                                                  self._fast_path_enter, self.gate))
+            installed.replace_attribute(cls, "forward", _bracketed(
+                cls.__dict__["forward"], self._fast_path_enter, self._fast_path_exit,
+                self.gate.fast_path_aside))
         if self.ctx.full:
             # Batches loaded in this process (num_workers=0): torch's indexing and collation of
             # every sample would each pass through the mode; the loader's own code needs no look.
@@ -86,14 +87,34 @@ class Modules:
             return self.gate.fast_path_enter(module)
         except Exception as exc:
             self.fail.fail(Part.MODE, exc)
-            return False
+            try:  # whatever it did not do: the mode off the stack for this forward all the same
+                return self.gate.fast_path_aside(module)
+            except Exception:
+                return False
+
+    def _fast_path_exit(self, module: torch.nn.Module) -> None:
+        try:
+            self.gate.fast_path_exit(module)
+        except Exception as exc:
+            self.fail.fail(Part.MODE, exc)
 
     def _fetch(self, call: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        return self.gate.call_paused(call, args, kwargs)
+        """The loader's ``__next__`` with the mode stepped aside, put back after."""
+        gate = self.gate
+        if not gate.pause():
+            return call(*args, **kwargs)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            try:
+                gate.resume()
+            except Exception as exc:  # (the user's batch, or StopIteration, goes on)
+                self.fail.fail(Part.DATA_LOADING, exc)
 
 
-def _bracketed(forward: Callable, enter: Callable[[torch.nn.Module], bool], gate: ModeGate
-               ) -> Callable:
+def _bracketed(forward: Callable, enter: Callable[[torch.nn.Module], bool],
+               leave: Callable[[torch.nn.Module], None],
+               aside: Callable[[torch.nn.Module], bool]) -> Callable:
     """``forward`` of an attention/encoder class, run with the mode aside in eval mode: there it
     takes a fused fast path unless a function mode is active, and with gradwatch's mode its
     outputs would differ in the last bits, and so would any training they feed (distillation,
@@ -102,18 +123,30 @@ def _bracketed(forward: Callable, enter: Callable[[torch.nn.Module], bool], gate
     TorchScript compiles the source of ``forward`` (``__wrapped__``) but resolves its names in
     the globals of the function it was handed: the bracket is given ``forward``'s globals (all
     it needs itself is in its closure), so that ``torch.jit.script`` of these modules works
-    inside a watch (a failed compilation would poison TorchScript's cache for the process)."""
+    inside a watch (a failed compilation would poison TorchScript's cache for the process).
+
+    ``enter``/``leave`` guard themselves; the bracket guards their very entry (a RecursionError,
+    a MemoryError there): ``aside`` then takes the mode off the stack all the same."""
     dynamo_compiling, compiler = _dynamo_compiling, _compiler
 
     def bracketed(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.training or dynamo_compiling() or compiler._is_compiling_flag:
             return forward(self, *args, **kwargs)
-        entered = enter(self)
+        try:
+            entered = enter(self)
+        except Exception:
+            try:
+                entered = aside(self)
+            except Exception:
+                entered = False
         try:
             return forward(self, *args, **kwargs)
         finally:
             if entered:
-                gate.fast_path_exit(self)
+                try:
+                    leave(self)
+                except Exception:  # (the mode stays aside: the module's result is the same)
+                    pass
 
     rebound = types.FunctionType(bracketed.__code__, forward.__globals__, forward.__name__,
                                  bracketed.__defaults__, bracketed.__closure__)

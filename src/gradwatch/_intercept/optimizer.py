@@ -153,15 +153,27 @@ class Optimizers:
             return wrapped(*args, **kwargs)
         if not paused:
             return wrapped(*args, **kwargs)
-        suspended, gate.outer_step = gate.suspended, True
+        try:
+            suspended, gate.outer_step = gate.suspended, True
+        except Exception as exc:
+            self.fail.fail(Part.OPTIMIZER, exc)
+            gate.resume()
+            return wrapped(*args, **kwargs)
         try:
             return wrapped(*args, **kwargs)
         except BaseException as exc:  # (the user's, torch's, or raise's: no frame of ours below)
-            raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
+            try:
+                exc = exc.with_traceback(without_own_frames(exc.__traceback__))
+            except Exception:
+                pass
+            raise exc
         finally:  # also when the step raised (no post hook then): watching resumes at once
-            gate.outer_step = False
-            gate.suspended = suspended
-            gate.resume()
+            try:  # (after the user's call: an error here is ours, never the user's)
+                gate.outer_step = False
+                gate.suspended = suspended
+                gate.resume()
+            except Exception as exc:
+                self.fail.fail(Part.OPTIMIZER, exc)
 
     # -- the hooks ----------------------------------------------------------------------------
     def on_step_pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
@@ -206,21 +218,32 @@ class Optimizers:
         fail = self.fail
 
         def closure_watched(*a: Any, **k: Any) -> Any:
-            suspended, depth = gate.suspended, gate.step_depth
-            gate.suspended = False
-            gate.step_depth = 0
-            paused = gate.resume()
+            suspended, depth, paused = gate.suspended, gate.step_depth, False
+            try:  # the closure's backward is the user's: watched
+                gate.suspended = False
+                gate.step_depth = 0
+                paused = gate.resume()
+            except Exception as exc:
+                fail.fail(Part.OPTIMIZER, exc)
             try:
                 out = closure(*a, **k)
             finally:
-                gate.suspended, gate.step_depth = suspended, depth
-                if paused:
-                    gate.pause()
-            with _DisableTorchFunction():
-                if not state.updated:
-                    fail.guard(Part.OPTIMIZER, self._about_to_update, opt, state)
-                else:  # called again within the step (LBFGS): the step reads these gradients
-                    fail.guard(Part.ACCUMULATION, self.acc.closure_used, opt)
+                try:  # (after the user's call: an error here is ours, never the user's)
+                    gate.suspended, gate.step_depth = suspended, depth
+                    if paused:
+                        gate.pause()
+                except Exception as exc:
+                    fail.fail(Part.OPTIMIZER, exc)
+            try:
+                with _DisableTorchFunction():
+                    if not state.updated:
+                        fail.guard(Part.OPTIMIZER, self._about_to_update, opt, state)
+                    else:  # called again within the step (LBFGS): the step reads these gradients
+                        fail.guard(Part.ACCUMULATION, self.acc.closure_used, opt)
+            except AnomalyError:
+                raise
+            except Exception as exc:  # (the guards' very entry)
+                fail.fail(Part.OPTIMIZER, exc)
             return out
 
         if len(args) > 1:

@@ -60,4 +60,7 @@ class ZeroGrad:
         try:
             return wrapped(*args, **kwargs)
         finally:
-            gate.resume()
+            try:  # (after the user's call: an error here is ours, never the user's)
+                gate.resume()
+            except Exception as exc:
+                self.fail.fail(Part.ACCUMULATION, exc)

@@ -171,13 +171,17 @@ class SavedTensorRegistry:
         alias = s.alias
         if self.off:
             return alias
-        s.used = True
-        if alias._version == s.version:
-            if s.mutated_by is not None:  # written through an alias torch cannot see (.data)
-                self.used_after_write.append(s.mutated_by)
+        try:  # (ours: an error here hands the saved tensor back, as torch would)
+            s.used = True
+            if alias._version == s.version:
+                if s.mutated_by is not None:  # written through an alias torch cannot see (.data)
+                    self.used_after_write.append(s.mutated_by)
+                return alias
+            self.last_failure = s.mutated_by
+            self.last_failure_key = s.key
+        except Exception as exc:
+            self._failed(exc)
             return alias
-        self.last_failure = s.mutated_by
-        self.last_failure_key = s.key
         try:
             error = _version_error(alias, s)
         except Exception as exc:  # torch's check still holds, in fewer words

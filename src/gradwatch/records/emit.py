@@ -136,17 +136,21 @@ class Emitter:
 
     def close_sinks(self) -> None:
         """Close every sink, also one switched off (its file is released); warnings still
-        waiting (a flush that did not run) are issued first."""
+        waiting (a flush that did not run) are issued first. A sink whose close() an interrupt
+        cut short is closed once more (a sink's close() is idempotent), and the other sinks
+        still close; the interrupt is re-raised at the end."""
         try:
             if self._unwarned:
                 self.warn_pending()
         finally:
             interrupt: BaseException | None = None
             for sink in self.sinks:
-                try:
-                    self._call(sink, sink.close, closing=True)
-                except BaseException as exc:  # (a Ctrl-C: the other sinks still close)
-                    interrupt = interrupt or exc
+                for _ in range(2):
+                    try:
+                        self._call(sink, sink.close, closing=True)
+                        break
+                    except BaseException as exc:  # (a Ctrl-C)
+                        interrupt = interrupt or exc
             if interrupt is not None:
                 raise interrupt
 

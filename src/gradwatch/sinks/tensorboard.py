@@ -267,15 +267,17 @@ class TensorBoardSink(Sink):
         w.flush()
 
     def close(self) -> None:
-        if self._closed:
+        if self._closed and self._writer is None:
             return
         try:
-            self.flush()
-        finally:
+            if not self._closed:
+                self.flush()
+        finally:  # (closed again after an interrupt: its writer still closes)
             self._closed = True
-            w, self._writer, self._given = self._writer, None, None
+            w = self._writer
             if w is not None and self._owned:
                 w.close()
+            self._writer = self._given = None
 
     # ------------------------------------------------------------------ internals
     def _pending_data(self) -> bool:
