@@ -170,8 +170,8 @@ def load_run(logdir: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_B
     for file in jsonl:
         run = "." if one_file else _run_name(root, os.path.dirname(file))
         n_files = len(data.files)
-        for ev in _read_jsonl(file, data, limits):
-            counts[ev.kind.value] += 1
+        for ev, n in _read_jsonl(file, data, limits):
+            counts[ev.kind.value] += n
             if ev.is_anomaly:
                 distinct.add(ev, scope=(run,))
         if len(data.files) > n_files:
@@ -209,8 +209,10 @@ def _run_name(root: str, dirpath: str) -> str:
     return rel.replace(os.sep, "/")
 
 
-def _read_jsonl(path: str, data: RunData, limits: _Limits) -> Iterator[Event]:
-    """Events of one jsonl file; bad and over-long lines are skipped and counted in a warning."""
+def _read_jsonl(path: str, data: RunData, limits: _Limits) -> Iterator[tuple[Event, int]]:
+    """Events of one jsonl file, each with the number of events its line stands for (an info
+    line's ``count``: the sink aggregates info events; 1 for an anomaly and for a line without
+    one); bad and over-long lines are skipped and counted in a warning."""
     try:
         f, size = _open_regular(path)
     except ReadError as exc:
@@ -243,6 +245,7 @@ def _read_jsonl(path: str, data: RunData, limits: _Limits) -> Iterator[Event]:
                 if not isinstance(obj, dict):
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
                 ev = _checked(Event.from_dict(obj))
+                n = 1 if ev.is_anomaly else _count_of(obj)
             except Exception as exc:
                 bad += 1
                 if not first_bad:
@@ -250,7 +253,7 @@ def _read_jsonl(path: str, data: RunData, limits: _Limits) -> Iterator[Event]:
                     first_bad = f"line {lineno}: {why}"
                 continue
             data.records += 1
-            yield ev
+            yield ev, n
     data.skipped += bad + long
     if bad:
         data.warnings.append(
@@ -260,6 +263,16 @@ def _read_jsonl(path: str, data: RunData, limits: _Limits) -> Iterator[Event]:
         data.warnings.append(f"{path}: skipped {long} over-long line{'s' if long != 1 else ''} "
                              f"(over {limits.max_line} bytes)")
     reader.note_budget(path, data.warnings)
+
+
+def _count_of(obj: dict[str, Any]) -> int:
+    """An aggregated info line's ``count`` (1 when absent); raises ValueError if malformed."""
+    n = obj.get("count", 1)
+    if type(n) is float and n.is_integer():
+        n = int(n)
+    if type(n) is not int or n < 1:
+        raise ValueError(f"count must be a positive integer, got {n!r}")
+    return n
 
 
 def _checked(ev: Event) -> Event:

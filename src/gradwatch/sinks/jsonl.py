@@ -1,5 +1,12 @@
-"""``gradwatch.jsonl``: one JSON object per event, line-buffered (``gradwatch.rank{R}.jsonl``
-when several ranks write)."""
+"""``gradwatch.jsonl``: one JSON object per line, line-buffered (``gradwatch.rank{R}.jsonl``
+when several ranks write).
+
+Every anomaly (warning, error) is one line, written as soon as it is known. Info events are
+aggregated: per step, one line per kind, op and line of code, whose ``count`` says how many
+events it stands for (a backward pass over 200 parameters is one ``grad_accumulated`` line with
+``count: 200``; the first event's fields, its tensor named ``"<first> (+N more)"``). Info
+events that carry statistics (a data ``change``, ``update_ratios``: on statistics steps only)
+keep a line each. A line without ``count`` is one event (files written before aggregation)."""
 
 from __future__ import annotations
 
@@ -131,6 +138,20 @@ class _BatchLines:
         return out
 
 
+def _aggregate_line(first: Any, n: int, rank: int) -> str:
+    """One line for ``n`` info events like ``first`` (a Raw or a LeafBatch): its first event,
+    ``count`` added; fields that differ from tensor to tensor left out when ``n > 1``."""
+    raw = first.raw(0) if type(first) is LeafBatch else first
+    d = build_event(raw, rank).to_dict()
+    if n > 1:
+        d["tensor"] = f"{d['tensor']} (+{n - 1} more)"
+        d["message"] = f"{d['message']} (and {n - 1} more like it)"
+        for field in ("shape", "dtype", "device", "version_before", "version_after"):
+            d.pop(field, None)
+    d["count"] = n
+    return _encode({k: v for k, v in d.items() if v is not None})
+
+
 def jsonl_name(rank: int, world: int) -> str:
     return "gradwatch.jsonl" if world <= 1 else f"gradwatch.rank{rank}.jsonl"
 
@@ -158,16 +179,31 @@ class JsonlSink(Sink):
         )
 
     def write_records(self, records: Sequence[Any], rank: int) -> None:
-        """:meth:`write` for the session's info records (the same lines; per-leaf events of a
-        backward pass or a clipping call come from cached templates, no Event built)."""
+        """The step's info records, aggregated (see the module docstring): one event built per
+        kind, op and line of code, whatever the number of tensors."""
         if self._file.closed:
             return
         lines: list[str] = []
+        groups: dict[tuple, list[Any]] = {}  # (step, kind, op, line) -> [first record, count]
         for r in records:
             if type(r) is LeafBatch:
-                lines += self._batch_lines.lines(r, rank)
+                n = len(r.leaves)
+                if not n:
+                    continue
+            elif r.change is not None or r.ratios is not None:
+                lines.append(self._lines.line(build_event(r, rank)))  # statistics: its own line
+                continue
             else:
-                lines.append(self._lines.line(build_event(r, rank)))
+                n = 1
+            where = r.where
+            key = (r.step, r.kind, r.op, None if where is None else (id(where[0]), where[1]))
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [r, n]
+            else:
+                group[1] += n
+        for first, n in groups.values():
+            lines.append(_aggregate_line(first, n, rank))
         self._file.write("".join(line + "\n" for line in lines))
 
     def flush(self) -> None:
