@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from types import FrameType
+from typing import Any
 
 import torch
 
-__all__ = ["TensorNames", "describe", "storage_key"]
+from ._location import user_frame
+
+__all__ = ["TensorNames", "describe", "storage_key", "var_name"]
+
+# On Python < 3.13, reading a function frame's ``f_locals`` stores a snapshot dict on the frame
+# that holds every local until the frame ends (a pending graph's output would look alive for
+# the whole loop); it is emptied after reading. From 3.13 on, ``f_locals`` is a live proxy.
+_SNAPSHOT_LOCALS = sys.version_info < (3, 13)
 
 
 def storage_key(t: torch.Tensor) -> int | None:
@@ -16,6 +26,33 @@ def storage_key(t: torch.Tensor) -> int | None:
         return t.untyped_storage().data_ptr()
     except Exception:  # sparse, meta-less subclasses, functional tensors...
         return None
+
+
+def _bound_names(frame: FrameType) -> Iterator[tuple[str, Any]]:
+    """(name, value) bound in a user frame: its locals, then its globals."""
+    if frame.f_code.co_name != "<module>":
+        local = frame.f_locals
+        items = list(local.items())
+        if _SNAPSHOT_LOCALS and type(local) is dict:
+            local.clear()  # (refreshed from the frame whenever anyone reads it again)
+        yield from items
+        del items
+    yield from list(frame.f_globals.items())
+
+
+def var_name(frame: FrameType | None, obj: object) -> str | None:
+    """The name a user frame binds to ``obj`` itself (``is``): a local, else a global; names
+    starting with ``_`` are skipped. Holds nothing once it returns; costs one pass over the
+    frame's names (call it once per object, when it is first seen)."""
+    if frame is None:
+        return None
+    try:
+        for name, value in _bound_names(frame):
+            if value is obj and not name.startswith("_") and name.isidentifier():
+                return name
+    except Exception:
+        return None
+    return None
 
 
 def describe(t: torch.Tensor) -> str:
@@ -36,11 +73,19 @@ class TensorNames:
         self._n_optimizers = 0
         # ids of parameters named after an optimizer or not named: a module's name replaces these
         self._provisional: set[int] = set()
+        # roots added without a prefix (the first model): prefixed by their variable name when
+        # a second model brings parameters, as long as no name was handed out yet
+        self._unprefixed: list[weakref.ref[torch.nn.Module]] = []
+        self._published = False
 
     # -- registration -------------------------------------------------------------------------
     def add_module(self, module: torch.nn.Module, prefix: str = "") -> list[torch.nn.Parameter]:
         """Name every parameter and buffer of ``module``; return the newly seen parameters."""
+        if prefix and prefix == f"{type(module).__name__}.":  # (discovery's fallback)
+            var = var_name(user_frame(2), module)  # a function's local, which it does not read
+            prefix = f"{var}." if var else prefix
         new: list[torch.nn.Parameter] = []
+        renamed = 0
         for sub in module.modules():
             self._known_modules.add(sub)
         for name, p in module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=True):
@@ -52,9 +97,35 @@ class TensorNames:
             elif id(p) in self._provisional:
                 self._provisional.discard(id(p))
                 self._rename(name, p)
+                renamed += 1
         for name, b in module.named_buffers(prefix=prefix.rstrip("."), remove_duplicate=True):
             self._add(name, b)
+        if not prefix:
+            self._unprefixed.append(weakref.ref(module))
+        elif (new or renamed) and not self._published:
+            self._prefix_earlier_roots()
         return new
+
+    def _prefix_earlier_roots(self) -> None:
+        """A second model came with its prefix (``D.``): give the models added without one
+        theirs (``G.``: the variable the user's frame binds it to, else its class name), so
+        that both models' tensors are named alike."""
+        roots, self._unprefixed = self._unprefixed, []
+        frame = user_frame(2)
+        for ref in roots:
+            module = ref()
+            if module is None:
+                continue
+            var = var_name(frame, module) or type(module).__name__
+            for name, p in module.named_parameters(prefix=var, remove_duplicate=True):
+                entry = self._params.get(id(p))
+                if entry is not None and entry[1]() is p and id(p) not in self._provisional:
+                    self._rename(name, p)
+            for name, b in module.named_buffers(prefix=var, remove_duplicate=True):
+                key = storage_key(b)
+                entry = self._by_storage.get(key) if key is not None else None
+                if entry is not None and entry[1]() is b:
+                    self._by_storage[key] = (name, entry[1])  # type: ignore[index]
 
     def has_roots(self) -> bool:
         return len(self._known_modules) > 0
@@ -76,14 +147,17 @@ class TensorNames:
         return new
 
     def add_leaf(self, t: torch.Tensor) -> None:
-        """Remember a plain leaf tensor (no name): writes through its aliases are then tracked."""
+        """Remember a plain leaf tensor: writes through its aliases are then tracked. It is
+        named by the variable the user's frame binds it to (``a``), if any; a module's name
+        replaces that later."""
         if id(t) not in self._params:
+            name = var_name(user_frame(2), t)
             ref = weakref.ref(t)
-            self._params[id(t)] = (None, ref)  # type: ignore[assignment]
+            self._params[id(t)] = (name, ref)  # type: ignore[assignment]
             self._provisional.add(id(t))
             key = storage_key(t)
             if key is not None and key not in self._by_storage:
-                self._by_storage[key] = (None, ref)  # type: ignore[assignment]
+                self._by_storage[key] = (name, ref)  # type: ignore[assignment]
 
     def add_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         for p, state in list(optimizer.state.items()):
@@ -145,16 +219,36 @@ class TensorNames:
         owner = entry[1]() if entry is not None else None
         return owner is not None and owner.requires_grad
 
+    # Until a name is first handed out, the three lookups below go through ``_publishing``,
+    # which notes it and then rebinds them on the instance to the plain methods (no cost after).
     def param_name(self, p: torch.Tensor) -> str | None:
+        return self._publishing("param_name", self._param_name(p))
+
+    def lookup(self, t: torch.Tensor, key: int | None = None) -> str | None:
+        return self._publishing("lookup", self._lookup(t, key))
+
+    def name_of(self, t: torch.Tensor, key: int | None = None) -> str:
+        name = self._name_of(t, key)
+        return self._publishing("name_of", name, name != describe(t))  # type: ignore[return-value]
+
+    def _publishing(self, method: str, name: str | None, named: bool | None = None) -> str | None:
+        if name is not None and (named is None or named):
+            self._published = True  # names are in events now: models are no longer renamed
+            self.param_name = self._param_name  # type: ignore[method-assign]
+            self.lookup = self._lookup  # type: ignore[method-assign]
+            self.name_of = self._name_of  # type: ignore[method-assign]
+        return name
+
+    def _param_name(self, p: torch.Tensor) -> str | None:
         entry = self._params.get(id(p))
         if entry is not None and entry[1]() is p:
             return entry[0]
         return None
 
-    def lookup(self, t: torch.Tensor, key: int | None = None) -> str | None:
+    def _lookup(self, t: torch.Tensor, key: int | None = None) -> str | None:
         """The qualified name of ``t`` or of the named tensor its storage belongs to (views,
         ``.data``); None when unnamed. Dictionary lookups only."""
-        name = self.param_name(t)
+        name = self._param_name(t)
         if name is not None:
             return name
         if key is None:
@@ -166,9 +260,9 @@ class TensorNames:
                 return entry[0]
         return None
 
-    def name_of(self, t: torch.Tensor, key: int | None = None) -> str:
+    def _name_of(self, t: torch.Tensor, key: int | None = None) -> str:
         """Qualified name of ``t`` (or of the tensor whose storage it aliases), else a description."""
-        name = self.param_name(t)
+        name = self._param_name(t)
         if name is not None:
             return name
         if key is None:
