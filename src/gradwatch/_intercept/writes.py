@@ -9,16 +9,15 @@ about to change. After it: one ``inplace_no_grad`` record per tracked tensor, th
 from __future__ import annotations
 
 import sys
-import weakref
 from typing import Any
 
 import torch
 
 from .._context import RunContext, version
 from .._failopen import FailOpen, Part
-from .._location import caller, is_internal, user_frame
+from .._location import _first_user, caller, is_internal, user_frame
 from .._naming import storage_key
-from .._stats import change, checkable, probe, sample
+from .._stats import change, checkable, sample
 from ..detectors.accumulation import AccumulationDetector
 from ..detectors.grad_flow import GradFlowDetector
 from ..detectors.nonfinite import NonfiniteDetector
@@ -39,13 +38,20 @@ _grad_enabled = torch.is_grad_enabled
 _inference_enabled = torch.is_inference_mode_enabled
 _ZEROING = {torch.Tensor.zero_, torch._foreach_zero_}
 _DisableTorchFunction = torch._C.DisableTorchFunction
+_NONE: list = []  # (never appended to)
 
 
 class _PendingWrite:
     """What a write's ``after`` needs from its ``before``."""
 
     __slots__ = ("checks", "flags", "func", "grad_mode", "hits", "in_step", "samples", "tracked",
-                 "where")
+                 "where", "windowed")
+
+
+def _held(acc: AccumulationDetector, t: torch.Tensor) -> bool:
+    """Whether an optimizer holds ``t`` (its steps write it where the mode does not look)."""
+    st = acc.windows.leaves.get(id(t))
+    return st is not None and st.optimized and st.leaf() is t
 
 
 def _grad_mode_now() -> str:
@@ -69,8 +75,6 @@ class Writes:
         cfg = ctx.config
         self.check_nonfinite = cfg.check_nonfinite
         self.change_stats = cfg.change_stats
-        # id(tensor) -> (weak ref, version, probe) after its last watched write
-        self._probes: dict[int, tuple[Any, int | None, torch.Tensor]] = {}
         self.off = False
 
     def install(self, mode: WatchMode) -> None:
@@ -131,9 +135,13 @@ class Writes:
         return self._before(torch.embedding_renorm_, (args[1],), "no_grad", sys._getframe(2))
 
     def _before(self, func: Any, targets: tuple, grad_mode: str | None, frame: Any) -> Any:
-        targets = tuple(t for t in targets if isinstance(t, _Tensor))
-        if not targets:
-            return None
+        if len(targets) == 1:  # hot: one target (an in-place op)
+            if not isinstance(targets[0], _Tensor):
+                return None
+        else:
+            targets = tuple(t for t in targets if isinstance(t, _Tensor))
+            if not targets:
+                return None
         pending = self._before_write(func, targets, grad_mode, frame)
         return None if pending is None else (self._after_write, pending)
 
@@ -187,87 +195,82 @@ class Writes:
             return None
         p = _PendingWrite()
         p.func, p.tracked, p.hits, p.grad_mode, p.in_step = func, tracked, hits, grad_mode, in_step
-        p.where = where if where is not None else caller()
+        user = in_step
+        if where is None:
+            if frame is not None:  # the frame that called the op (the mode's caller)
+                f = _first_user(frame)
+                where = None if f is None else (f.f_code, f.f_lineno)
+                user = user or f is frame
+            else:
+                where = caller()
+        elif frame is not None and not user:
+            user = not is_internal(frame.f_code)
+        p.where = where
         # Values are checked only for writes made by user code (your loop, your optimizer): torch's
         # own utilities (clip_grad_norm_, zero_grad, ...) do not create NaN from finite values.
-        p.checks, p.flags, p.samples = [], [], None
-        if tracked and (in_step or (frame is not None and not is_internal(frame.f_code))):
-            with _DisableTorchFunction():  # our own tensor work: no user mode sees it
-                if self.check_nonfinite and not self.nonfinite.off:
-                    p.checks = [e[0] for e in tracked if checkable(e[0])]
-                    p.flags = self._probes_before(p.checks) if p.checks else []
-                if self.change_stats and not in_step and self.ctx.is_stats_pass():
+        # (The mode runs its handlers with torch functions disabled: no user mode sees our ops.)
+        p.checks, p.flags, p.samples = _NONE, _NONE, None
+        if tracked:
+            nonfinite = self.nonfinite
+            if user:
+                if self.check_nonfinite and not nonfinite.off:
+                    checks = [e[0] for e in tracked if checkable(e[0])]
+                    if checks:
+                        # a parameter no optimizer holds: only watched writes change it (a
+                        # hand-written update), its probes are amortised over a window
+                        params, acc = self.ctx.names._params, self.acc
+                        windowed = []
+                        for t in checks:
+                            entry = params.get(id(t))
+                            windowed.append(entry is not None and entry[1]() is t
+                                            and not _held(acc, t))
+                        p.windowed = windowed
+                        p.checks = checks
+                        p.flags = nonfinite.before(checks, (func, where), p.windowed)
+                ctx = self.ctx
+                if self.change_stats and not in_step and ctx.passes % ctx.stats_every == 0:
                     p.samples = [sample(e[0]) for e in tracked]
+            elif nonfinite.open:  # torch's own write: a window open on its tensor closes first
+                nonfinite.touched([e[0] for e in tracked])
         return p
 
-    def _probes_before(self, checks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Finiteness probes of ``checks`` before a write: the probe taken after the tensor's
-        last watched write when nothing changed it since (same version), else a new one (one
-        fused call for those)."""
-        known = self._probes
-        flags: list[Any] = []
-        missing = []
-        for i, t in enumerate(checks):
-            entry = known.get(id(t))
-            if entry is not None and entry[0]() is t and entry[1] == version(t):
-                flags.append(entry[2])
-            else:
-                flags.append(None)
-                missing.append(i)
-        if missing:
-            for i, f in zip(missing, probe([checks[i] for i in missing])):
-                flags[i] = f
-        return flags
-
-    def _probes_after(self, checks: list[torch.Tensor]) -> list[torch.Tensor]:
-        flags = probe(checks)
-        known = self._probes
-        if len(known) > 4096:
-            known.clear()
-        for t, f in zip(checks, flags):
-            known[id(t)] = (weakref.ref(t), version(t), f)
-        return flags
-
     def _after_write(self, p: _PendingWrite, out: Any) -> None:
-        step = self.ctx.step()
+        ctx = self.ctx
+        step = ctx.step()
         func, where = p.func, p.where
         for t, s in p.hits:
             self.saved.mutated(func, t, s, storage_key(t), where, p.grad_mode, after=True)
-        if not p.tracked:
+        tracked = p.tracked
+        if not tracked:
             return
+        names = ctx.names
+        params = names._params
+        emit, acc, saved = self.emit, self.acc, self.saved
+        grad_mode, in_step, samples = p.grad_mode, p.in_step, p.samples
         checks = p.checks
-        if checks:
-            with _DisableTorchFunction():
-                after_flags = self._probes_after(checks)
-        else:
-            after_flags = []
-        flag_of = {id(t): i for i, t in enumerate(checks)}
-        names = self.ctx.names
-        probed = []
-        for i, (t, key, vb, st) in enumerate(p.tracked):
+        raws: list[Raw] = []
+        for i, (t, key, vb, st) in enumerate(tracked):
             if st is not None:
                 leaf = st.leaf()
                 pname = names.param_name(leaf) if leaf is not None else None
                 name = f"{pname}.grad" if pname else None
             else:
-                name = names.lookup(t, key)
-            if p.samples is not None:
-                with _DisableTorchFunction():
-                    delta = change(p.samples[i], t)
-            else:
-                delta = None
+                entry = params.get(id(t))
+                name = entry[0] if entry is not None and entry[1]() is t else names.lookup(t, key)
+            delta = change(samples[i], t) if samples is not None else None
             raw = Raw(K.INPLACE_NO_GRAD, func, name, tuple(t.shape), t.dtype, t.device, vb,
-                      version(t), p.grad_mode, delta, where, step)
-            if not p.in_step:
-                self.emit.record(raw)
-                self.acc.edited(t, where, key)  # what a later stale accumulation points to
-            self.saved.wrote(raw)
-            j = flag_of.get(id(t))
-            if j is not None:
-                probed.append((j, raw))
-        if probed:
-            self.nonfinite.wrote([p.flags[j] for j, _ in probed],
-                                 [after_flags[j] for j, _ in probed], [raw for _, raw in probed])
+                      version(t), grad_mode, delta, where, step)
+            if not in_step:
+                emit.record(raw)
+                acc.edited(t, where, key)  # what a later stale accumulation points to
+            saved.wrote(raw)
+            if checks:
+                raws.append(raw)
+        if checks:
+            if len(checks) != len(tracked):  # (some tracked tensor could not be probed)
+                at = {id(e[0]): i for i, e in enumerate(tracked)}
+                raws = [raws[at[id(t)]] for t in checks]
+            self.nonfinite.after(checks, p.flags, raws, (func, where), p.windowed)
 
     # -- .data = value ------------------------------------------------------------------------
     def on_data_set(self, func: Any, args: tuple, kwargs: dict) -> Any:

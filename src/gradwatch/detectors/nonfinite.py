@@ -1,8 +1,21 @@
 """``nonfinite_introduced``: an op under no_grad writes NaN/Inf into a finite tensor.
 
-Checks are lazy and batched: each watched write queues a 0-d "max |x|" of the tensor before and
-after (a device tensor, no sync); the queue is read in one ``tolist()`` at the next step
-boundary, backward, or flush. The first write whose before is finite and after is not is reported.
+Checks are lazy and batched: each watched write queues a 0-d finiteness probe of the tensor
+before and after (a device tensor, no sync); the queue is read in one ``tolist()`` at a
+statistics step boundary, the end, or when it is full. The first write whose before is finite
+and after is not is reported.
+
+Writes into a parameter that no optimizer holds (a hand-written update: only watched writes
+change it) follow the statistics steps' amortisation instead of a probe per write: the first write
+opens a *window* (the probe before it, usually the one its last window closed with, and its
+record); further writes from the same line and op extend it; all windows close together, in one
+fused norm call, when a statistics pass (``passes % stats_every == 0``) begins, at the step
+boundary and at the end. A write from another line or op, ``stats_every`` writes, or a write by
+torch's own code close a tensor's window first (the probe before that write), so each reported
+line and op is exact; the step and version reported are the window's first write's (a NaN found
+at the close was written by that line within the window's writes, at most ``stats_every`` of
+them). Where something unseen wrote the tensor (its version moved past the window's), the
+window's after is unknown and it is dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import torch
 
 from .._context import RunContext, version
 from .._location import location_of
+from .._stats import probe
 from ..events import EventKind
 from ..records.emit import Emitter
 from ..records.raw import Raw, describe_shape, op_str
@@ -107,6 +121,12 @@ class NonfiniteTracker:
 
 
 
+def _window_raw(window: list[Any]) -> Raw:
+    """The record a window's check reports: its first write, the version after its last."""
+    raw = window[3]
+    return raw if window[5] == 1 else raw._replace(version_after=window[1])
+
+
 class NonfiniteDetector:
     """Queues finiteness probes of watched writes and optimizer steps; reports, once per tensor,
     the first write that made a finite tensor non-finite."""
@@ -117,6 +137,129 @@ class NonfiniteDetector:
         self.queue = NonfiniteTracker()
         self.reported: set[str] = set()
         self.off = False
+        # id(tensor) -> (weak ref, version, probe): the probe after its last probed write
+        self.known: dict[int, tuple[Any, int | None, torch.Tensor]] = {}
+        # id(tensor) -> [weak ref, version after its last write, the probe before its first
+        # write, that write's record, its site (op, where), the writes in it]
+        self.open: dict[int, list[Any]] = {}
+        self.open_epoch = 0  # passes // stats_every when the open windows began
+
+    # -- watched writes -----------------------------------------------------------------------
+    def before(self, ts: list[torch.Tensor], site: Any,
+               windowed: list[bool]) -> list[torch.Tensor | None]:
+        """The probes of ``ts`` right before a write at ``site`` (``(op, where)``) into them.
+        None where the write extends the tensor's open window (``windowed``: a parameter only
+        watched writes change: see the module docstring); else the known probe where nothing
+        changed the tensor since (same version), or a new one. A window that ends here is
+        closed by the probe now (one fused call for all of them and the new ones)."""
+        opened = self.open
+        if opened:
+            ctx = self.ctx
+            epoch = ctx.passes // ctx.stats_every
+            if epoch != self.open_epoch:  # a statistics pass began: close every window at once
+                self.close()
+                opened = self.open
+                self.open_epoch = epoch
+        known = self.known
+        flags: list[Any] = []
+        missing = []
+        ending = []
+        for i, t in enumerate(ts):
+            if opened:
+                window = opened.get(id(t))
+                if window is not None:
+                    if (window[0]() is t and window[1] == version(t) and windowed[i]
+                            and window[4] == site and window[5] < self.ctx.stats_every):
+                        flags.append(None)  # the same line again: the window goes on
+                        continue
+                    del opened[id(t)]
+                    if window[0]() is t and window[1] == version(t):
+                        ending.append((i, window))
+                        flags.append(None)
+                        missing.append(i)
+                        continue
+            entry = known.get(id(t))
+            if entry is not None and entry[0]() is t and entry[1] == version(t):
+                flags.append(entry[2])
+            else:
+                flags.append(None)
+                missing.append(i)
+        if missing:
+            fresh = probe([ts[i] for i in missing])
+            for i, f in zip(missing, fresh):
+                flags[i] = f
+            for i, window in ending:  # the probe now is the window's after
+                self.queue.pending.append((window[2], flags[i], _window_raw(window)))
+        return flags
+
+    def touched(self, ts: Any) -> None:
+        """Tensors about to be written without probes (torch's own code): their open windows
+        close now, before the write."""
+        opened = self.open
+        ending = [t for t in ts if id(t) in opened]
+        if ending:
+            self.before(ending, None, [False] * len(ending))
+
+    def after(self, ts: list[torch.Tensor], before: list[torch.Tensor | None], raws: list[Raw],
+              site: Any, windowed: list[bool]) -> None:
+        """Writes at ``site`` into ``ts`` happened (their probes ``before``, None where an open
+        window goes on; their records ``raws``). A write into a ``windowed`` tensor opens a
+        window or extends one (probed when it closes); any other is probed now."""
+        opened = self.open
+        now = []
+        for i, t in enumerate(ts):
+            b = before[i]
+            if b is None:  # an open window goes on
+                window = opened.get(id(t))
+                if window is None:
+                    continue
+                window[1] = version(t)
+                window[5] += 1
+            elif windowed[i]:
+                if not opened:
+                    self.open_epoch = self.ctx.passes // self.ctx.stats_every
+                opened[id(t)] = [weakref.ref(t), version(t), b, raws[i], site, 1]
+            else:
+                now.append(i)
+        if now:
+            checked = [ts[i] for i in now]
+            flags = probe(checked)
+            self._remember(checked, flags)
+            self.wrote([before[i] for i in now], flags, [raws[i] for i in now])
+
+    def close(self) -> None:
+        """Probe every open window's tensor (one fused call) and queue the checks."""
+        opened, self.open = self.open, {}
+        if not opened:
+            return
+        live = []
+        for window in opened.values():
+            t = window[0]()
+            if t is not None and version(t) == window[1]:
+                live.append((t, window))
+        if not live:
+            return
+        ts = [e[0] for e in live]
+        flags = probe(ts)
+        self._remember(ts, flags)
+        q = self.queue
+        befores = [e[1][2] for e in live]
+        raws = [_window_raw(e[1]) for e in live]
+        try:  # one vector: befores, then afters (read at resolution with one copy)
+            vec = torch.stack(befores + flags)
+        except Exception:  # mixed dtypes or devices: one pair each
+            q.pending.extend(zip(befores, flags, raws))
+        else:
+            q.queue_vector(vec, 0, len(live), raws)
+        if len(q.pending) >= q.limit:
+            q.resolve(self.report)
+
+    def _remember(self, ts: list[torch.Tensor], flags: list[torch.Tensor]) -> None:
+        known = self.known
+        if len(known) > 4096:
+            known.clear()
+        for t, f in zip(ts, flags):
+            known[id(t)] = (weakref.ref(t), version(t), f)
 
     def wrote(self, before: list[torch.Tensor], after: list[torch.Tensor], raws: list[Raw]) -> None:
         """Probes (see :func:`gradwatch._stats.probe`) of tensors before and after the writes
@@ -139,6 +282,8 @@ class NonfiniteDetector:
 
     def end_step(self, final: bool) -> None:
         """One read of the queued probes (a sync on GPU) per statistics step, not per step."""
+        if self.open:
+            self.close()
         q = self.queue
         if q.pending and (final or self.ctx.is_stats_step() or len(q.pending) > q.limit // 2):
             q.resolve(self.report)
