@@ -302,7 +302,7 @@ def test_per_parameter_scalars_are_opt_in_and_the_default_set_stays_small(tmp_pa
             opt.step()
     ea = read(d)
     tags = ea.Tags()
-    assert set(tags["scalars"]) == DEFAULT_SCALARS and len(DEFAULT_SCALARS) == 15
+    assert set(tags["scalars"]) == DEFAULT_SCALARS and len(DEFAULT_SCALARS) == 16
     assert tags["histograms"] == ["gradwatch/update_ratios"]
     assert set(tags["tensors"]) == {
         "custom_scalars__config__", "gradwatch/summary_json/text_summary",

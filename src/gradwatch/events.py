@@ -25,6 +25,7 @@ class EventKind(str, Enum):
     NONFINITE_INTRODUCED = "nonfinite_introduced"
     GRAD_NEVER_APPLIED = "grad_never_applied"
     GRAD_APPLIED_TWICE = "grad_applied_twice"
+    GRAD_READ_MID_WINDOW = "grad_read_mid_window"
 
     def __str__(self) -> str:
         return self.value
@@ -45,6 +46,7 @@ SEVERITY: dict[EventKind, Severity] = {
     EventKind.NONFINITE_INTRODUCED: "error",
     EventKind.GRAD_NEVER_APPLIED: "warning",
     EventKind.GRAD_APPLIED_TWICE: "warning",
+    EventKind.GRAD_READ_MID_WINDOW: "warning",
 }
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
 

@@ -29,8 +29,7 @@ CASES_DIR = Path(__file__).resolve().parent / "cases"
 ENTRIES = ("zero_config", "explicit", "cli")
 MARK = "# <- culprit"
 
-# Kinds of their own for the gradient-window violations DESIGN.md foresees (not in EventKind
-# yet): the names the corpus expects. Rename here when the kinds land.
+# The gradient-window violations DESIGN.md foresees, as EventKind names them.
 GRAD_NEVER_APPLIED = "grad_never_applied"  # accumulated gradients no optimizer step ever used
 GRAD_READ_MID_WINDOW = "grad_read_mid_window"  # .grad read between two losses' backward passes
 GRAD_APPLIED_TWICE = "grad_applied_twice"  # one accumulation window applied by two optimizers

@@ -275,3 +275,68 @@ def test_zeroing_on_the_line_that_read_the_gradient_is_not_a_use() -> None:
     zeroing(b, here())
     assert len(r.emit.anomalies) == 1
     assert r.failures == []
+
+
+def _read(r: Rig, p: torch.Tensor) -> None:
+    """``p.grad`` read by the calling line, as the mode reports it."""
+    r.det._grad_read(p, sys._getframe(1))
+
+
+def test_reads_of_one_window_around_another_pass_then_replaced_are_mixed_reads() -> None:
+    """Per-loss gradients without a reset between the losses: the second read sees both."""
+    r = Rig()
+    w, _b = r.params
+    r.backward()
+    _read(r, w)  # <first read>
+    r.backward()
+    _read(r, w)  # <second read>
+    assert list(r.emit.anomalies) == []  # not yet: a step may use the sum (logging reads)
+    r.det.on_grad_set(None, (w, torch.zeros_like(w)), {})  # p.grad = merged
+    [ev] = r.emit.anomalies
+    assert (ev.kind, ev.severity, ev.tensor) == (K.GRAD_READ_MID_WINDOW, "warning", "0.weight.grad")
+    assert ev.location.lineno == line_of("second read")
+    assert f":{line_of('first read')}" in ev.message
+
+
+def test_reads_between_passes_of_a_window_a_step_then_uses_are_silent() -> None:
+    """Accumulation that logs the running sum after each micro-batch: correct."""
+    r = Rig()
+    w, _ = r.params
+    for _ in range(2):
+        r.backward()
+        _read(r, w)
+        r.backward()
+        _read(r, w)
+        r.step()
+        r.zero_grad()
+    assert list(r.emit.anomalies) == []
+
+
+def test_an_optimizer_state_entry_that_is_the_grad_itself_is_reported_once() -> None:
+    r = Rig()
+    w, _b = r.params
+    r.backward()
+    r.step()
+    r.opt.state[w]["previous_grad"] = w.grad  # kept by reference
+    r.zero_grad(set_to_none=False)
+    r.backward()
+    where = here()
+    r.det.check_state(r.opt, r.params, where)  # <state check>
+    [ev] = r.emit.anomalies
+    assert (ev.kind, ev.tensor) == (K.GRAD_READ_MID_WINDOW, "0.weight.grad")
+    assert "state['previous_grad']" in ev.message
+    assert ev.location.lineno == where[1]  # SGD's step keeps nothing: the step call's line
+    r.det.check_state(r.opt, r.params, where)
+    assert len(r.emit.anomalies) == 1
+
+
+def test_an_optimizer_state_entry_kept_from_a_grad_since_replaced_is_silent() -> None:
+    r = Rig()
+    w, _ = r.params
+    r.backward()
+    r.step()
+    r.opt.state[w]["previous_grad"] = w.grad
+    r.zero_grad(set_to_none=True)
+    r.backward()
+    r.det.check_state(r.opt, r.params, here())
+    assert list(r.emit.anomalies) == []

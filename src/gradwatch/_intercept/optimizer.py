@@ -261,6 +261,8 @@ class Optimizers:
             self.saved.check_tensors("optimizer.step", params, state.where)
         if not self.acc.off:
             self.acc.stepped(params, opt, state.where)
+            if opt.state:
+                self.fail.guard(Part.ACCUMULATION, self.acc.check_state, opt, params, state.where)
         try:
             state.versions = [p._version for p in params]
         except Exception:  # a tensor without a version counter (inference, odd subclasses)

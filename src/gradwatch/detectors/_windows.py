@@ -36,8 +36,8 @@ PassEntry = tuple[weakref.ref, int, int, int, int]
 
 class LeafState:
     __slots__ = ("accum", "consumed", "consumed_by", "grad_id", "grad_version", "last_edit", "leaf",
-                 "never_applied", "optimized", "pass_no", "read", "read_where", "reset",
-                 "stale_where", "steps", "token", "window_steps")
+                 "mid", "mid_where", "never_applied", "optimized", "pass_no", "read", "read_where",
+                 "reset", "stale_where", "steps", "token", "window_steps")
 
     def __init__(self, leaf: torch.Tensor) -> None:
         self.leaf = weakref.ref(leaf)
@@ -57,6 +57,10 @@ class LeafState:
         self.consumed_by: int | None = None  # id of the optimizer whose step used the window
         self.window_steps = 0  # optimizer steps (any optimizer) when the window opened
         self.never_applied = False  # reported as never applied (once per leaf)
+        # reads mid-window: 0 none; 1 read by user code, then another pass added to the window;
+        # 2 read again after that (at ``mid_where``): the second read sees both passes' sum
+        self.mid = 0
+        self.mid_where: tuple[CodeType, int] | None = None
 
 
 class _Pass:  # hot: the usual loop, one record per backward pass
@@ -193,6 +197,7 @@ class AccumulationTracker:
             st.token = (leaf_version, st.steps)
             st.last_edit = st.stale_where = None
             st.read = st.reset = False
+            st.mid = 0
             st.accum = 1
             st.pass_no = number
             st.consumed_by = stepped_by if steps else None
@@ -237,6 +242,9 @@ class AccumulationTracker:
             st.accum = 0
             st.consumed = False
             st.read = False
+            st.mid = 0
+        elif st.read and st.mid == 0 and not st.consumed:
+            st.mid = 1  # read, then summed into: the next read sees both passes
             st.stale_where = None
             st.window_steps = self.all_steps
         elif (not st.optimized and not st.consumed and not st.never_applied
@@ -300,6 +308,7 @@ class AccumulationTracker:
                     twice.append(st)
                 st.consumed = True
                 st.consumed_by = owner
+                st.mid = 0
                 used(st.pass_no)
         if self.unconsumed:
             self.unconsumed.difference_update(map(id, leaves))
@@ -316,6 +325,7 @@ class AccumulationTracker:
         for leaf in leaves:
             st = get(id(leaf))
             if st is not None and st.leaf() is leaf and st.accum > 0:
+                st.mid = 0
                 if st.stale_where is not None and not st.reset:
                     due.append(st)
                     self.mixed.discard(id(leaf))
@@ -328,6 +338,10 @@ class AccumulationTracker:
     def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None) -> None:
         st = self.get(leaf)  # (syncs)
         if st is not None and st.accum > 0:
+            if st.mid == 1:
+                st.mid = 2
+                st.mid_where = where
+                return
             st.read = True
             st.read_where = where
 
@@ -337,6 +351,7 @@ class AccumulationTracker:
         and not changed since: an update no hook saw — a ``torch.compile``d step — may have used
         it). A read on the zeroing line itself (``p.grad.zero_()``) is not a use."""
         st.consumed_by = None
+        st.mid = 0
         read = st.read and st.read_where != where
         candidate = (st.accum > 0 and not st.consumed and not read and not st.reset and st.optimized
                      and st.pass_no not in self.used)

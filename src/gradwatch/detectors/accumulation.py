@@ -6,7 +6,11 @@ The window state machine lives in :mod:`._windows`; this detector feeds it from 
 
 from __future__ import annotations
 
+import ast
+import inspect
 import sys
+import textwrap
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +25,15 @@ from ..records.emit import Emitter
 from ..records.raw import LeafBatch, Raw, op_str
 from ._windows import AccumulationTracker, LeafState, PassEntry, finite_nonzero
 
-__all__ = ["HINT_APPLIED_TWICE", "HINT_DISCARDED", "HINT_NEVER_APPLIED", "HINT_STALE",
-           "HINT_STALE_CLOSURE", "AccumulationDetector"]
+__all__ = [
+    "HINT_APPLIED_TWICE",
+    "HINT_DISCARDED",
+    "HINT_NEVER_APPLIED",
+    "HINT_READ_MID_WINDOW",
+    "HINT_STALE",
+    "HINT_STALE_CLOSURE",
+    "AccumulationDetector",
+]
 
 K = EventKind
 _Tensor = torch.Tensor
@@ -44,6 +55,14 @@ HINT_STALE_CLOSURE = (
     "zero the gradients inside the closure (call optimizer.zero_grad() before its backward): "
     "the optimizer evaluates the closure several times per step, at different weights"
 )
+HINT_READ_MID_WINDOW = (
+    "zero the gradients (optimizer.zero_grad()) before each loss whose gradient you read on its "
+    "own, or take each loss's gradient with torch.autograd.grad(loss, params, retain_graph=True)"
+)
+HINT_STATE_ALIAS = (
+    "store a copy (state[...] = grad.clone(), or copy_ into a buffer made once), not the .grad "
+    "tensor itself"
+)
 HINT_DISCARDED = (
     "step the optimizer before zeroing (zero_grad() belongs after step(), once per accumulation "
     "window), or do not compute gradients you throw away"
@@ -60,6 +79,7 @@ class AccumulationDetector:
         self.windows = AccumulationTracker()
         self._fail = fail
         self._grad_storage: tuple[int, dict[int | None, LeafState]] | None = None
+        self._state_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.off = False
 
     # -- per .grad read (hot: every p.grad read while the mode is on, mostly torch's own) ------
@@ -75,7 +95,7 @@ class AccumulationDetector:
             unread = True  # accumulated into by the pass not applied yet, never read since
         else:
             st = w.leaves.get(key)
-            unread = st is not None and st.accum and not st.read
+            unread = st is not None and st.accum and (not st.read or st.mid == 1)
         if unread:
             frame = sys._getframe(2)  # on_grad_get <- __torch_function__ <- the reader
             if not is_internal(frame.f_code):  # torch reading it (clip, step) is no use
@@ -91,7 +111,7 @@ class AccumulationDetector:
         if not isinstance(p, _Tensor):
             return
         st = self.windows.get(p)
-        if st is None or st.accum == 0 or st.read:
+        if st is None or st.accum == 0 or (st.read and st.mid != 1):
             return
         self.windows.grad_read(p, (frame.f_code, frame.f_lineno))
 
@@ -178,9 +198,12 @@ class AccumulationDetector:
         w = self.windows
         mixed = (st.stale_where if st.stale_where is not None and not st.reset
                  and st.pass_no not in w.used else None)
+        mid = (st.read_where, st.mid_where) if st.mid == 2 and not st.consumed else None
         candidate = w.resetting(st, where)
         if self.off:
             return
+        if mid is not None:  # per-loss reads of one window, then it is replaced or dropped
+            self._read_mid_window(st, *mid)
         if mixed is not None:
             self.stale(st, mixed, st.leaf())
         if not candidate:
@@ -318,6 +341,59 @@ class AccumulationDetector:
             HINT_NEVER_APPLIED,
         ))
 
+    def check_state(self, opt: Any, params: list[torch.Tensor], where: Any) -> None:
+        """Before a step of ``opt`` updates: an optimizer state entry that *is* a parameter's
+        current ``.grad`` was kept by reference at an earlier step (``state["prev"] = grad``);
+        zeroing in place and the next backward rewrote it, so the "previous" gradient the step
+        reads is the current one. Checked at the first steps with state only (a structural bug:
+        the same code runs every step)."""
+        checks = self._state_checks
+        n = checks.get(opt, 0)
+        if n >= 3 or not opt.state:
+            return
+        checks[opt] = n + 1
+        state = opt.state
+        for p in params:
+            g = p.grad
+            entries = state.get(p) if g is not None else None
+            if not entries or not isinstance(entries, dict):
+                continue
+            for key, v in entries.items():
+                if v is g or (isinstance(v, _Tensor) and v.shape == g.shape and not v.is_sparse
+                              and v.device == g.device and v.data_ptr() == g.data_ptr()):
+                    self._state_alias(opt, p, key, where)
+                    checks[opt] = 3  # once per optimizer
+                    return
+
+    def _state_alias(self, opt: Any, p: torch.Tensor, key: Any, where: Any) -> None:
+        name = self._name(p)
+        kept = _assignment_of(type(opt), key)
+        self.emit.anomaly(Raw(
+            K.GRAD_READ_MID_WINDOW, "optimizer.step", f"{name}.grad", tuple(p.shape), p.dtype,
+            p.device, None, None, "no_grad", None, kept or where, self.ctx.step(),
+            f"{type(opt).__name__}'s state[{key!r}] of `{name}` is `{name}.grad` itself, kept by "
+            "reference at an earlier step: zeroing .grad in place and the next backward "
+            "rewrote it, so the step reads the current gradient where it expects an earlier one",
+            HINT_STATE_ALIAS,
+        ))
+
+    def _read_mid_window(self, st: LeafState, first: Any, second: Any) -> None:
+        p = st.leaf()
+        name = self._name(p)
+        loc = location_of(first)
+        earlier = f" (first read at {loc}, `{loc.code}`)" if loc is not None else ""
+        self.emit.anomaly(Raw(
+            K.GRAD_READ_MID_WINDOW, "grad", f"{name}.grad",
+            tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
+            p.device if p is not None else None, None, None,
+            "no_grad" if not _grad_enabled() else "enabled", None, second, self.ctx.step(),
+            f"`{name}.grad` was read here after another backward pass added to it, without a "
+            f"reset in between{earlier}: this read sees the sum of both passes, not the last "
+            "one's gradient; the window was then replaced or dropped without an optimizer step "
+            "using the sum",
+            HINT_READ_MID_WINDOW,
+        ))
+
     def _applied_twice(self, st: LeafState, where: Any, opt: Any) -> None:
         p = st.leaf()
         name = self._name(p)
@@ -364,3 +440,23 @@ class AccumulationDetector:
         if p is None:
             return "tensor"
         return self.ctx.names.param_name(p) or describe(p)
+
+
+def _assignment_of(cls: type, key: Any) -> tuple[Any, int] | None:
+    """``(code, line)`` of the statement in ``cls.step`` that assigns ``...[key] = ...`` (where an
+    optimizer state entry is kept), if the source can be read."""
+    try:
+        fn = inspect.unwrap(cls.step)
+        code = fn.__code__
+        lines, start = inspect.getsourcelines(fn)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except Exception:
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if (isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant)
+                        and t.slice.value == key):
+                    return (code, start + node.lineno - 1)
+    return None
+

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 SOURCE = "https://github.com/jettify/pytorch-optimizer/pull/57"
 FAMILY = "grad_read_mid_window"
 EXPECT = dict(kind="grad_read_mid_window", tensor="weight.grad")
-KNOWN_MISS = {"*": "not yet diagnosed: no grad_read_mid_window reported"}
+KNOWN_MISS = {}
 
 
 class DiffGrad(Optimizer):
