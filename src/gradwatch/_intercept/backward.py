@@ -143,6 +143,8 @@ class Backward:
             self.grad_flow.end_step()  # a trained tensor replaced since: report it now
             if roots and self.grad_flow.window:
                 self.grad_flow.rewrapped_roots(roots, self.ctx.leaves.ids)
+            if self.grad_flow.zero_ops:
+                self.fail.guard(Part.GRAD_FLOW, self.grad_flow.zero_gradient_paths, roots)
         self.ctx.busy += time.perf_counter() - t0
         return where
 

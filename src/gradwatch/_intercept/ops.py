@@ -26,7 +26,8 @@ class Action:
     NO_GRAD_OP = 10  # an out-of-place op with grad off (decided per call, never memoised)
     CUT = 11  # yields no grad from a tensor that may require it (argmax, comparisons, tensor())
     SCALAR = 12  # a Python value from a tensor (.item(), .tolist(), .numpy(), float())
-    COUNT = 13  # the size of the mode's handler table
+    ZERO_GRAD = 13  # keeps a grad_fn whose gradient is zero (round, sign, floor, ceil, trunc)
+    COUNT = 14  # the size of the mode's handler table
 
 
 _INPLACE_DUNDERS = frozenset(
@@ -54,6 +55,7 @@ NONDIFFERENTIABLE = frozenset({
     "tensor", "as_tensor",  # re-wrapping a value: the new tensor has no history
 })
 SCALAR = frozenset({"item", "tolist", "numpy", "__float__", "__int__"})
+ZERO_GRADIENT = frozenset({"round", "sign", "floor", "ceil", "trunc", "fix", "special_round"})
 
 ACTIONS: dict[Any, int] = {}
 _FunctionWrapper = wrapt.FunctionWrapper
@@ -94,6 +96,8 @@ def _classify(func: Any) -> int:
         return Action.CUT
     if name in SCALAR:
         return Action.SCALAR
+    if name in ZERO_GRADIENT:
+        return Action.ZERO_GRAD
     if not name.endswith("_") or name.startswith("__") or name in _NOT_DATA:
         return Action.PASS
     if name.startswith("_foreach_"):

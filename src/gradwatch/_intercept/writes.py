@@ -90,6 +90,7 @@ class Writes:
         h[Action.NO_GRAD_OP] = self.on_no_grad_op
         h[Action.CUT] = self.on_cut
         h[Action.SCALAR] = self.on_scalar
+        h[Action.ZERO_GRAD] = self.on_zero_grad
         h[Action.GRAD_GET] = self.acc.on_grad_get
         h[Action.GRAD_SET] = self.acc.on_grad_set
         mode.on_fail = self._mode_failed
@@ -335,6 +336,22 @@ class Writes:
             return None
         self._cut(3, func, args, kwargs)
         return None
+
+    def on_zero_grad(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """``round``/``sign``/``floor``/``ceil``/``trunc``: a node whose gradient is zero."""
+        if self.off or self.grad_flow.off:
+            return None
+        if not _grad_enabled():
+            return self.on_no_grad_op(func, args, kwargs)
+        first = args[0] if args else kwargs.get("input")
+        if isinstance(first, _Tensor) and first.requires_grad:
+            frame = sys._getframe(2)  # on_zero_grad <- __torch_function__ <- the caller
+            if not is_internal(frame.f_code):
+                return (self._after_zero_grad, (func, (frame.f_code, frame.f_lineno)))
+        return None
+
+    def _after_zero_grad(self, state: tuple, out: Any) -> None:
+        self.fail.guard(Part.GRAD_FLOW, self.grad_flow.zero_gradient_op, *state, out)
 
     def _cut(self, rank: int, func: Any, args: tuple, kwargs: dict) -> None:
         first = args[0] if args else kwargs.get("data")

@@ -45,6 +45,13 @@ HINT_REBIND = (
     "under no_grad, so it stays the leaf that requires grad"
 )
 _GRAD_READ = re.compile(r"([A-Za-z_][A-Za-z_0-9]*)\.grad\b")
+HINT_ZERO = (
+    "keep the rounding out of the gradient path, or use a straight-through estimator "
+    "(y = x + (torch.round(x) - x).detach()) or a smooth surrogate (sigmoid, tanh) in training"
+)
+# autograd nodes whose gradient is zero everywhere (for real inputs): node -> op
+_ZERO_NODES = {"RoundBackward0": "round", "RoundBackward1": "round", "SignBackward0": "sign",
+               "FloorBackward0": "floor", "CeilBackward0": "ceil", "TruncBackward0": "trunc"}
 HINT_NONLEAF = (
     "update the tensor in place under torch.no_grad() (with torch.no_grad(): w -= lr * w.grad) "
     "instead of rebinding it to a computed tensor, so it stays the leaf that requires grad"
@@ -161,6 +168,11 @@ class GradFlowDetector:
         # user line), 2: a non-differentiable op or a re-wrapped value, 3: a scalar read
         self.window: deque[tuple[int, str, tuple[CodeType, int], int]] = deque(maxlen=64)
         self.region_open = False  # inside a user no_grad block (ops there may cut)
+        # zero-gradient ops (round, sign, floor, ...) on tensors requiring grad in user code
+        # since the last backward: (id, sequence number) of the node -> (op, where); lines
+        # seen harmless twice are not recorded any more
+        self.zero_ops: dict[tuple[int, int], tuple[str, tuple[CodeType, int]]] = {}
+        self._zero_harmless: dict[tuple[CodeType, int], int] = {}
         self.off = False
 
     @property
@@ -181,6 +193,61 @@ class GradFlowDetector:
         if rank == 1 and window and window[-1][0] == 1 and window[-1][2] == where:
             return
         window.append((rank, op_str(func), where, self.ctx.step()))
+
+    def zero_gradient_op(self, func: Any, where: tuple[CodeType, int], out: Any) -> None:
+        """``round``/``sign``/``floor``/``ceil``/``trunc`` on a tensor requiring grad, with grad
+        on, at the user's ``where``, made ``out``: its node's gradient is zero everywhere."""
+        fn = getattr(out, "grad_fn", None)
+        if (fn is not None and type(fn).__name__ in _ZERO_NODES
+                and self._zero_harmless.get(where, 0) < 2 and len(self.zero_ops) < 64):
+            self.zero_ops[(id(fn), fn._sequence_nr())] = (op_str(func), where)
+
+    def zero_gradient_paths(self, roots: tuple, limit: int = 50000) -> None:
+        """Before a backward, when zero-gradient ops ran since the last one: the trained leaves
+        that this graph reaches only through such nodes get an exactly zero gradient (a
+        rounded or sign-ed output in the loss path, no straight-through estimator)."""
+        ops, self.zero_ops = self.zero_ops, {}
+        reach: set[int] = set()
+        behind: dict[int, tuple[torch.Tensor, tuple]] = {}  # leaf -> (leaf, zero node's key)
+        seen: set[tuple[int, bool]] = set()
+        stack: list[tuple[Any, tuple | None]] = [(r.grad_fn, None) for r in roots
+                                                 if r.grad_fn is not None]
+        while stack and len(seen) < limit:
+            fn, zero = stack.pop()
+            key = (id(fn), zero is None)
+            if key in seen:
+                continue
+            seen.add(key)
+            if zero is None and type(fn).__name__ in _ZERO_NODES:
+                zero = (id(fn), fn._sequence_nr())
+            var = getattr(fn, "variable", None)
+            if isinstance(var, _Tensor):
+                if zero is None:
+                    reach.add(id(var))
+                else:
+                    behind.setdefault(id(var), (var, zero))
+                continue
+            stack.extend((nf, zero) for nf, _ in fn.next_functions if nf is not None)
+        if len(seen) >= limit:
+            return
+        by_node: dict[tuple, list[torch.Tensor]] = {}
+        for key, (v, node) in behind.items():
+            if key not in reach and node in ops and (type(v) is _Parameter or self.is_trained(v)):
+                by_node.setdefault(node, []).append(v)
+        for node, (_op, where) in ops.items():
+            if node not in by_node:  # not in this graph, or other paths carry the gradient
+                self._zero_harmless[where] = self._zero_harmless.get(where, 0) + 1
+        for node, leaves in by_node.items():
+            op, where = ops[node]
+            for v in leaves:
+                name = self.ctx.names.param_name(v) or describe(v)
+                self.emit.anomaly(Raw(
+                    K.GRAD_FLOW_CUT, op, name, tuple(v.shape), v.dtype, v.device, None, None,
+                    "enabled", None, statement_start(where), self.ctx.step(),
+                    f"`{name}` reaches this loss only through {op}, whose gradient is zero "
+                    "everywhere: backward gives it an exactly zero gradient, it never trains",
+                    HINT_ZERO,
+                ))
 
     def backward_done(self) -> None:
         """A backward pass ran (or failed and was explained): a new window of cuts starts."""
