@@ -11,7 +11,7 @@ import torch
 
 SOURCE = "https://github.com/DeepReinforcementLearning/DeepReinforcementLearningInAction/issues/42"
 FAMILY = "stale_grad_accumulation"
-EXPECT = dict(kind="stale_grad_accumulation", tensor="tensor float32[16,8]")
+EXPECT = dict(kind="stale_grad_accumulation", tensor="w1")
 KNOWN_MISS = {}
 
 
