@@ -122,3 +122,21 @@ def test_steady_state_writes_probe_once_per_window(monkeypatch: pytest.MonkeyPat
         during = list(calls)
     assert w.anomalies == []
     assert during == [4, 4, 4]  # 30 passes, 120 writes: three fused probes of the 4 parameters
+
+
+def test_a_data_alias_update_is_windowed_as_its_parameter() -> None:
+    """``p.data.add_`` (pytorch/examples' regression, full): each ``.data`` is a new tensor with
+    a version counter of its own; its write is probed as the parameter it shows whole, in the
+    parameter's window, and a NaN it writes is still named at its line."""
+    model = _mlp()
+    x = torch.randn(16, 4)
+    with gradwatch.watch(model, on_anomaly="log", level="full") as w:
+        for i in range(14):
+            model.zero_grad()
+            model(x).pow(2).mean().backward()
+            lr = float("nan") if i == 13 else 0.01
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-lr)  # <data_update>
+    line = line_of("data_update")
+    assert _found(w) == [("nonfinite_introduced", n, "add_", line)
+                         for n in ("0.bias", "0.weight", "2.bias", "2.weight")]

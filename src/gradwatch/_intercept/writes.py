@@ -44,14 +44,29 @@ _NONE: list = []  # (never appended to)
 class _PendingWrite:
     """What a write's ``after`` needs from its ``before``."""
 
-    __slots__ = ("checks", "flags", "func", "grad_mode", "hits", "in_step", "samples", "tracked",
-                 "where", "windowed")
+    __slots__ = ("at", "checks", "flags", "func", "grad_mode", "hits", "in_step", "samples",
+                 "tracked", "where", "windowed")
 
 
 def _held(acc: AccumulationDetector, t: torch.Tensor) -> bool:
     """Whether an optimizer holds ``t`` (its steps write it where the mode does not look)."""
     st = acc.windows.leaves.get(id(t))
     return st is not None and st.optimized and st.leaf() is t
+
+
+def _whole_alias_of(names: Any, t: torch.Tensor, key: int | None) -> torch.Tensor | None:
+    """The parameter (or leaf of the loop) that ``t`` shows whole, where ``t`` is another tensor
+    on its storage (``p.data``): same memory, shape, strides and dtype; else None."""
+    owner = names.owner_of_storage(key)
+    if owner is None or owner is t:
+        return None
+    entry = names._params.get(id(owner))
+    if entry is None or entry[1]() is not owner:
+        return None
+    if (owner.data_ptr() == t.data_ptr() and owner.dtype == t.dtype and owner.shape == t.shape
+            and owner.stride() == t.stride()):
+        return owner
+    return None
 
 
 def _grad_mode_now() -> str:
@@ -215,25 +230,42 @@ class Writes:
             nonfinite = self.nonfinite
             if user:
                 if self.check_nonfinite and not nonfinite.off:
-                    checks = [e[0] for e in tracked if checkable(e[0])]
-                    if checks:
-                        # a parameter no optimizer holds: only watched writes change it (a
-                        # hand-written update), its probes are amortised over a window
-                        params, acc = self.ctx.names._params, self.acc
-                        windowed = []
-                        for t in checks:
-                            entry = params.get(id(t))
-                            windowed.append(entry is not None and entry[1]() is t
-                                            and not _held(acc, t))
-                        p.windowed = windowed
-                        p.checks = checks
-                        p.flags = nonfinite.before(checks, (func, where), p.windowed)
+                    self._checks(p, tracked, (func, where))
                 ctx = self.ctx
                 if self.change_stats and not in_step and ctx.passes % ctx.stats_every == 0:
                     p.samples = [sample(e[0]) for e in tracked]
             elif nonfinite.open:  # torch's own write: a window open on its tensor closes first
                 nonfinite.touched([e[0] for e in tracked])
         return p
+
+    def _checks(self, p: _PendingWrite, tracked: list[list[Any]], site: Any) -> None:
+        """The finiteness probes before a write: which tracked tensors are probed (``p.at``:
+        their places in ``tracked``), as what (``p.checks``: a ``.data`` alias that shows a
+        whole parameter is probed as that parameter), and whether each is windowed: a parameter
+        no optimizer holds is written by watched code only (a hand-written update), so its
+        probes are amortised over a window (see :mod:`..detectors.nonfinite`)."""
+        names = self.ctx.names
+        params, acc = names._params, self.acc
+        checks, at, windowed = [], [], []
+        for i, e in enumerate(tracked):
+            t = e[0]
+            if not checkable(t):
+                continue
+            entry = params.get(id(t))
+            if entry is not None and entry[1]() is t:
+                win = not _held(acc, t)
+            else:
+                win = False
+                if e[3] is None and not t.requires_grad:  # (p.data: its own version counter)
+                    owner = _whole_alias_of(names, t, e[1])
+                    if owner is not None and not _held(acc, owner):
+                        t, win = owner, True
+            checks.append(t)
+            at.append(i)
+            windowed.append(win)
+        if checks:
+            p.checks, p.at, p.windowed = checks, at, windowed
+            p.flags = self.nonfinite.before(checks, site, windowed)
 
     def _after_write(self, p: _PendingWrite, out: Any) -> None:
         ctx = self.ctx
@@ -269,8 +301,7 @@ class Writes:
                 raws.append(raw)
         if checks:
             if len(checks) != len(tracked):  # (some tracked tensor could not be probed)
-                at = {id(e[0]): i for i, e in enumerate(tracked)}
-                raws = [raws[at[id(t)]] for t in checks]
+                raws = [raws[i] for i in p.at]
             self.nonfinite.after(checks, p.flags, raws, (func, where), p.windowed)
 
     # -- .data = value ------------------------------------------------------------------------
