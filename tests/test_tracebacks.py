@@ -80,3 +80,42 @@ def test_a_users_error_inside_watched_calls_shows_at_most_one_gradwatch_frame(le
     for exc in (info.value, in_zero_grad.value):
         count, innermost = _ours(exc)
         assert count <= 1 and not innermost
+
+
+class _NoGradStep(torch.optim.Optimizer):
+    """A user optimizer whose @torch.no_grad() step calls the closure without enable_grad."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure()  # <closure call>
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+        return loss
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_an_error_inside_a_closure_shows_one_gradwatch_frame_and_names_the_call(level: str
+                                                                              ) -> None:
+    from helpers import line_of
+
+    model = nn.Linear(3, 1)
+    opt = _NoGradStep(model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.randn(4, 3)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with (gradwatch.watch(model, opt, level=level, on_anomaly="log"),
+          pytest.raises(RuntimeError, match="does not require grad") as info):
+        opt.step(closure)
+    count, innermost = _ours(info.value)
+    assert count <= 1 and not innermost
+    [note] = info.value.__notes__
+    assert f"_NoGradStep.step calls the closure at {__file__}:{line_of('closure call')}" in note

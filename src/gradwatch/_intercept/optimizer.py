@@ -225,8 +225,13 @@ class Optimizers:
                 paused = gate.resume()
             except Exception as exc:
                 fail.fail(Part.OPTIMIZER, exc)
+            if not torch.is_grad_enabled():  # the step runs its closure under no_grad
+                fail.guard(Part.GRAD_FLOW, self.grad_flow.closure_without_grad, opt,
+                           sys._getframe(1))
             try:
                 out = closure(*a, **k)
+            except BaseException as exc:  # the user's (or torch's): no frame of ours below here
+                raise exc.with_traceback(without_own_frames(exc.__traceback__))  # noqa: B904
             finally:
                 try:  # (after the user's call: an error here is ours, never the user's)
                     gate.suspended, gate.step_depth = suspended, depth

@@ -45,6 +45,10 @@ HINT_REBIND = (
     "under no_grad, so it stays the leaf that requires grad"
 )
 _GRAD_READ = re.compile(r"([A-Za-z_][A-Za-z_0-9]*)\.grad\b")
+HINT_CLOSURE = (
+    "call the closure with grad enabled inside the step: `with torch.enable_grad(): loss = "
+    "closure()` (torch's optimizers do this under their @torch.no_grad())"
+)
 HINT_ZERO = (
     "keep the rounding out of the gradient path, or use a straight-through estimator "
     "(y = x + (torch.round(x) - x).detach()) or a smooth surrogate (sigmoid, tanh) in training"
@@ -173,6 +177,9 @@ class GradFlowDetector:
         # seen harmless twice are not recorded any more
         self.zero_ops: dict[tuple[int, int], tuple[str, tuple[CodeType, int]]] = {}
         self._zero_harmless: dict[tuple[CodeType, int], int] = {}
+        # an optimizer's step called its closure with grad off (its @torch.no_grad()): where
+        # it called it and the optimizer's class name, until the next backward
+        self.closure_no_grad: tuple[tuple[CodeType, int], str] | None = None
         self.off = False
 
     @property
@@ -249,8 +256,15 @@ class GradFlowDetector:
                     HINT_ZERO,
                 ))
 
+    def closure_without_grad(self, opt: Any, frame: Any) -> None:
+        """``opt.step`` calls its closure (from the code at ``frame``) with grad disabled: the
+        closure's loss has no history."""
+        if frame is not None and not self.off:
+            self.closure_no_grad = ((frame.f_code, frame.f_lineno), type(opt).__name__)
+
     def backward_done(self) -> None:
         """A backward pass ran (or failed and was explained): a new window of cuts starts."""
+        self.closure_no_grad = None
         self.window.clear()
         self.region_open = False
 
@@ -353,6 +367,20 @@ class GradFlowDetector:
         """Add a note naming the cut behind "does not require grad"; False if not that error."""
         if not is_no_grad_root_error(exc):
             return False
+        if self.closure_no_grad is not None:
+            where, opt = self.closure_no_grad
+            loc = location_of(where)
+            place = f"{loc} (`{loc.code}`)" if loc else "an unknown line"
+            what = (f"{opt}.step calls the closure at {place} with grad disabled (the step runs "
+                    "under torch.no_grad()): the loss it computes has no history")
+            exc.add_note(f"gradwatch: the gradient was cut here: {what}. Fix: {HINT_CLOSURE}.")
+            self.emit.anomaly(Raw(
+                K.GRAD_FLOW_CUT, "closure", describe(roots[0]) if roots else "loss",
+                tuple(roots[0].shape) if roots else None, None, None, None, None, "no_grad",
+                None, where, self.ctx.step(),
+                f"{what}; backward was then called on it", HINT_CLOSURE,
+            ), raise_now=False)
+            return True
         cut = self.cuts.explain(roots, exact_only=bool(self.window))
         found = self._in_window() if cut is None else None
         if found is not None:  # a recorded Cut of that line describes it best (variable names)
