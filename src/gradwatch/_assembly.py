@@ -153,6 +153,7 @@ class Runtime:
             if not self.ctx.closed:
                 self.ctx.closed = True
                 self.gate.close()
+                self.fail.guard(Part.ACCUMULATION, self.acc.closing)
                 self.step_boundary(final=True)
         except AnomalyError:
             raise

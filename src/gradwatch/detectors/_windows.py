@@ -35,9 +35,9 @@ __all__ = ["AccumulationTracker", "LeafState", "PassEntry", "finite_nonzero"]
 PassEntry = tuple[weakref.ref, int, int, int, int]
 
 class LeafState:
-    __slots__ = ("accum", "consumed", "consumed_by", "grad_id", "grad_version", "last_edit", "leaf",
-                 "mid", "mid_where", "never_applied", "optimized", "pass_no", "read", "read_where",
-                 "reset", "stale_where", "steps", "token", "window_steps")
+    __slots__ = ("accum", "consumed", "consumed_by", "grad_id", "grad_version", "holder",
+                 "last_edit", "leaf", "mid", "mid_where", "never_applied", "optimized", "pass_no", "read",
+                 "read_where", "reset", "stale_where", "steps", "token", "where", "window_steps")
 
     def __init__(self, leaf: torch.Tensor) -> None:
         self.leaf = weakref.ref(leaf)
@@ -61,6 +61,10 @@ class LeafState:
         # 2 read again after that (at ``mid_where``): the second read sees both passes' sum
         self.mid = 0
         self.mid_where: tuple[CodeType, int] | None = None
+        self.where: tuple[CodeType, int] | None = None  # the last pass that summed into it
+        # while no optimizer has stepped: (optimizer class, name, shape, dtype, device) of the
+        # optimizer holding the leaf, once its window summed three passes (see `unstepped`)
+        self.holder: tuple | None = None
 
 
 class _Pass:  # hot: the usual loop, one record per backward pass
@@ -107,6 +111,9 @@ class AccumulationTracker:
         # leaves whose window mixes versions, waiting for a step to use it (or a reset)
         self.mixed: set[int] = set()
         self.never: list[LeafState] = []  # parameters whose gradients no step ever uses
+        # windows that summed three passes before any optimizer step (an optimizer that never
+        # steps?): their holders are looked up once the pass is over
+        self.unstepped: list[LeafState] = []
 
     def state(self, leaf: torch.Tensor) -> LeafState:
         if self.pending is not None:
@@ -200,6 +207,7 @@ class AccumulationTracker:
             st.mid = 0
             st.accum = 1
             st.pass_no = number
+            st.where = where
             st.consumed_by = stepped_by if steps else None
             st.window_steps = self.all_steps - steps
             old = st.grad_id
@@ -255,7 +263,10 @@ class AccumulationTracker:
         st.consumed_by = None  # new gradient in the window
         st.reset = False
         st.accum += 1
+        if st.accum == 3 and not self.all_steps and st.holder is None:
+            self.unstepped.append(st)
         st.pass_no = self.pass_no
+        st.where = where
         if not st.consumed:
             self.unconsumed.add(id(leaf))
         st.token = token

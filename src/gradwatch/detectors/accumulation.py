@@ -47,6 +47,11 @@ HINT_NEVER_APPLIED = (
     "give this parameter to an optimizer (build the optimizer after replacing or moving layers, "
     "and include every module that should train), or freeze it with requires_grad_(False)"
 )
+HINT_NEVER_STEPPED = (
+    "check the condition around optimizer.step(): with accumulation, step when "
+    "(i + 1) % accumulation_steps == 0 and after the last batch (a modulus never reached, "
+    "`% 1`, or fewer batches than accumulation steps never steps)"
+)
 HINT_APPLIED_TWICE = (
     "give each parameter to one optimizer only (e.g. exclude the shared module from the second "
     "optimizer's parameters), or zero the gradients between the two steps"
@@ -80,6 +85,7 @@ class AccumulationDetector:
         self._fail = fail
         self._grad_storage: tuple[int, dict[int | None, LeafState]] | None = None
         self._state_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._holders: dict[int, tuple[str, weakref.ref]] | None = None
         self.off = False
 
     # -- per .grad read (hot: every p.grad read while the mode is on, mostly torch's own) ------
@@ -301,6 +307,8 @@ class AccumulationDetector:
                                          step, names))
         for st, p in stale:
             self.stale(st, where, p, edited=True)
+        if w.unstepped:
+            self._unstepped()
         if w.never:
             never, w.never = w.never, []
             for st in never:
@@ -326,6 +334,45 @@ class AccumulationDetector:
             twice, w.twice = w.twice, []
             for st in twice:
                 self._applied_twice(st, where, opt)
+
+    def _unstepped(self) -> None:
+        """Windows summed three passes and no optimizer has stepped yet: note which optimizer
+        holds each leaf (one scan of the garbage collector's objects per watch, rare paths only:
+        the leaves and optimizers may be gone when the watch ends)."""
+        w = self.windows
+        states, w.unstepped = w.unstepped, []
+        if w.all_steps:
+            return
+        if self._holders is None:
+            self._holders = _optimizers_holding()
+        for st in states:
+            p = st.leaf()
+            opt = self._holders.get(id(p)) if p is not None else None
+            if opt is not None and opt[1]() is p:
+                st.holder = (opt[0], self._name(p), tuple(p.shape), p.dtype, p.device)
+
+    def closing(self) -> None:
+        """The watch ends and no optimizer ever stepped: windows that summed three or more
+        passes, never read, of parameters an optimizer holds, were computed for nothing (a step
+        condition that never fires: ``i % n == n``, ``% 1``, fewer batches than the
+        accumulation steps)."""
+        w = self.windows
+        if self.off or w.all_steps:
+            return
+        w.sync()
+        for st in w.leaves.values():
+            if (st.holder is None or st.accum < 3 or st.consumed or st.read or st.reset
+                    or st.never_applied):
+                continue
+            st.never_applied = True
+            opt, name, shape, dtype, device = st.holder
+            self.emit.anomaly(Raw(
+                K.GRAD_NEVER_APPLIED, "backward", name, shape, dtype, device, None, None,
+                "enabled", None, st.where, self.ctx.step(),
+                f"`{name}.grad` summed {st.accum} backward passes that no optimizer step used: "
+                f"{opt} holds `{name}` but never stepped during the watch",
+                HINT_NEVER_STEPPED,
+            ))
 
     def _never_applied(self, st: LeafState, where: Any) -> None:
         p = st.leaf()
@@ -460,3 +507,20 @@ def _assignment_of(cls: type, key: Any) -> tuple[Any, int] | None:
                     return (code, start + node.lineno - 1)
     return None
 
+
+def _optimizers_holding() -> dict[int, tuple[str, weakref.ref]]:
+    """id(tensor) -> (optimizer class name, weak reference to the tensor) for every tensor some
+    live optimizer holds: one scan of the objects the garbage collector tracks."""
+    import gc
+
+    found: dict[int, tuple[str, weakref.ref]] = {}
+    optimizer = torch.optim.Optimizer
+    for obj in gc.get_objects():
+        if issubclass(type(obj), optimizer):  # (the real type: no __class__ lookup on obj)
+            try:
+                for group in obj.param_groups:
+                    for p in group["params"]:
+                        found.setdefault(id(p), (type(obj).__name__, weakref.ref(p)))
+            except Exception:
+                continue
+    return found
