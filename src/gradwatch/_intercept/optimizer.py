@@ -98,8 +98,12 @@ class Optimizers:
         self.off = False
 
     def install(self) -> None:
-        self.installed.optimizer_hooks(self.fail.hook(Part.OPTIMIZER, self.on_step_pre),
-                                       self.fail.hook(Part.OPTIMIZER, self.on_step_post))
+        # torch.compiler.disable: inside a compiled ``opt.step()`` dynamo breaks the graph at
+        # these hooks and runs them eagerly around the compiled update (the step is seen, counted
+        # and checked like an eager one); outside compiled code they are plain calls
+        self.installed.optimizer_hooks(
+            _compiler.disable(self.fail.hook(Part.OPTIMIZER, self.on_step_pre)),
+            _compiler.disable(self.fail.hook(Part.OPTIMIZER, self.on_step_post)))
         self.installed.add(self.running.clear)  # a step that raised left its samples (views) here
 
     # -- knowing an optimizer -----------------------------------------------------------------
@@ -140,8 +144,13 @@ class Optimizers:
 
     def _wrap_step(self, wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         gate = self.gate
-        if (_dynamo_compiling() or _compiler._is_compiling_flag or instance is None or self.off
-                or gate.outer_step or gate.closed or _get_ident() != gate.thread):
+        try:
+            skip = (_dynamo_compiling() or _compiler._is_compiling_flag or instance is None
+                    or self.off or gate.outer_step or gate.closed or _get_ident() != gate.thread)
+        except Exception as exc:
+            self.fail.fail(Part.OPTIMIZER, exc)
+            skip = True
+        if skip:
             return wrapped(*args, **kwargs)
         try:
             last = self._last
