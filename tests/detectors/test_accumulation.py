@@ -312,22 +312,63 @@ def test_reads_between_passes_of_a_window_a_step_then_uses_are_silent() -> None:
     assert list(r.emit.anomalies) == []
 
 
+class _KeepsGrad(torch.optim.SGD):
+    """Keeps ``state["previous_grad"] = p.grad`` by reference at every step (DiffGrad's bug)."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["previous_grad"] = p.grad  # <kept>
+        return super().step(closure)
+
+
+class _BufferOnce(torch.optim.SGD):
+    """Keeps the .grad tensor as a buffer, stored once when the state is created (on purpose)."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["grad_buf"] = p.grad
+        return super().step(closure)
+
+
 def test_an_optimizer_state_entry_that_is_the_grad_itself_is_reported_once() -> None:
     r = Rig()
-    w, _b = r.params
+    r.opt = _KeepsGrad(r.params, lr=0.1)
     r.backward()
     r.step()
-    r.opt.state[w]["previous_grad"] = w.grad  # kept by reference
     r.zero_grad(set_to_none=False)
     r.backward()
-    where = here()
-    r.det.check_state(r.opt, r.params, where)  # <state check>
-    [ev] = r.emit.anomalies
-    assert (ev.kind, ev.tensor) == (K.GRAD_READ_MID_WINDOW, "0.weight.grad")
+    r.det.check_state(r.opt, r.params, here())
+    [ev] = [e for e in r.emit.anomalies if e.kind == K.GRAD_READ_MID_WINDOW]
+    assert ev.tensor == "0.weight.grad"
     assert "state['previous_grad']" in ev.message
-    assert ev.location.lineno == where[1]  # SGD's step keeps nothing: the step call's line
-    r.det.check_state(r.opt, r.params, where)
+    assert ev.location.lineno == line_of("kept")
+    r.det.check_state(r.opt, r.params, here())
     assert len(r.emit.anomalies) == 1
+
+
+def test_a_grad_buffer_kept_on_purpose_and_empty_or_sparse_grads_are_silent() -> None:
+    r = Rig()
+    r.opt = _BufferOnce(r.params, lr=0.1)
+    r.backward()
+    r.step()
+    r.zero_grad(set_to_none=False)
+    r.backward()
+    r.det.check_state(r.opt, r.params, here())
+    empty = nn.Parameter(torch.zeros(0, 3))
+    empty.grad = torch.zeros(0, 3)
+    opt = torch.optim.SGD([empty], lr=0.1, momentum=0.9)
+    opt.state[empty]["momentum_buffer"] = torch.zeros(0, 3)  # data_ptr 0 like the grad's
+    r.det.check_state(opt, [empty], here())
+    emb = nn.Embedding(5, 2, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    sparse = torch.optim.SparseAdam(list(emb.parameters()))
+    sparse.step()
+    r.det.check_state(sparse, list(emb.parameters()), here())
+    assert list(r.emit.anomalies) == [] and r.failures == []
 
 
 def test_an_optimizer_state_entry_kept_from_a_grad_since_replaced_is_silent() -> None:

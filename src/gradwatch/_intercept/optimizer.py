@@ -62,11 +62,12 @@ class OptimizerInfo:
 class StepState:
     """One running step: from its pre hook (or closure) to its post hook."""
 
-    __slots__ = ("info", "params", "samples", "updated", "versions", "where")
+    __slots__ = ("info", "outer", "params", "samples", "updated", "versions", "where")
 
     def __init__(self, info: OptimizerInfo, where: Any) -> None:
         self.info = info
         self.where = where
+        self.outer: int | None = None  # id of the optimizer whose step this one runs inside
         self.samples: Any = None
         self.updated = False
         self.params: list[torch.Tensor] = []
@@ -201,6 +202,8 @@ class Optimizers:
                 info = last[1] if last is not None and last[0]() is opt else self.info(opt)
                 where = caller(1)  # skip the boundary hook: torch's step wrapper, then the caller
                 state = StepState(info, where)
+                # a step inside another optimizer's step (SAM's base optimizer) is part of it
+                state.outer = next(iter(self.running), None) if self.running else None
                 self.running[id(opt)] = state
                 closure = args[1] if len(args) > 1 else kwargs.get("closure")
                 if closure is not None:
@@ -234,9 +237,12 @@ class Optimizers:
                 paused = gate.resume()
             except Exception as exc:
                 fail.fail(Part.OPTIMIZER, exc)
-            if not torch.is_grad_enabled():  # the step runs its closure under no_grad
-                fail.guard(Part.GRAD_FLOW, self.grad_flow.closure_without_grad, opt,
-                           sys._getframe(1))
+            try:
+                if not torch.is_grad_enabled():  # the step runs its closure under no_grad
+                    fail.guard(Part.GRAD_FLOW, self.grad_flow.closure_without_grad, opt,
+                               sys._getframe(1))
+            except Exception as exc:  # (the guard's very entry)
+                fail.fail(Part.GRAD_FLOW, exc)
             try:
                 out = closure(*a, **k)
             except BaseException as exc:  # the user's (or torch's): no frame of ours below here
@@ -274,7 +280,7 @@ class Optimizers:
         if self.saved.registry:
             self.saved.check_tensors("optimizer.step", params, state.where)
         if not self.acc.off:
-            self.acc.stepped(params, opt, state.where)
+            self.acc.stepped(params, opt, state.where, owner=state.outer)
             if opt.state:
                 self.fail.guard(Part.ACCUMULATION, self.acc.check_state, opt, params, state.where)
         try:
@@ -307,7 +313,8 @@ class Optimizers:
         except Exception as exc:
             self.fail.fail(Part.OPTIMIZER, exc)
         self.ctx.busy += time.perf_counter() - t0
-        self.step_boundary(step)
+        if state.outer is None:
+            self.step_boundary(step)
 
     def _after_update(self, state: StepState, step: int) -> None:
         params, versions, where, info = state.params, state.versions, state.where, state.info
@@ -315,7 +322,8 @@ class Optimizers:
         ratios = None
         if state.samples is not None:
             ratios = self._statistics(info, params, versions, state.samples, where, step)
-        self.ctx.steps += 1
+        if state.outer is None:  # (a nested step is part of the step it runs in)
+            self.ctx.steps += 1
         n = len(params)
         self.emit.record(Raw(K.OPTIMIZER_UPDATE, "optimizer.step", info.label, None, None, None,
                              None, None, "no_grad", None, where, step,

@@ -251,8 +251,8 @@ class AccumulationTracker:
             st.consumed = False
             st.read = False
             st.mid = 0
-        elif st.read and st.mid == 0 and not st.consumed:
-            st.mid = 1  # read, then summed into: the next read sees both passes
+        elif st.read and st.mid == 0 and not st.consumed and where != st.where:
+            st.mid = 1  # read, then summed into by another loss: the next read sees both
             st.stale_where = None
             st.window_steps = self.all_steps
         elif (not st.optimized and not st.consumed and not st.never_applied
@@ -349,9 +349,10 @@ class AccumulationTracker:
     def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None) -> None:
         st = self.get(leaf)  # (syncs)
         if st is not None and st.accum > 0:
-            if st.mid == 1:
-                st.mid = 2
-                st.mid_where = where
+            if st.mid:  # (a read in the same line again: a loop over micro-batches)
+                if st.mid == 1:
+                    st.mid = 2 if where != st.read_where else 0
+                st.mid_where = where  # the last read
                 return
             st.read = True
             st.read_where = where

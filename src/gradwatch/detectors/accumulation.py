@@ -37,6 +37,7 @@ __all__ = [
 
 K = EventKind
 _Tensor = torch.Tensor
+_strided = torch.strided
 _grad_enabled = torch.is_grad_enabled
 
 HINT_STALE = (
@@ -101,7 +102,7 @@ class AccumulationDetector:
             unread = True  # accumulated into by the pass not applied yet, never read since
         else:
             st = w.leaves.get(key)
-            unread = st is not None and st.accum and (not st.read or st.mid == 1)
+            unread = st is not None and st.accum and (not st.read or st.mid)
         if unread:
             frame = sys._getframe(2)  # on_grad_get <- __torch_function__ <- the reader
             if not is_internal(frame.f_code):  # torch reading it (clip, step) is no use
@@ -117,7 +118,7 @@ class AccumulationDetector:
         if not isinstance(p, _Tensor):
             return
         st = self.windows.get(p)
-        if st is None or st.accum == 0 or (st.read and st.mid != 1):
+        if st is None or st.accum == 0 or (st.read and not st.mid):
             return
         self.windows.grad_read(p, (frame.f_code, frame.f_lineno))
 
@@ -137,7 +138,10 @@ class AccumulationDetector:
                 return None
             # the user's line is looked up only when the dropped gradient was never used
             where = caller() if id(p) in self.windows.unconsumed else None
-            self.zeroing(st, old, where, "grad = None" if value is None else "grad =")
+            if value is None:
+                self.zeroing(st, old, where, "grad = None")
+            else:  # a gradient set on purpose (clamped, averaged, projected): no discard
+                self.replaced(st, caller())
         except AnomalyError:
             raise
         except Exception as exc:
@@ -204,12 +208,9 @@ class AccumulationDetector:
         w = self.windows
         mixed = (st.stale_where if st.stale_where is not None and not st.reset
                  and st.pass_no not in w.used else None)
-        mid = (st.read_where, st.mid_where) if st.mid == 2 and not st.consumed else None
         candidate = w.resetting(st, where)
         if self.off:
             return
-        if mid is not None:  # per-loss reads of one window, then it is replaced or dropped
-            self._read_mid_window(st, *mid)
         if mixed is not None:
             self.stale(st, mixed, st.leaf())
         if not candidate:
@@ -225,6 +226,18 @@ class AccumulationDetector:
             "they are discarded here",
             HINT_DISCARDED,
         ))
+
+    def replaced(self, st: LeafState, where: Any) -> None:
+        """``p.grad = value``: the user sets the gradient (clamped, averaged, projected). No
+        discard; but after per-loss reads of a window that mixed two losses (read after one
+        backward line, another backward line summed in, read again on another line), a value
+        built from those reads and not from the sum itself is a mixed read."""
+        w = self.windows
+        mid = (st.read_where, st.mid_where) if (
+            st.mid == 2 and not st.consumed and st.mid_where != where) else None
+        w.resetting(st, where)
+        if mid is not None and not self.off:
+            self._read_mid_window(st, *mid)
 
     def zero_grad(self, owner: Any) -> None:
         """``owner.zero_grad()`` (an optimizer or a module) is about to reset its leaves."""
@@ -321,12 +334,16 @@ class AccumulationDetector:
         self.windows.mark_used(self.windows.pass_no)
 
     # -- optimizer steps ----------------------------------------------------------------------
-    def stepped(self, params: list[torch.Tensor], opt: Any = None, where: Any = None) -> None:
+    def stepped(self, params: list[torch.Tensor], opt: Any = None, where: Any = None,
+                owner: int | None = None) -> None:
         """An optimizer step (``opt``, called at ``where``) is about to use these leaves'
         ``.grad``: report the stale sums it consumes, and the windows another optimizer's step
-        used already."""
+        used already. ``owner``: id of the optimizer whose running step this one is part of
+        (SAM's base optimizer steps inside SAM's step: one use, not two)."""
         w = self.windows
-        for st in w.stepped(params, None if opt is None else id(opt)):
+        if owner is None and opt is not None:
+            owner = id(opt)
+        for st in w.stepped(params, owner):
             stale_where = st.stale_where
             st.stale_where = None
             self.stale(st, stale_where, st.leaf())
@@ -402,19 +419,23 @@ class AccumulationDetector:
         state = opt.state
         for p in params:
             g = p.grad
-            entries = state.get(p) if g is not None else None
+            if g is None or g.layout != _strided or g.numel() == 0:
+                continue
+            entries = state.get(p)
             if not entries or not isinstance(entries, dict):
                 continue
             for key, v in entries.items():
-                if v is g or (isinstance(v, _Tensor) and v.shape == g.shape and not v.is_sparse
-                              and v.device == g.device and v.data_ptr() == g.data_ptr()):
+                if (v is g or (isinstance(v, _Tensor) and v.layout == _strided
+                               and v.shape == g.shape and v.device == g.device
+                               and v.data_ptr() == g.data_ptr())) and _kept_each_step(
+                                   type(opt), key):
                     self._state_alias(opt, p, key, where)
                     checks[opt] = 3  # once per optimizer
                     return
 
     def _state_alias(self, opt: Any, p: torch.Tensor, key: Any, where: Any) -> None:
         name = self._name(p)
-        kept = _assignment_of(type(opt), key)
+        kept = _assignment_of(type(opt), key)[0]
         self.emit.anomaly(Raw(
             K.GRAD_READ_MID_WINDOW, "optimizer.step", f"{name}.grad", tuple(p.shape), p.dtype,
             p.device, None, None, "no_grad", None, kept or where, self.ctx.step(),
@@ -489,23 +510,42 @@ class AccumulationDetector:
         return self.ctx.names.param_name(p) or describe(p)
 
 
-def _assignment_of(cls: type, key: Any) -> tuple[Any, int] | None:
+def _assignment_of(cls: type, key: Any) -> tuple[tuple[Any, int] | None, bool]:
     """``(code, line)`` of the statement in ``cls.step`` that assigns ``...[key] = ...`` (where an
-    optimizer state entry is kept), if the source can be read."""
+    optimizer state entry is kept), if the source can be read; and whether that statement runs
+    at every step (not only in a first-step ``if not state:`` / ``if len(state) == 0:`` block)."""
     try:
         fn = inspect.unwrap(cls.step)
         code = fn.__code__
         lines, start = inspect.getsourcelines(fn)
         tree = ast.parse(textwrap.dedent("".join(lines)))
     except Exception:
-        return None
+        return None, False
+    parents: dict[int, ast.AST] = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Assign):
-            for t in node.targets:
-                if (isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant)
-                        and t.slice.value == key):
-                    return (code, start + node.lineno - 1)
-    return None
+        for child in ast.iter_child_nodes(node):
+            parents[id(child)] = node
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Assign):
+            continue
+        for t in node.targets:
+            if (isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant)
+                    and t.slice.value == key):
+                every = True
+                up = parents.get(id(node))
+                while up is not None:
+                    if isinstance(up, ast.If) and "state" in ast.unparse(up.test):
+                        every = False  # allocated once, when the state is created
+                    up = parents.get(id(up))
+                return (code, start + node.lineno - 1), every
+    return None, False
+
+
+def _kept_each_step(cls: type, key: Any) -> bool:
+    """Whether ``cls.step`` stores ``state[key]`` anew at every step (DiffGrad's
+    ``state["previous_grad"] = grad``), not once when the state is created: a buffer kept
+    on purpose is no stale reference."""
+    return _assignment_of(cls, key)[1]
 
 
 def _optimizers_holding() -> dict[int, tuple[str, weakref.ref]]:

@@ -36,13 +36,13 @@ def run(watch=lambda *models_and_optimizers: nullcontext()):
     with watch(model, optimizer):
         for _ in range(3):
             out = model(torch.randn(8, 4))
-            losses = [out[:, 0].pow(2).mean(), (out[:, 1] - 1).abs().mean()]
+            loss_a, loss_b = out[:, 0].pow(2).mean(), (out[:, 1] - 1).abs().mean()
             optimizer.zero_grad()
-            task_grads = []
-            for loss in losses:  # no zero_grad() before each task's backward
-                loss.backward(retain_graph=True)
-                task_grads.append([p.grad.clone() for p in model.parameters()])  # <- culprit
-            for p, g1, g2 in zip(model.parameters(), *task_grads):
+            loss_a.backward(retain_graph=True)
+            grads_a = [p.grad.clone() for p in model.parameters()]
+            loss_b.backward()  # no zero_grad() before the second task's backward
+            grads_b = [p.grad.clone() for p in model.parameters()]  # <- culprit
+            for p, g1, g2 in zip(model.parameters(), grads_a, grads_b):
                 p.grad = project(g1, g2) + project(g2, g1)
             optimizer.step()
 

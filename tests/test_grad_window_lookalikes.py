@@ -1,0 +1,81 @@
+"""Correct code near the gradient-window rules (found by a false-alarm hunt): gradients set on
+purpose, running sums logged then rescaled, dropped or frozen, nested optimizer steps. Silent."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch
+
+
+def _silent(w: gradwatch.Watch) -> None:
+    assert [(f["event"].kind.value, f["event"].location.lineno)
+            for f in w.distinct_anomalies()] == []
+
+
+def test_running_sums_logged_then_rescaled_clamped_or_frozen_are_silent() -> None:
+    torch.manual_seed(0)
+    m = nn.Linear(4, 1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    norms = []
+    with gradwatch.watch(on_anomaly="log") as w:
+        for step in range(4):
+            opt.zero_grad()
+            for _ in range(2):
+                F.mse_loss(m(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+                norms.append(m.weight.grad.norm())  # the running sum, logged
+            for p in m.parameters():
+                p.grad = p.grad / 2 if step % 2 else p.grad.clamp(-0.5, 0.5)
+            opt.step()
+        m.bias.grad = None  # frozen during warm-up
+    _silent(w)
+
+
+class _SAM(torch.optim.Optimizer):
+    """SAM in closure form (davda54/sam): the base optimizer steps inside this step."""
+
+    def __init__(self, params, base=torch.optim.SGD, rho=0.05, **kw) -> None:
+        super().__init__(params, dict(rho=rho, **kw))
+        self.base_optimizer = base(self.param_groups, **kw)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        norm = torch.norm(torch.stack([p.grad.norm() for g in self.param_groups
+                                       for p in g["params"] if p.grad is not None]))
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                e = p.grad * g["rho"] / (norm + 1e-12)
+                p.add_(e)
+                self.state[p]["e"] = e
+        self.zero_grad()
+        with torch.enable_grad():
+            closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if "e" in self.state[p]:
+                    p.sub_(self.state[p]["e"])
+        self.base_optimizer.step()
+
+
+def test_sam_in_closure_form_is_one_step_silent() -> None:
+    torch.manual_seed(0)
+    m = nn.Linear(4, 1)
+    opt = _SAM(m.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+
+    def closure():
+        loss = F.mse_loss(m(x), y)
+        loss.backward()
+        return loss
+
+    with gradwatch.watch(on_anomaly="log") as w:
+        for _ in range(3):
+            closure()
+            opt.step(closure)
+            opt.zero_grad()
+    _silent(w)
+    assert w.step == 3
