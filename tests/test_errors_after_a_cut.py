@@ -47,6 +47,25 @@ def test_grad_none_after_rebinding_under_no_grad_names_the_cut() -> None:
     assert f"test_errors_after_a_cut.py:{line_of('rebind')}" in note
 
 
+def test_the_rebinding_is_recorded_also_while_the_original_lives_on() -> None:
+    w = torch.randn(3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    keep = [w, b]  # (a parameter list keeps the original alive)
+    x = torch.randn(3)
+    with pytest.raises(AttributeError), gradwatch.watch(on_anomaly="log") as watch:
+        for _ in range(2):
+            (w * x + b).sum().backward()
+            with torch.no_grad():
+                w = w - 0.1 * w.grad  # <rebind kept>
+                b -= 0.1 * b.grad
+            b.grad.zero_()
+            w.grad.zero_()
+    [f] = watch.distinct_anomalies()
+    assert (f["event"].kind.value, f["event"].location.lineno) == (
+        "grad_flow_cut", line_of("rebind kept"))
+    assert keep[0] is not w
+
+
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_grad_none_of_a_non_leaf_rebound_with_grad_on() -> None:
     w = torch.randn(3, requires_grad=True)
@@ -74,4 +93,28 @@ def test_look_alikes_get_no_note() -> None:
     with pytest.raises(AttributeError) as info, gradwatch.watch(on_anomaly="log"):
         value = 3.0
         value.backward()  # no tensor was ever cut here
+    assert _notes(info.value) == []
+
+
+def test_unrelated_errors_near_a_logged_item_get_no_note() -> None:
+    """A loss that stayed an int (no term added) after an .item() logged elsewhere, and a None
+    that is not a .grad on a line that reads one: not the cut's errors."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(AttributeError) as info, gradwatch.watch(on_anomaly="log") as w:
+        out = m(x)
+        ce = torch.nn.functional.cross_entropy(out, y)
+        print("ce", ce.item())
+        loss = 0
+        for i in range(4):
+            if y[i] == 5:
+                loss = loss + out[i].pow(2).sum()
+        loss.backward()
+    assert _notes(info.value) == [] and w.distinct_anomalies() == []
+    feat = (m.weight * 2).sum()
+    sched = None
+    with pytest.raises(AttributeError) as info, gradwatch.watch(on_anomaly="log"):
+        if feat.grad is None and sched.verbose:
+            pass
     assert _notes(info.value) == []

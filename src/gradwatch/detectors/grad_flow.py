@@ -45,6 +45,17 @@ HINT_REBIND = (
     "under no_grad, so it stays the leaf that requires grad"
 )
 _GRAD_READ = re.compile(r"([A-Za-z_][A-Za-z_0-9]*)\.grad\b")
+_NO_BACKWARD = re.compile(r"'([\w.]+)' object has no attribute 'backward'")
+_BACKWARD_CALL = re.compile(r"([A-Za-z_][A-Za-z_0-9]*)\.backward\(")
+_NONE_ATTRIBUTE = re.compile(r"'NoneType' object has no attribute '(\w+)'")
+# the types of the Python values each scalar read gives
+_SCALAR_TYPES = {
+    "item": lambda k: k in ("float", "int", "bool", "complex"),
+    "tolist": lambda k: k in ("list", "float", "int", "bool", "complex"),
+    "numpy": lambda k: k.startswith("numpy."),
+    "__float__": lambda k: k == "float",
+    "__int__": lambda k: k == "int",
+}
 HINT_CLOSURE = (
     "call the closure with grad enabled inside the step: `with torch.enable_grad(): loss = "
     "closure()` (torch's optimizers do this under their @torch.no_grad())"
@@ -442,29 +453,40 @@ class GradFlowDetector:
             self._explain_none_grad(exc)
 
     def _explain_value_error(self, exc: BaseException) -> None:
-        found = next((w for w in reversed(self.window) if w[0] == 3), None)
-        if found is None:
+        """``NAME.backward()`` on a Python value that the latest scalar cut made: the value's
+        type fits the op and the cut's statement assigns ``NAME``."""
+        m = _NO_BACKWARD.search(str(exc))
+        frame, lineno = _innermost_user(exc)
+        if m is None or frame is None:
             return
-        _rank, op, where, step = found
-        where = statement_start(where)
-        loc = location_of(where)
-        place = f"{loc} (`{loc.code}`)" if loc else "an unknown line"
-        what = f"the loss became a Python value at {place} ({op}): it has no history"
-        exc.add_note(f"gradwatch: {what}. Fix: {HINT_VALUE}.")
-        self.emit.anomaly(Raw(
-            K.GRAD_FLOW_CUT, op, "loss", None, None, None, None, None, "enabled", None, where,
-            step, f"{what}; backward() was then called on it", HINT_VALUE,
-        ), raise_now=False)
+        called = _BACKWARD_CALL.search(linecache.getline(frame.f_code.co_filename, lineno))
+        if called is None:
+            return
+        name, kind = called.group(1), m.group(1)
+        for rank, op, where, step in reversed(self.window):
+            if rank != 3 or not _SCALAR_TYPES.get(op, lambda k: False)(kind):
+                continue
+            where = statement_start(where)
+            loc = location_of(where)
+            if loc is None or not re.search(rf"\b{re.escape(name)}\s*[-+*/]?=(?!=)", loc.code):
+                continue
+            what = (f"the loss became a Python value at {loc} (`{loc.code}`) ({op}): it has no "
+                    "history")
+            exc.add_note(f"gradwatch: {what}. Fix: {HINT_VALUE}.")
+            self.emit.anomaly(Raw(
+                K.GRAD_FLOW_CUT, op, name, None, None, None, None, None, "enabled", None, where,
+                step, f"{what}; backward() was then called on it", HINT_VALUE,
+            ), raise_now=False)
+            return
 
     def _explain_none_grad(self, exc: BaseException) -> None:
-        frame, lineno, tb = None, 0, exc.__traceback__
-        while tb is not None:  # the innermost user frame: where `.grad` was used
-            if not is_internal(tb.tb_frame.f_code):
-                frame, lineno = tb.tb_frame, tb.tb_lineno
-            tb = tb.tb_next
+        frame, lineno = _innermost_user(exc)
         if frame is None:
             return
         line = linecache.getline(frame.f_code.co_filename, lineno)
+        attr = _NONE_ATTRIBUTE.search(str(exc))
+        if attr is not None and f".grad.{attr.group(1)}" not in line:
+            return  # some other None on that line
         names = dict.fromkeys(_GRAD_READ.findall(line))  # `w` of each `w.grad` on that line
         if not names:
             return
@@ -483,6 +505,12 @@ class GradFlowDetector:
                 exc.add_note(
                     f"gradwatch: `{name}.grad` is None because `{name}` is no longer the tensor "
                     f"that was trained: {cut.describe()}. Fix: {HINT_REBIND}.")
+                self.emit.anomaly(Raw(
+                    K.GRAD_FLOW_CUT, cut.op, cut.source_name, cut.shape, value.dtype,
+                    value.device, None, None, "no_grad", None, cut.where, self.ctx.step(),
+                    f"`{name}` was replaced by a tensor computed from it under no_grad "
+                    f"({cut.op}); its .grad stays None and it is never trained", HINT_REBIND,
+                ), raise_now=False)
                 return
             if value.requires_grad and value.grad_fn is not None:
                 node = type(value.grad_fn).__name__
@@ -491,3 +519,14 @@ class GradFlowDetector:
                     f"a computed tensor ({node}), rebound with grad enabled, so backward() does "
                     f"not fill its .grad. Fix: {HINT_NONLEAF}.")
                 return
+
+
+def _innermost_user(exc: BaseException) -> tuple[Any, int]:
+    """The innermost frame of user code in ``exc``'s traceback, and its line."""
+    frame, lineno, tb = None, 0, exc.__traceback__
+    while tb is not None:
+        if not is_internal(tb.tb_frame.f_code):
+            frame, lineno = tb.tb_frame, tb.tb_lineno
+        tb = tb.tb_next
+    return frame, lineno
+
