@@ -92,38 +92,38 @@ def _run(program, watch_level: str | None):
 
     def body() -> None:
         for kind, i, arg, grad_on in program:
-            t = pool[i % len(pool)]
+            _t = pool[i % len(pool)]  # (private: not the name gradwatch gives it)
             frozen = nograd_view[i % len(pool)]
             grad_on = grad_on and not frozen
             if frozen and kind in ("view", "derive"):
                 continue  # see test_reusing_a_no_grad_view_keeps_the_mode_on
             with torch.set_grad_enabled(grad_on):
                 if kind == "view":
-                    pool.append(_view(t, arg))
-                    nograd_view.append(frozen or (not grad_on and t.requires_grad))
+                    pool.append(_view(_t, arg))
+                    nograd_view.append(frozen or (not grad_on and _t.requires_grad))
                 elif kind == "derive":
-                    pool.append(t * 2)
+                    pool.append(_t * 2)
                     nograd_view.append(frozen)
                 elif kind == "backward":
                     if any(nograd_view):
                         continue  # a backward would touch those views with grad on
-                    leaves = [x for x in pool[:2] if x.requires_grad]
-                    for x in leaves:
-                        x.grad = None  # no stale accumulation: this property is about edits
-                    sum((x * 3).sum() for x in leaves).backward()
+                    leaves = [_x for _x in pool[:2] if _x.requires_grad]
+                    for _x in leaves:
+                        _x.grad = None  # no stale accumulation: this property is about edits
+                    sum((_x * 3).sum() for _x in leaves).backward()
                 else:
                     with torch._C.DisableTorchFunction():  # our bookkeeping: not the program
-                        tracked = t.requires_grad and not grad_on
-                        vb = t._version
+                        tracked = _t.requires_grad and not grad_on
+                        vb = _t._version
                     try:
-                        _inplace(t, arg)
+                        _inplace(_t, arg)
                     except RuntimeError as exc:
                         errors.append((type(exc), str(exc)))
                         continue
                     if tracked:
                         with torch._C.DisableTorchFunction():
-                            shape = ",".join(str(s) for s in t.shape)
-                            va = t._version
+                            shape = ",".join(str(s) for s in _t.shape)
+                            va = _t._version
                         expected.append((OP_NAME.get(arg, arg), f"tensor float32[{shape}]",
                                          vb, va, "no_grad", HERE, _line(arg)))
 

@@ -58,7 +58,8 @@ class Runtime:
                              self.nonfinite)
         self.optimizers = Optimizers(ctx, gate, emit, fail, self.installed, self.saved, self.acc,
                                      self.grad_flow, self.nonfinite, self.step_boundary)
-        self.backward = Backward(ctx, gate, fail, self.saved, self.acc, self.grad_flow)
+        self.backward = Backward(ctx, gate, fail, self.saved, self.acc, self.grad_flow,
+                                 self.pass_over)
         self.zero_grad = ZeroGrad(ctx, gate, fail, self.acc, self.optimizers.info)
         self.clipping = Clipping(ctx, gate, emit, fail, self.saved)
         self.modules = Modules(ctx, gate, fail)
@@ -176,6 +177,13 @@ class Runtime:
                 pass
 
     # -- the step boundary --------------------------------------------------------------------
+    def pass_over(self) -> None:
+        """A backward pass ended. Records wait for an optimizer step; a loop whose steps never
+        come (a hand-written update) flushes once as many wait as the buffer holds."""
+        buffer = self.emit.buffer
+        if buffer.pending >= buffer.maxlen:
+            self.step_boundary()
+
     def step_boundary(self, step: int | None = None, final: bool = False) -> None:
         """End of an optimizer step (or of the watch): resolve what waited for it, flush."""
         if self.fail.is_off(Part.FLUSH):

@@ -38,8 +38,9 @@ class Backward:
 
     def __init__(self, ctx: RunContext, gate: ModeGate, fail: FailOpen,
                  saved: SavedTensorDetector, acc: AccumulationDetector,
-                 grad_flow: GradFlowDetector) -> None:
+                 grad_flow: GradFlowDetector, pass_over: Callable[[], None]) -> None:
         self.ctx = ctx
+        self.pass_over = pass_over  # after each pass (the runtime flushes a full buffer)
         self.gate = gate
         self.fail = fail
         self.saved = saved
@@ -112,6 +113,7 @@ class Backward:
                 raise
             except Exception as exc:
                 self.fail.fail(Part.ACCUMULATION, exc)
+        self.pass_over()
         return out
 
     def _failed(self, refs: list[Any], before: list[Any] | None, where: Any) -> None:
