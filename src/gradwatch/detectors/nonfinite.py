@@ -30,7 +30,7 @@ import torch
 
 from .._context import RunContext, version
 from .._location import location_of
-from .._stats import probe
+from .._stats import checkable, probe
 from ..events import EventKind
 from ..records.emit import Emitter
 from ..records.raw import Raw, describe_shape, op_str
@@ -93,8 +93,10 @@ class NonfiniteTracker:
         """Queue one check per entry of ``infos`` whose probes lie in ``vec`` (see _Vector)."""
         self.pending.append(_Vector(vec, before, after, infos))
 
-    def resolve(self, report: Callable[[Any], None]) -> None:
-        """Read all pending checks in one sync and report the first write that broke each tensor."""
+    def resolve(self, report: Callable[[Any], None],
+                stepped: Callable[[Any, bool, bool], None] | None = None) -> None:
+        """Read all pending checks in one sync and report the first write that broke each tensor.
+        ``stepped(info, finite before, finite after)`` sees every optimizer step's check."""
         if not self.pending:
             return
         pending, self.pending = self.pending, []
@@ -115,8 +117,11 @@ class NonfiniteTracker:
                 i += 2
             else:
                 for k, info in enumerate(e.infos):
-                    if finite[j + e.before + k] and not finite[j + e.after + k]:
+                    before, after = finite[j + e.before + k], finite[j + e.after + k]
+                    if before and not after:
                         report(info)
+                    elif stepped is not None:
+                        stepped(info, before, after)
                 j += e.vec.numel()
 
 
@@ -136,6 +141,10 @@ class NonfiniteDetector:
         self.emit = emit
         self.queue = NonfiniteTracker()
         self.reported: set[str] = set()
+        # names of parameters finite after their last checked optimizer step, and that step
+        self.finite_after: set[str] = set()
+        self.finite_step: dict[str, int] = {}
+        self.last_info: dict[str, Any] = {}  # name -> the lazy record of its last checked step
         self.off = False
         # id(tensor) -> (weak ref, version, probe): the probe after its last probed write
         self.known: dict[int, tuple[Any, int | None, torch.Tensor]] = {}
@@ -252,7 +261,7 @@ class NonfiniteDetector:
         else:
             q.queue_vector(vec, 0, len(live), raws)
         if len(q.pending) >= q.limit:
-            q.resolve(self.report)
+            q.resolve(self.report, self._checked_step)
 
     def _remember(self, ts: list[torch.Tensor], flags: list[torch.Tensor]) -> None:
         known = self.known
@@ -265,7 +274,7 @@ class NonfiniteDetector:
         """Probes (see :func:`gradwatch._stats.probe`) of tensors before and after the writes
         recorded as ``raws``."""
         if self.queue.queue(before, after, raws):
-            self.queue.resolve(self.report)
+            self.queue.resolve(self.report, self._checked_step)
 
     def stepped(self, vec: torch.Tensor, k: int, params: list[torch.Tensor],
                 versions: list[int | None], where: Any, step: int,
@@ -286,7 +295,26 @@ class NonfiniteDetector:
             self.close()
         q = self.queue
         if q.pending and (final or self.ctx.is_stats_step() or len(q.pending) > q.limit // 2):
-            q.resolve(self.report)
+            q.resolve(self.report, self._checked_step)
+        if final and self.finite_after:
+            self._final_check()
+
+    def _final_check(self) -> None:
+        """The watch ends: the parameters a library optimizer left finite at its last checked
+        step are probed once more (one read): NaN/Inf written by a step since is reported."""
+        infos = [(name, self.last_info[name]) for name in sorted(self.finite_after)
+                 if name in self.last_info]
+        live = [(name, info, p) for name, info in infos if (p := info.args[0]()) is not None
+                and p.layout == torch.strided and p.numel() and checkable(p)]
+        if not live:
+            return
+        with torch.no_grad():
+            values = torch.stack([p.detach().abs().amax().float() for _, _, p in live]).tolist()
+        for (name, info, _), v in zip(live, values):
+            if not math.isfinite(v):
+                self.finite_after.discard(name)
+                raw = info()._replace(step=self.ctx.step())
+                self.report(raw, since=self.finite_step.get(name))
 
     def _update_raw(self, ref: weakref.ref[torch.Tensor], vb: int | None, where: Any,
                     step: int, name: str | None, meta: tuple) -> Raw:
@@ -297,7 +325,25 @@ class NonfiniteDetector:
         return Raw(K.NONFINITE_INTRODUCED, "optimizer.step", name, shape, dtype, device, vb,
                    version(p) if p is not None else None, "no_grad", None, where, step)
 
-    def report(self, raw: Raw | Callable[[], Raw]) -> None:
+    def _checked_step(self, info: Any, before: bool, after: bool) -> None:
+        """An optimizer step's check (statistics steps only). A parameter found finite after one
+        and non-finite before a later one became NaN/Inf at a step in between (library steps
+        are probed on statistics steps only): reported at this step's line, as in between."""
+        name = info.args[4] if isinstance(info, functools.partial) else None
+        if name is None:
+            return
+        finite = self.finite_after
+        if after:
+            finite.add(name)
+        elif name in finite:
+            finite.discard(name)
+            if not before:
+                self.report(info, since=self.finite_step.get(name))
+        if after:
+            self.finite_step[name] = info.args[3]
+            self.last_info[name] = info
+
+    def report(self, raw: Raw | Callable[[], Raw], since: int | None = None) -> None:
         if callable(raw):
             raw = raw()
         name = raw.name or describe_shape(raw.shape, raw.dtype)
@@ -306,8 +352,11 @@ class NonfiniteDetector:
         self.reported.add(name)
         op = op_str(raw.op)
         loc = location_of(raw.where)
+        when = (f" at a step between {since} and {raw.step} (it was finite after step {since}; "
+                f"library optimizer steps are checked every stats_every steps)"
+                if since is not None else "")
         self.emit.anomaly(raw._replace(
             kind=K.NONFINITE_INTRODUCED, change=None,
-            message=f"{op} wrote NaN/Inf into `{name}`, which was finite before",
+            message=f"{op} wrote NaN/Inf into `{name}`{when}, which was finite before",
             hint=hint_for(op, loc.code if loc is not None else ""),
         ))
