@@ -118,3 +118,24 @@ def test_unrelated_errors_near_a_logged_item_get_no_note() -> None:
         if feat.grad is None and sched.verbose:
             pass
     assert _notes(info.value) == []
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return torch.log_softmax(self.fc2(torch.relu(self.fc1(x))), dim=1)  # <layers>
+
+
+def test_a_loss_computed_under_no_grad_names_the_blocks_statement_not_a_layer() -> None:
+    model = _Net()
+    with pytest.raises(RuntimeError, match="does not require grad") as info, \
+            gradwatch.watch(on_anomaly="log"):
+        data, target = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        with torch.no_grad():
+            output = model(data)  # <forward under no_grad>
+        torch.nn.functional.nll_loss(output, target).backward()
+    [note] = _notes(info.value)
+    assert f"test_errors_after_a_cut.py:{line_of('forward under no_grad')} " in note

@@ -206,6 +206,8 @@ class GradFlowDetector:
     def noted(self, rank: int, func: Any, frame: Any) -> None:
         """A cut of ``rank`` (see ``window``) by ``func`` in the code at ``frame``; under no_grad
         (rank 1) once per user line in a row."""
+        if rank == 1 and frame.f_code.co_name == "forward":
+            frame = _caller_of_forward(frame)  # `output = model(x)`, not a layer inside
         where = (frame.f_code, frame.f_lineno)
         window = self.window
         if rank == 1 and window and window[-1][0] == 1 and window[-1][2] == where:
@@ -529,4 +531,20 @@ def _innermost_user(exc: BaseException) -> tuple[Any, int]:
             frame, lineno = tb.tb_frame, tb.tb_lineno
         tb = tb.tb_next
     return frame, lineno
+
+
+def _caller_of_forward(frame: Any) -> Any:
+    """The user frame that called the module whose ``forward`` runs at ``frame`` (through
+    nested user forwards and torch's module call machinery); ``frame`` if none is found."""
+    f = frame
+    for _ in range(8):
+        if f.f_code.co_name != "forward":
+            return f
+        g = f.f_back
+        while g is not None and is_internal(g.f_code):
+            g = g.f_back
+        if g is None:
+            return f
+        f = g
+    return f
 
