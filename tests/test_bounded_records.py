@@ -31,3 +31,22 @@ def test_a_loop_without_an_optimizer_keeps_its_waiting_records_bounded(tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "gradwatch.jsonl").read_text().splitlines()]
     written = sum(r.get("count", 1) for r in lines if r.get("kind") == "inplace_no_grad")
     assert written == 400
+
+
+def test_module_discovery_retires_in_a_loop_without_optimizer_steps() -> None:
+    """The global forward pre-hook of module discovery costs a call per module call; without
+    optimizer steps it retires after 64 backward passes without a new module."""
+    from torch import nn
+
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with gradwatch.watch(on_anomaly="log") as w:
+        for i in range(70):
+            m(torch.randn(8, 4)).pow(2).mean().backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= 0.01 * p.grad
+            m.zero_grad()
+            if i == 10:
+                assert w._runtime.modules._hook is not None
+        assert w._runtime.modules._hook is None
+    assert w.distinct_anomalies() == []

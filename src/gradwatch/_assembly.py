@@ -183,6 +183,7 @@ class Runtime:
         buffer = self.emit.buffer
         if buffer.pending >= buffer.maxlen:
             self.step_boundary()
+        self.fail.guard(Part.NAMING, self.modules.passed, self.ctx.passes)
 
     def step_boundary(self, step: int | None = None, final: bool = False) -> None:
         """End of an optimizer step (or of the watch): resolve what waited for it, flush."""

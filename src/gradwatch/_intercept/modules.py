@@ -24,6 +24,7 @@ from .gate import ModeGate, is_compiling
 __all__ = ["Modules"]
 
 _DISCOVERY_STEPS = 8  # module discovery stops after this many steps without a new module
+_DISCOVERY_PASSES = 64  # ... or this many backward passes (loops without optimizer steps)
 # modules whose inference fast path is skipped while any function mode is active
 FAST_PATH_CLASSES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
                      torch.nn.TransformerEncoder)
@@ -40,6 +41,7 @@ class Modules:
         self.fail = fail
         self._hook: Any = None
         self._last_discovery = 0  # step at which a module was last discovered
+        self._last_discovery_pass = 0  # and the backward passes then
         self.off = False
 
     def install(self, installed: Any) -> None:
@@ -73,6 +75,13 @@ class Modules:
         with torch._C.DisableTorchFunction():
             self.add(module, prefix)
         self._last_discovery = self.ctx.step()
+        self._last_discovery_pass = self.ctx.passes
+
+    def passed(self, passes: int) -> None:
+        """A backward pass ended: a loop whose optimizer steps never come (a hand-written
+        update) retires discovery after this many passes without a new module."""
+        if self._hook is not None and passes - self._last_discovery_pass >= _DISCOVERY_PASSES:
+            self.end_step(self._last_discovery + _DISCOVERY_STEPS)
 
     def end_step(self, step: int) -> None:
         if self._hook is not None and step - self._last_discovery >= _DISCOVERY_STEPS:
