@@ -9,7 +9,8 @@ from types import CodeType, FrameType, TracebackType
 
 from .events import Location
 
-__all__ = ["caller", "is_internal", "location_of", "user_frame"]
+__all__ = ["caller", "caller_of_forward", "innermost_user_frame", "is_internal", "location_of",
+           "user_frame"]
 
 
 def _package_dirs() -> tuple[str, ...]:
@@ -219,3 +220,30 @@ def without_own_frames(tb: TracebackType | None) -> TracebackType | None:
         return out
     except Exception:  # never replace the exception passing through by one of ours
         return tb
+
+
+def innermost_user_frame(exc: BaseException) -> tuple[FrameType | None, int]:
+    """The innermost frame of user code in ``exc``'s traceback, and its line."""
+    frame, lineno, tb = None, 0, exc.__traceback__
+    while tb is not None:
+        if not is_internal(tb.tb_frame.f_code):
+            frame, lineno = tb.tb_frame, tb.tb_lineno
+        tb = tb.tb_next
+    return frame, lineno
+
+
+def caller_of_forward(frame: FrameType) -> FrameType:
+    """The user frame that called the module whose ``forward`` runs at ``frame`` (through
+    nested user forwards and torch's module call machinery); ``frame`` if none is found."""
+    f = frame
+    for _ in range(8):
+        if f.f_code.co_name != "forward":
+            return f
+        g = f.f_back
+        while g is not None and is_internal(g.f_code):
+            g = g.f_back
+        if g is None:
+            return f
+        f = g
+    return f
+

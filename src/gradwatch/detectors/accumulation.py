@@ -6,10 +6,7 @@ The window state machine lives in :mod:`._windows`; this detector feeds it from 
 
 from __future__ import annotations
 
-import ast
-import inspect
 import sys
-import textwrap
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +20,7 @@ from ..errors import AnomalyError
 from ..events import EventKind
 from ..records.emit import Emitter
 from ..records.raw import LeafBatch, Raw, op_str
+from ._optimizer_state import assignment_of, kept_each_step, optimizers_holding
 from ._windows import AccumulationTracker, LeafState, PassEntry, finite_nonzero
 
 __all__ = [
@@ -361,7 +359,7 @@ class AccumulationDetector:
         if w.all_steps:
             return
         if self._holders is None:
-            self._holders = _optimizers_holding()
+            self._holders = optimizers_holding()
         for st in states:
             p = st.leaf()
             opt = self._holders.get(id(p)) if p is not None else None
@@ -427,7 +425,7 @@ class AccumulationDetector:
             for key, v in entries.items():
                 if (v is g or (isinstance(v, _Tensor) and v.layout == _strided
                                and v.shape == g.shape and v.device == g.device
-                               and v.data_ptr() == g.data_ptr())) and _kept_each_step(
+                               and v.data_ptr() == g.data_ptr())) and kept_each_step(
                                    type(opt), key):
                     self._state_alias(opt, p, key, where)
                     checks[opt] = 3  # once per optimizer
@@ -435,7 +433,7 @@ class AccumulationDetector:
 
     def _state_alias(self, opt: Any, p: torch.Tensor, key: Any, where: Any) -> None:
         name = self._name(p)
-        kept = _assignment_of(type(opt), key)[0]
+        kept = assignment_of(type(opt), key)[0]
         self.emit.anomaly(Raw(
             K.GRAD_READ_MID_WINDOW, "optimizer.step", f"{name}.grad", tuple(p.shape), p.dtype,
             p.device, None, None, "no_grad", None, kept or where, self.ctx.step(),
@@ -508,59 +506,3 @@ class AccumulationDetector:
         if p is None:
             return "tensor"
         return self.ctx.names.param_name(p) or describe(p)
-
-
-def _assignment_of(cls: type, key: Any) -> tuple[tuple[Any, int] | None, bool]:
-    """``(code, line)`` of the statement in ``cls.step`` that assigns ``...[key] = ...`` (where an
-    optimizer state entry is kept), if the source can be read; and whether that statement runs
-    at every step (not only in a first-step ``if not state:`` / ``if len(state) == 0:`` block)."""
-    try:
-        fn = inspect.unwrap(cls.step)
-        code = fn.__code__
-        lines, start = inspect.getsourcelines(fn)
-        tree = ast.parse(textwrap.dedent("".join(lines)))
-    except Exception:
-        return None, False
-    parents: dict[int, ast.AST] = {}
-    for node in ast.walk(tree):
-        for child in ast.iter_child_nodes(node):
-            parents[id(child)] = node
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Assign):
-            continue
-        for t in node.targets:
-            if (isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant)
-                    and t.slice.value == key):
-                every = True
-                up = parents.get(id(node))
-                while up is not None:
-                    if isinstance(up, ast.If) and "state" in ast.unparse(up.test):
-                        every = False  # allocated once, when the state is created
-                    up = parents.get(id(up))
-                return (code, start + node.lineno - 1), every
-    return None, False
-
-
-def _kept_each_step(cls: type, key: Any) -> bool:
-    """Whether ``cls.step`` stores ``state[key]`` anew at every step (DiffGrad's
-    ``state["previous_grad"] = grad``), not once when the state is created: a buffer kept
-    on purpose is no stale reference."""
-    return _assignment_of(cls, key)[1]
-
-
-def _optimizers_holding() -> dict[int, tuple[str, weakref.ref]]:
-    """id(tensor) -> (optimizer class name, weak reference to the tensor) for every tensor some
-    live optimizer holds: one scan of the objects the garbage collector tracks."""
-    import gc
-
-    found: dict[int, tuple[str, weakref.ref]] = {}
-    optimizer = torch.optim.Optimizer
-    for obj in gc.get_objects():
-        if issubclass(type(obj), optimizer):  # (the real type: no __class__ lookup on obj)
-            try:
-                for group in obj.param_groups:
-                    for p in group["params"]:
-                        found.setdefault(id(p), (type(obj).__name__, weakref.ref(p)))
-            except Exception:
-                continue
-    return found

@@ -21,6 +21,8 @@ import torch
 
 from .._context import RunContext
 from .._location import (
+    caller_of_forward,
+    innermost_user_frame,
     is_internal,
     local_name,
     location_of,
@@ -33,6 +35,7 @@ from ..errors import is_no_grad_root_error
 from ..events import EventKind
 from ..records.emit import Emitter
 from ..records.raw import Raw, op_str
+from ._graph import ZERO_NODES, behind_zero_nodes
 
 __all__ = ["Cut", "CutTracker", "GradFlowDetector"]
 
@@ -64,9 +67,6 @@ HINT_ZERO = (
     "keep the rounding out of the gradient path, or use a straight-through estimator "
     "(y = x + (torch.round(x) - x).detach()) or a smooth surrogate (sigmoid, tanh) in training"
 )
-# autograd nodes whose gradient is zero everywhere (for real inputs): node -> op
-_ZERO_NODES = {"RoundBackward0": "round", "RoundBackward1": "round", "SignBackward0": "sign",
-               "FloorBackward0": "floor", "CeilBackward0": "ceil", "TruncBackward0": "trunc"}
 HINT_NONLEAF = (
     "update the tensor in place under torch.no_grad() (with torch.no_grad(): w -= lr * w.grad) "
     "instead of rebinding it to a computed tensor, so it stays the leaf that requires grad"
@@ -207,7 +207,7 @@ class GradFlowDetector:
         """A cut of ``rank`` (see ``window``) by ``func`` in the code at ``frame``; under no_grad
         (rank 1) once per user line in a row."""
         if rank == 1 and frame.f_code.co_name == "forward":
-            frame = _caller_of_forward(frame)  # `output = model(x)`, not a layer inside
+            frame = caller_of_forward(frame)  # `output = model(x)`, not a layer inside
         where = (frame.f_code, frame.f_lineno)
         window = self.window
         if rank == 1 and window and window[-1][0] == 1 and window[-1][2] == where:
@@ -218,7 +218,7 @@ class GradFlowDetector:
         """``round``/``sign``/``floor``/``ceil``/``trunc`` on a tensor requiring grad, with grad
         on, at the user's ``where``, made ``out``: its node's gradient is zero everywhere."""
         fn = getattr(out, "grad_fn", None)
-        if (fn is not None and type(fn).__name__ in _ZERO_NODES
+        if (fn is not None and type(fn).__name__ in ZERO_NODES
                 and self._zero_harmless.get(where, 0) < 2 and len(self.zero_ops) < 64):
             self.zero_ops[(id(fn), fn._sequence_nr())] = (op_str(func), where)
 
@@ -227,29 +227,10 @@ class GradFlowDetector:
         that this graph reaches only through such nodes get an exactly zero gradient (a
         rounded or sign-ed output in the loss path, no straight-through estimator)."""
         ops, self.zero_ops = self.zero_ops, {}
-        reach: set[int] = set()
-        behind: dict[int, tuple[torch.Tensor, tuple]] = {}  # leaf -> (leaf, zero node's key)
-        seen: set[tuple[int, bool]] = set()
-        stack: list[tuple[Any, tuple | None]] = [(r.grad_fn, None) for r in roots
-                                                 if r.grad_fn is not None]
-        while stack and len(seen) < limit:
-            fn, zero = stack.pop()
-            key = (id(fn), zero is None)
-            if key in seen:
-                continue
-            seen.add(key)
-            if zero is None and type(fn).__name__ in _ZERO_NODES:
-                zero = (id(fn), fn._sequence_nr())
-            var = getattr(fn, "variable", None)
-            if isinstance(var, _Tensor):
-                if zero is None:
-                    reach.add(id(var))
-                else:
-                    behind.setdefault(id(var), (var, zero))
-                continue
-            stack.extend((nf, zero) for nf, _ in fn.next_functions if nf is not None)
-        if len(seen) >= limit:
+        found = behind_zero_nodes(roots, limit)
+        if found is None:
             return
+        reach, behind = found
         by_node: dict[tuple, list[torch.Tensor]] = {}
         for key, (v, node) in behind.items():
             if key not in reach and node in ops and (type(v) is _Parameter or self.is_trained(v)):
@@ -458,7 +439,7 @@ class GradFlowDetector:
         """``NAME.backward()`` on a Python value that the latest scalar cut made: the value's
         type fits the op and the cut's statement assigns ``NAME``."""
         m = _NO_BACKWARD.search(str(exc))
-        frame, lineno = _innermost_user(exc)
+        frame, lineno = innermost_user_frame(exc)
         if m is None or frame is None:
             return
         called = _BACKWARD_CALL.search(linecache.getline(frame.f_code.co_filename, lineno))
@@ -482,7 +463,7 @@ class GradFlowDetector:
             return
 
     def _explain_none_grad(self, exc: BaseException) -> None:
-        frame, lineno = _innermost_user(exc)
+        frame, lineno = innermost_user_frame(exc)
         if frame is None:
             return
         line = linecache.getline(frame.f_code.co_filename, lineno)
@@ -521,30 +502,3 @@ class GradFlowDetector:
                     f"a computed tensor ({node}), rebound with grad enabled, so backward() does "
                     f"not fill its .grad. Fix: {HINT_NONLEAF}.")
                 return
-
-
-def _innermost_user(exc: BaseException) -> tuple[Any, int]:
-    """The innermost frame of user code in ``exc``'s traceback, and its line."""
-    frame, lineno, tb = None, 0, exc.__traceback__
-    while tb is not None:
-        if not is_internal(tb.tb_frame.f_code):
-            frame, lineno = tb.tb_frame, tb.tb_lineno
-        tb = tb.tb_next
-    return frame, lineno
-
-
-def _caller_of_forward(frame: Any) -> Any:
-    """The user frame that called the module whose ``forward`` runs at ``frame`` (through
-    nested user forwards and torch's module call machinery); ``frame`` if none is found."""
-    f = frame
-    for _ in range(8):
-        if f.f_code.co_name != "forward":
-            return f
-        g = f.f_back
-        while g is not None and is_internal(g.f_code):
-            g = g.f_back
-        if g is None:
-            return f
-        f = g
-    return f
-
