@@ -139,7 +139,11 @@ def _bracketed(forward: Callable, enter: Callable[[torch.nn.Module], bool],
     dynamo_compiling, compiler = _dynamo_compiling, _compiler
 
     def bracketed(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.training or dynamo_compiling() or compiler._is_compiling_flag:
+        try:
+            plain = self.training or dynamo_compiling() or compiler._is_compiling_flag
+        except Exception:  # (ours failed: decide by the module's own flag)
+            plain = self.training
+        if plain:
             return forward(self, *args, **kwargs)
         try:
             entered = enter(self)
