@@ -113,7 +113,12 @@ class Backward:
                 raise
             except Exception as exc:
                 self.fail.fail(Part.ACCUMULATION, exc)
-        self.pass_over()
+        try:
+            self.pass_over()
+        except AnomalyError:
+            raise
+        except Exception as exc:
+            self.fail.fail(Part.FLUSH, exc)
         return out
 
     def _failed(self, refs: list[Any], before: list[Any] | None, where: Any) -> None:

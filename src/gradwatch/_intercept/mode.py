@@ -100,6 +100,11 @@ class WatchMode(TorchFunctionMode):
             return out
         except BaseException as exc:
             try:  # (never replace the exception passing through by one of ours)
+                if (func is _set_grad_enabled and args and args[0] is True
+                        and isinstance(exc, KeyboardInterrupt) and not _grad_enabled()):
+                    # a Ctrl-C in our code before a block's exit put grad mode back: its exit
+                    # never runs again, so the switch happens as if the Ctrl-C came after it
+                    func(*args)
                 exc = exc.with_traceback(without_own_frames(exc.__traceback__))
             except Exception:
                 pass
