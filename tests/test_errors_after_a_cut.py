@@ -139,3 +139,22 @@ def test_a_loss_computed_under_no_grad_names_the_blocks_statement_not_a_layer() 
         torch.nn.functional.nll_loss(output, target).backward()
     [note] = _notes(info.value)
     assert f"test_errors_after_a_cut.py:{line_of('forward under no_grad')} " in note
+
+
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_backward_through_a_freed_graph_names_the_backward_that_freed_it(level: str) -> None:
+    """Truncated BPTT without ``hidden.detach()``: torch's "backward through the graph a second
+    time" gets a note naming the pass that freed the graph and the usual fixes."""
+    rnn, head = torch.nn.RNN(3, 4, batch_first=True), torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(list(rnn.parameters()) + list(head.parameters()), lr=0.1)
+    hidden = torch.zeros(1, 2, 4)
+    with pytest.raises(RuntimeError, match="second time") as info, \
+            gradwatch.watch(on_anomaly="log", level=level):
+        for _ in range(2):
+            out, hidden = rnn(torch.randn(2, 5, 3), hidden)
+            opt.zero_grad()
+            head(out).pow(2).mean().backward()  # <tbptt backward>
+            opt.step()
+    [note] = _notes(info.value)
+    assert f"freed by the backward at {__file__}:{line_of('tbptt backward')} " in note
+    assert "hidden = hidden.detach()" in note

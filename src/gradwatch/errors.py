@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .events import Event
 
-__all__ = ["AnomalyError", "GradWatchWarning", "is_no_grad_root_error", "is_version_error"]
+__all__ = ["AnomalyError", "GradWatchWarning", "is_freed_graph_error", "is_no_grad_root_error",
+           "is_version_error"]
 
 
 class GradWatchWarning(UserWarning):
@@ -31,3 +32,9 @@ def is_no_grad_root_error(exc: BaseException) -> bool:
     """Whether ``exc`` is torch's "element 0 of tensors does not require grad" error."""
     return (isinstance(exc, RuntimeError)
             and "does not require grad and does not have a grad_fn" in str(exc))
+
+
+def is_freed_graph_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's "Trying to backward through the graph a second time" error."""
+    return (isinstance(exc, RuntimeError)
+            and "backward through the graph a second time" in str(exc))

@@ -17,11 +17,11 @@ import torch
 
 from .._context import RunContext
 from .._failopen import FailOpen, Part
-from .._location import caller
+from .._location import caller, location_of
 from ..detectors.accumulation import AccumulationDetector
 from ..detectors.grad_flow import GradFlowDetector
 from ..detectors.saved_tensor import SavedTensorDetector
-from ..errors import AnomalyError
+from ..errors import AnomalyError, is_freed_graph_error
 from .gate import ModeGate
 
 __all__ = ["Backward"]
@@ -47,6 +47,7 @@ class Backward:
         self.acc = acc
         self.grad_flow = grad_flow
         self.running = False  # torch.autograd.backward re-dispatches itself: look once
+        self.last: tuple[Any, int] | None = None  # where and step of the last pass that ran
         self._discover = _DISCOVERY_PASSES
 
     def install(self, installed: Any) -> None:
@@ -88,12 +89,14 @@ class Backward:
             self.running = False
             try:  # (torch's error is the one to see: nothing of ours may replace it)
                 self.fail.guard(Part.BACKWARD, self._annotate, exc, roots)
+                self.fail.guard(Part.BACKWARD, self._freed, exc)
                 self._failed(refs, before, where)
             except Exception as err:
                 self.fail.fail(Part.BACKWARD, err)
             raise
         finally:
             self.running = False
+        self.last = (where, self.ctx.step())  # (the last pass that ran: it freed its graph)
         try:  # (after torch's backward: an error here is ours, never the user's)
             self.grad_flow.backward_done()
         except Exception as exc:
@@ -184,6 +187,21 @@ class Backward:
         if per_leaf and leaves:
             self.grad_flow.trained(leaves)
         self.ctx.busy += time.perf_counter() - t0
+
+    def _freed(self, exc: RuntimeError) -> None:
+        """Torch's "backward through the graph a second time": name the pass that freed it."""
+        if self.last is None or not is_freed_graph_error(exc):
+            return
+        loc = location_of(self.last[0])
+        if loc is None:
+            return
+        exc.add_note(
+            f"gradwatch: the graph this backward needs was freed by the backward at {loc} "
+            f"(`{loc.code}`, step {self.last[1]}): a tensor computed before that backward is used "
+            "again (a recurrent state carried over, a generator's output reused after the "
+            "discriminator's backward, a loss kept from an earlier step). Fix: detach what you "
+            "carry over (hidden = hidden.detach()), recompute it, or pass retain_graph=True to "
+            "the first backward if both really need the same graph.")
 
     def _annotate(self, exc: RuntimeError, roots: tuple) -> None:
         if not self.saved.annotate(exc):
