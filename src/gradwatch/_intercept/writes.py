@@ -359,7 +359,13 @@ class Writes:
         if not _grad_enabled():
             return self.on_no_grad_op(func, args, kwargs)
         self._cut(2, func, args, kwargs)
+        if kwargs.get("requires_grad") is True and self.grad_flow.window:
+            # a leaf re-made from values (torch.tensor(saved_log_probs, requires_grad=True))
+            return (self._after_remade, None)
         return None
+
+    def _after_remade(self, _state: Any, out: Any) -> None:
+        self.fail.guard(Part.GRAD_FLOW, self.grad_flow.remade_leaf, out)
 
     def on_scalar(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """``.item()``, ``.tolist()``, ``.numpy()``, ``float(t)``: a Python value, no history."""

@@ -183,6 +183,8 @@ class GradFlowDetector:
         # user line), 2: a non-differentiable op or a re-wrapped value, 3: a scalar read
         self.window: deque[tuple[int, str, tuple[CodeType, int], int]] = deque(maxlen=64)
         self.region_open = False  # inside a user no_grad block (ops there may cut)
+        # leaves re-made from values (torch.tensor(..., requires_grad=True)) since the last pass
+        self.remade: list[weakref.ref] = []
         # zero-gradient ops (round, sign, floor, ...) on tensors requiring grad in user code
         # since the last backward: (id, sequence number) of the node -> (op, where); lines
         # seen harmless twice are not recorded any more
@@ -259,6 +261,7 @@ class GradFlowDetector:
     def backward_done(self) -> None:
         """A backward pass ran (or failed and was explained): a new window of cuts starts."""
         self.closure_no_grad = None
+        self.remade = []
         self.window.clear()
         self.region_open = False
 
@@ -335,27 +338,66 @@ class GradFlowDetector:
                 HINT_REBIND,
             ))
 
+    def remade_leaf(self, out: Any) -> None:
+        """``torch.tensor(values, requires_grad=True)`` in user code after a cut of this window:
+        a leaf with no history (kept weakly until the next backward)."""
+        if isinstance(out, _Tensor) and out.is_leaf and len(self.remade) < 64:
+            self.remade.append(weakref.ref(out))
+
+    def _only_remade(self, root: torch.Tensor, limit: int = 512) -> bool:
+        """Whether ``root``'s graph reaches leaves re-made from values and nothing else."""
+        remade = {id(t) for ref in self.remade if (t := ref()) is not None}
+        if not remade:
+            return False
+        leaves, seen, stack = set(), set(), [root.grad_fn]
+        while stack and len(seen) < limit:
+            fn = stack.pop()
+            if id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            var = getattr(fn, "variable", None)
+            if isinstance(var, _Tensor):
+                if id(var) not in remade:
+                    return False
+                leaves.add(id(var))
+                continue
+            stack.extend(nf for nf, _ in fn.next_functions if nf is not None)
+        return bool(leaves) and not stack
+
     def rewrapped_roots(self, roots: tuple, tracked: set[int]) -> None:
         """Before a backward: a root that is a fresh leaf (``torch.tensor(loss.item(),
-        requires_grad=True)``) reaches no parameter: nothing will be trained. Reported at the
-        cut it was re-made from, when this window holds one."""
-        for r in roots:
-            if r.grad_fn is not None or not r.requires_grad or id(r) in tracked:
-                continue
-            found = self._in_window()
-            if found is None:
+        requires_grad=True)``), or computed only from leaves re-made from values
+        (``torch.tensor([lp.item() ...], requires_grad=True).sum()``), reaches no parameter:
+        nothing will be trained. Reported at the cut it was re-made from, when this window
+        holds one."""
+        # (only once an optimizer has stepped: a loop that optimises re-made leaves itself,
+        # torch as a gradient calculator for numpy values, trains nothing else)
+        remade = bool(self.remade) and self.ctx.steps > 0
+        try:
+            for r in roots:
+                if not r.requires_grad or id(r) in tracked:
+                    continue
+                if r.grad_fn is not None and not (remade and self._only_remade(r)):
+                    continue
+                self._rewrapped(r)
                 return
-            op, where, step = found
-            loc = location_of(where)
-            place = f"{loc} (`{loc.code}`)" if loc else "an unknown line"
-            self.emit.anomaly(Raw(
-                K.GRAD_FLOW_CUT, op, describe(r), tuple(r.shape), r.dtype, r.device, None, None,
-                "enabled", None, where, step,
-                f"backward was called on a tensor without history, re-made from a value cut at "
-                f"{place} ({op}): the gradient reaches no parameter, nothing is trained",
-                HINT_ROOT,
-            ))
+        finally:
+            self.remade = []
+
+    def _rewrapped(self, r: torch.Tensor) -> None:
+        found = self._in_window()
+        if found is None:
             return
+        op, where, step = found
+        loc = location_of(where)
+        place = f"{loc} (`{loc.code}`)" if loc else "an unknown line"
+        self.emit.anomaly(Raw(
+            K.GRAD_FLOW_CUT, op, describe(r), tuple(r.shape), r.dtype, r.device, None, None,
+            "enabled", None, where, step,
+            f"backward was called on a tensor without history, re-made from a value cut at "
+            f"{place} ({op}): the gradient reaches no parameter, nothing is trained",
+            HINT_ROOT,
+        ))
 
     def annotate(self, exc: RuntimeError, roots: tuple) -> bool:
         """Add a note naming the cut behind "does not require grad"; False if not that error."""
