@@ -79,3 +79,39 @@ def test_sam_in_closure_form_is_one_step_silent() -> None:
             opt.zero_grad()
     _silent(w)
     assert w.step == 3
+
+
+def test_passes_run_for_a_non_parameters_gradient_leave_by_products() -> None:
+    """MGDA (Sener & Koltun's code: each task's gradient of the shared representation from a
+    per-task pass, heads' gradients zeroed unused) and FGSM adversarial training (the clean
+    pass is for the input's gradient): what such a pass leaves on parameters is a by-product,
+    dropping it is no discard and no stale sum."""
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 8)
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(2)])
+    opt = torch.optim.SGD(list(shared.parameters()) + list(heads.parameters()), lr=0.1)
+    m = nn.Linear(4, 1)
+    opt_m = torch.optim.SGD(m.parameters(), lr=0.1)
+    with gradwatch.watch(on_anomaly="log") as w:
+        for _ in range(3):
+            x, ys = torch.randn(16, 4), [torch.randn(16, 1) for _ in range(2)]
+            with torch.no_grad():
+                rep = shared(x)
+            grads = []
+            for t in range(2):
+                opt.zero_grad()
+                rep_variable = rep.detach().clone().requires_grad_()
+                F.mse_loss(heads[t](rep_variable), ys[t]).backward()
+                grads.append(rep_variable.grad.clone())
+            opt.zero_grad()
+            rep = shared(x)
+            sum(0.5 * F.mse_loss(heads[t](rep), ys[t]) for t in range(2)).backward()
+            opt.step()
+        for _ in range(3):
+            x, y = torch.randn(8, 4, requires_grad=True), torch.randn(8, 1)
+            F.mse_loss(m(x), y).backward()
+            x_adv = (x + 0.1 * x.grad.sign()).detach()
+            opt_m.zero_grad()
+            F.mse_loss(m(x_adv), y).backward()
+            opt_m.step()
+    _silent(w)

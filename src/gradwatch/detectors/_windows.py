@@ -356,6 +356,8 @@ class AccumulationTracker:
                 return
             st.read = True
             st.read_where = where
+            if not st.optimized:  # the pass ran for this gradient (an input's, a representation's
+                self.mark_used(st.pass_no)  # in MGDA): what it left on parameters is a by-product
 
     def resetting(self, st: LeafState, where: tuple[CodeType, int] | None = None) -> bool:
         """The leaf's gradient is about to be zeroed or dropped at ``where``. True if that discards
