@@ -10,11 +10,13 @@ import time
 from collections import Counter
 from typing import Any
 
+from ._children import PROCESS_DIR, STATUS_FILE
 from .events import SEVERITY_RANK
-from .report import ReadError, RunData, load_run, merge_processes, worst_first
+from .records.findings import Findings
+from .report import ReadError, RunData, load_run, worst_first
 
-__all__ = ["RANK_WAIT_S", "Merged", "default_log_dir", "fail_on", "join_children",
-           "launcher_job", "mark_rank_done", "merged_report"]
+__all__ = ["RANK_WAIT_S", "Merged", "default_log_dir", "fail_on", "fold_processes",
+           "join_children", "launcher_job", "mark_rank_done", "merge_processes", "merged_report"]
 
 RANK_WAIT_S = 60.0  # how long rank 0 of a torchrun job waits for the other ranks' files
 
@@ -132,8 +134,6 @@ def _other_ranks(log_dir: str, job: dict[str, Any], parts: list[Any], merged: Me
 
 def _children_parts(log_dir: str, run_id: str, parts: list[Any], merged: Merged) -> None:
     """The processes this run's script started (their own directories, see ``_children``)."""
-    from ._children import PROCESS_DIR, STATUS_FILE
-
     root = os.path.join(log_dir, PROCESS_DIR)
     try:
         names = sorted(os.listdir(root))
@@ -192,3 +192,53 @@ def fail_on(merged: Merged, severity: str) -> str | None:
     n = len(findings)
     return (f"{n} finding{'s' if n != 1 else ''} of severity {severity}"
             f"{' or worse' if severity != 'error' else ''}")
+
+
+# Several processes of one run (``gradwatch run``: the script, the processes it started, the
+# ranks of a torchrun job) merged into one report: one row per finding, with its ranks and the
+# processes it came from.
+
+def merge_processes(parts: list[tuple[str | None, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Merge finding rows of several processes of one run. ``parts``: (process label or None,
+    rows like ``Watch.distinct_anomalies()`` or ``RunData.distinct``). Returns one row per
+    finding (``run`` ``"."``) with ``ranks`` (every rank it was seen on) and ``processes`` (the
+    labels of the processes it came from, in the order given; None labels are left out)."""
+    findings = Findings()
+    labels: dict[tuple[Any, ...], list[str]] = {}
+    for label, rows in parts:
+        for row in rows:
+            f, _ = findings.merge_event(row["event"], row)
+            for rank in row.get("ranks", ()):
+                if rank not in f.ranks:
+                    f.ranks = sorted([*f.ranks, rank])
+            names = labels.setdefault(f.key, [])
+            if label is not None and label not in names:
+                names.append(label)
+    return [{**f.to_dict(), "run": ".", "ranks": f.ranks, "processes": labels.get(f.key, [])}
+            for f in findings]
+
+
+def fold_processes(data: RunData) -> None:
+    """``gradwatch report`` of a ``gradwatch run`` log dir: the rows of its child processes
+    (``<run>/processes/<name>.<pid>``) are merged into their run's rows (one row per finding,
+    with ``processes``), instead of one run per child."""
+    parent_of: dict[str, tuple[str, str]] = {}
+    for run in data.runs:
+        head, _, name = run.rpartition("/")
+        parent, _, folder = head.rpartition("/")
+        if folder == PROCESS_DIR or (head == PROCESS_DIR and not parent):
+            parent_of[run] = (parent or ".", name)
+    if not parent_of:
+        return
+    groups: dict[str, list[tuple[str | None, list[dict[str, Any]]]]] = {}
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for row in data.distinct:
+        by_run.setdefault(row.get("run", "."), []).append(row)
+    for run in sorted(set(by_run) | {p for p, _ in parent_of.values()}):
+        parent, label = parent_of.get(run, (run, "main"))
+        groups.setdefault(parent, []).append((label, by_run.get(run, [])))
+    merged: list[dict[str, Any]] = []
+    for parent, parts in groups.items():
+        merged += [{**row, "run": parent} for row in merge_processes(parts)]
+    data.distinct = merged
+    data.runs = sorted({parent_of.get(r, (r, ""))[0] for r in data.runs})

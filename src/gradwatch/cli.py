@@ -32,6 +32,7 @@ from ._run_merge import (
     Merged,
     default_log_dir,
     fail_on,
+    fold_processes,
     join_children,
     launcher_job,
     mark_rank_done,
@@ -43,7 +44,6 @@ from .report import (
     MAX_TOTAL_BYTES,
     ReadError,
     RunData,
-    fold_processes,
     load_run,
 )
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["assignment_of", "kept_each_step", "optimizers_holding"]
+__all__ = ["assignment_of", "grad_kept_in_state", "kept_each_step", "optimizers_holding"]
 
 
 def assignment_of(cls: type, key: Any) -> tuple[tuple[Any, int] | None, bool]:
@@ -67,3 +67,24 @@ def optimizers_holding() -> dict[int, tuple[str, weakref.ref]]:
             except Exception:
                 continue
     return found
+
+
+def grad_kept_in_state(opt: Any, params: list[torch.Tensor]) -> tuple[torch.Tensor, Any] | None:
+    """(parameter, key) of an entry of ``opt``'s state that *is* the parameter's current
+    ``.grad`` (the same tensor, or its memory) and that ``opt.step`` stores anew at every step;
+    None if there is none. Empty and sparse gradients are skipped."""
+    state = opt.state
+    for p in params:
+        g = p.grad
+        if g is None or g.layout != torch.strided or g.numel() == 0:
+            continue
+        entries = state.get(p)
+        if not entries or not isinstance(entries, dict):
+            continue
+        for key, v in entries.items():
+            if (v is g or (isinstance(v, torch.Tensor) and v.layout == torch.strided
+                           and v.shape == g.shape and v.device == g.device
+                           and v.data_ptr() == g.data_ptr())) and kept_each_step(type(opt), key):
+                return p, key
+    return None
+

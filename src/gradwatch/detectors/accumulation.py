@@ -20,7 +20,7 @@ from ..errors import AnomalyError
 from ..events import EventKind
 from ..records.emit import Emitter
 from ..records.raw import LeafBatch, Raw, op_str
-from ._optimizer_state import assignment_of, kept_each_step, optimizers_holding
+from ._optimizer_state import assignment_of, grad_kept_in_state, optimizers_holding
 from ._windows import AccumulationTracker, LeafState, PassEntry, finite_nonzero
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
 
 K = EventKind
 _Tensor = torch.Tensor
-_strided = torch.strided
 _grad_enabled = torch.is_grad_enabled
 
 HINT_STALE = (
@@ -394,8 +393,7 @@ class AccumulationDetector:
         name = self._name(p)
         self.emit.anomaly(Raw(
             K.GRAD_NEVER_APPLIED, "backward", name,
-            tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
-            p.device if p is not None else None, None, None, "enabled", None, where,
+            *_meta(p), None, None, "enabled", None, where,
             self.ctx.step(),
             f"`{name}.grad` keeps summing gradients that no optimizer step uses: optimizers "
             f"stepped {self.windows.all_steps - st.window_steps} times since it was last reset "
@@ -414,22 +412,10 @@ class AccumulationDetector:
         if n >= 3 or not opt.state:
             return
         checks[opt] = n + 1
-        state = opt.state
-        for p in params:
-            g = p.grad
-            if g is None or g.layout != _strided or g.numel() == 0:
-                continue
-            entries = state.get(p)
-            if not entries or not isinstance(entries, dict):
-                continue
-            for key, v in entries.items():
-                if (v is g or (isinstance(v, _Tensor) and v.layout == _strided
-                               and v.shape == g.shape and v.device == g.device
-                               and v.data_ptr() == g.data_ptr())) and kept_each_step(
-                                   type(opt), key):
-                    self._state_alias(opt, p, key, where)
-                    checks[opt] = 3  # once per optimizer
-                    return
+        found = grad_kept_in_state(opt, params)
+        if found is not None:
+            checks[opt] = 3  # once per optimizer
+            self._state_alias(opt, *found, where)
 
     def _state_alias(self, opt: Any, p: torch.Tensor, key: Any, where: Any) -> None:
         name = self._name(p)
@@ -450,8 +436,7 @@ class AccumulationDetector:
         earlier = f" (first read at {loc}, `{loc.code}`)" if loc is not None else ""
         self.emit.anomaly(Raw(
             K.GRAD_READ_MID_WINDOW, "grad", f"{name}.grad",
-            tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
-            p.device if p is not None else None, None, None,
+            *_meta(p), None, None,
             "no_grad" if not _grad_enabled() else "enabled", None, second, self.ctx.step(),
             f"`{name}.grad` was read here after another backward pass added to it, without a "
             f"reset in between{earlier}: this read sees the sum of both passes, not the last "
@@ -465,8 +450,7 @@ class AccumulationDetector:
         name = self._name(p)
         self.emit.anomaly(Raw(
             K.GRAD_APPLIED_TWICE, "optimizer.step", name,
-            tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
-            p.device if p is not None else None, None, None, "no_grad", None, where,
+            *_meta(p), None, None, "no_grad", None, where,
             self.ctx.step(),
             f"`{name}.grad` was applied by a second optimizer ({type(opt).__name__}) after "
             "another optimizer's step already used the same gradients: the parameter is "
@@ -490,8 +474,7 @@ class AccumulationDetector:
         cause = f"; it was last edited at {edit} (`{edit.code}`)" if edit is not None else ""
         self.emit.anomaly(Raw(
             K.STALE_GRAD_ACCUMULATION, "backward", name,
-            tuple(p.shape) if p is not None else None, p.dtype if p is not None else None,
-            p.device if p is not None else None, None, None, "enabled", None, where,
+            *_meta(p), None, None, "enabled", None, where,
             self.ctx.step(),
             f"`{name}.grad` now sums gradients taken at different versions of `{name}` (it "
             f"changed between two backward passes and .grad was not zeroed{cause})",
@@ -506,3 +489,9 @@ class AccumulationDetector:
         if p is None:
             return "tensor"
         return self.ctx.names.param_name(p) or describe(p)
+
+
+def _meta(p: torch.Tensor | None) -> tuple:
+    """Shape, dtype and device of a record's tensor (None each once it is gone)."""
+    return (None, None, None) if p is None else (tuple(p.shape), p.dtype, p.device)
+
