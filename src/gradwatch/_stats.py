@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["change", "checkable", "probe", "sample", "sample_step", "update_norms", "without_grad"]
+__all__ = ["ChangePair", "change", "change_table", "checkable", "probe", "sample", "sample_step",
+           "update_norms", "without_grad"]
 
 # Samples for update/weight ratios and change stats: 2.4% of each tensor, 8 to 1024 elements.
 _SAMPLE, _SAMPLE_MIN, _SAMPLE_SHARE = 1024, 8, 0.024
 _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled  # torch's own (light replaces the attribute)
+_DisableTorchFunction = torch._C.DisableTorchFunction
 
 
 def _stride(n: int) -> int:
@@ -91,10 +93,18 @@ def update_norms(before: list[torch.Tensor], after: list[torch.Tensor],
         return torch.stack([n.float().to(norms[0].device) for n in norms])
 
 
-def change(before: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor | None:
-    """[‖after − before‖₂, that over ‖before‖₂, max |after − before|, 1 if after holds NaN/Inf
-    else 0] of the strided sample ``before`` (:func:`sample`) and ``t`` now, in float32, on
-    the device (no sync). The after sample is a view (read now, not copied)."""
+class ChangePair(NamedTuple):
+    """A write's change, not computed yet: the strided sample before the write and the same
+    sample after it (copies). Every pair of a flush is computed in a few fused ops
+    (:func:`change_rows`), as an optimizer step's statistics are (:func:`update_norms`)."""
+
+    before: torch.Tensor
+    after: torch.Tensor
+
+
+def change(before: torch.Tensor | None, t: torch.Tensor) -> ChangePair | None:
+    """The pair for the change from the strided sample ``before`` (:func:`sample`) to ``t``
+    now: one copy of the same elements now (no sync, nothing computed yet)."""
     if before is None or not checkable(t):
         return None
     flat = t.detach().reshape(-1)
@@ -102,6 +112,29 @@ def change(before: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor | None:
     after = flat[::step] if step > 1 else flat
     if after.shape != before.shape:
         return None
+    return ChangePair(before, after.clone())
+
+
+def change_table(pairs: Sequence[ChangePair]) -> torch.Tensor:
+    """One row per pair, in float32 on the first pair's device (no sync): [‖after − before‖₂,
+    that over ‖before‖₂, max |after − before|, 1 if after holds NaN/Inf else 0]. Float32
+    pairs on one device take six fused ops for all of them; others are computed one by one."""
+    device = pairs[0].before.device
+    if len(pairs) > 1 and all(p.before.dtype == _float32 and p.before.device == device
+                              for p in pairs):
+        befores = [p.before for p in pairs]
+        afters = [p.after for p in pairs]
+        deltas = list(torch._foreach_sub(afters, befores))
+        k = len(pairs)
+        norms = torch.stack(torch._foreach_norm(deltas + befores))
+        peaks = torch.stack(torch._foreach_norm(deltas + afters, _INF))
+        l2 = norms[:k]
+        return torch.stack([l2, l2 / norms[k:].clamp_min(1e-12), peaks[:k],
+                            (~torch.isfinite(peaks[k:])).float()], 1)
+    return torch.stack([_change_row(p.before, p.after).to(device) for p in pairs])
+
+
+def _change_row(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     delta = after - before
     if delta.dtype != _float32:
         if delta.is_complex():
@@ -130,10 +163,20 @@ def checkable(t: torch.Tensor) -> bool:
 def probe(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """A 0-d finiteness probe per tensor, without a sync: the L2 norm (one fused kernel; NaN and
     Inf propagate; ~45x cheaper on CPU than the inf-norm). Finite values above ~1e19 overflow it
-    in float32, which only matters for weights that have already blown up."""
+    in float32, which only matters for weights that have already blown up. Computed with
+    grad off and no function mode: a probe of a parameter made with grad on would be a graph
+    that saves the parameter (a pending saved tensor for every later write) and holds it."""
     if not tensors:
         return []
-    try:
-        return list(torch._foreach_norm(list(tensors)))
-    except Exception:
-        return [torch.linalg.vector_norm(t.detach()) for t in tensors]
+    with _DisableTorchFunction():
+        enabled = _grad_enabled()
+        if enabled:
+            _set_grad_enabled(False)
+        try:
+            try:
+                return list(torch._foreach_norm(list(tensors)))
+            except Exception:
+                return [torch.linalg.vector_norm(t.detach()) for t in tensors]
+        finally:
+            if enabled:
+                _set_grad_enabled(True)

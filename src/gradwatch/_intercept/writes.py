@@ -152,14 +152,79 @@ class Writes:
 
     def _before(self, func: Any, targets: tuple, grad_mode: str | None, frame: Any) -> Any:
         if len(targets) == 1:  # hot: one target (an in-place op)
-            if not isinstance(targets[0], _Tensor):
+            t = targets[0]
+            if not isinstance(t, _Tensor):
                 return None
+            if grad_mode is None:
+                state = self._window_goes_on(func, t, frame)
+                if state is not None:
+                    return (self._after_window_write, state)
         else:
             targets = tuple(t for t in targets if isinstance(t, _Tensor))
             if not targets:
                 return None
         pending = self._before_write(func, targets, grad_mode, frame)
         return None if pending is None else (self._after_write, pending)
+
+    def _window_goes_on(self, func: Any, t: torch.Tensor, frame: Any) -> tuple | None:
+        """The hand-written update's steady state, without the general path's questions: a
+        named parameter no optimizer holds (or a ``.data`` alias that shows it whole), written
+        by the same user line and op as its open NaN window's (see ``_checks``), outside a
+        statistics pass, nothing saved on it, not a gradient. The window goes on; the write is
+        recorded exactly as the general path records it. None: ask the general path."""
+        nonfinite, ctx = self.nonfinite, self.ctx
+        opened = nonfinite.open
+        if not opened or nonfinite.off or self.gate.step_depth:
+            return None
+        names = ctx.names
+        key = None
+        if t.requires_grad:  # the parameter itself, under no_grad
+            if _grad_enabled():
+                return None
+            entry = names._params.get(id(t))
+            if entry is None or entry[1]() is not t:
+                return None
+            owner, name = t, entry[0]
+        else:  # p.data.add_(...): an alias with a version counter of its own
+            key = storage_key(t)
+            owner = _whole_alias_of(names, t, key)
+            if owner is None or (_grad_enabled() and not owner.requires_grad):
+                return None
+            name = None
+        window = opened.get(id(owner))
+        every = ctx.stats_every
+        passes = ctx.passes
+        if (window is None or window[0]() is not owner or window[1] != version(owner)
+                or window[5] >= every or passes // every != nonfinite.open_epoch
+                or (self.change_stats and passes % every == 0)):
+            return None
+        f = _first_user(frame)
+        if f is not frame:
+            return None
+        where = (f.f_code, f.f_lineno)
+        site = window[4]
+        if site[0] is not func or site[1] != where:
+            return None
+        w = self.acc.windows
+        if w.pending is not None or id(t) in w.grad_owner:
+            return None
+        saved = self.saved
+        if saved.registry is not None and saved.pending(
+                storage_key(t) if key is None else key) is not None:
+            return None
+        return (t, owner, key, func, where, name, version(t), window)
+
+    def _after_window_write(self, state: tuple, out: Any) -> None:
+        t, owner, key, func, where, name, vb, window = state
+        if name is None:
+            name = self.ctx.names.lookup(t, key)
+        raw = Raw(K.INPLACE_NO_GRAD, func, name, tuple(t.shape), t.dtype, t.device, vb,
+                  version(t), _grad_mode_now(), None, where, self.ctx.step())
+        self.emit.record(raw)
+        self.acc.edited(t, where, key)
+        self.saved.wrote(raw)
+        window[1] = version(owner)
+        window[5] += 1
 
     def _before_write(self, func: Any, targets: tuple, grad_mode: str | None,
                       frame: Any) -> _PendingWrite | None:

@@ -6,6 +6,7 @@ from collections import deque
 
 import torch
 
+from .._stats import ChangePair, change_table
 from ..events import EventKind
 from .raw import LeafBatch, Raw, UpdateStats, expand
 
@@ -64,22 +65,28 @@ class RecordBuffer:
         self.pending = 0
         if not new:
             return new
+        pairs = [r.change for r in new if type(r.change) is ChangePair]
         tensors = [r.change for r in new if isinstance(r.change, torch.Tensor)]
-        tensors += [r.ratios.norms for r in new if type(r.ratios) is UpdateStats]
-        if tensors:
-            values = _to_lists(tensors)
-            it = iter(values)
+        norms = [r.ratios.norms for r in new if type(r.ratios) is UpdateStats]
+        if pairs or tensors or norms:
+            table = _table(pairs)
+            values = _to_lists(table + tensors + norms)
+            n = len(table)
+            rows = values[0] if n and values[0] is not None else []
+            width = len(rows) // len(pairs) if pairs else 0
+            of_pairs = iter([rows[i * width:(i + 1) * width] for i in range(len(pairs))])
+            of_tensors, of_norms = iter(values[n:n + len(tensors)]), iter(values[n + len(tensors):])
             resolved = []
             for r in new:
-                if isinstance(r.change, torch.Tensor):
-                    r = r._replace(change=next(it))
-                resolved.append(r)
-            new = []
-            for r in resolved:
+                if type(r.change) is ChangePair:
+                    r = r._replace(change=next(of_pairs))
+                elif isinstance(r.change, torch.Tensor):
+                    r = r._replace(change=next(of_tensors))
                 if type(r.ratios) is UpdateStats:
-                    change, ratios = r.ratios.resolve(next(it))
+                    change, ratios = r.ratios.resolve(next(of_norms))
                     r = r._replace(change=change, ratios=ratios)
-                new.append(r)
+                resolved.append(r)
+            new = resolved
         records = self.records
         records.extend(new)
         self.held += sum(len(r.leaves) if type(r) is LeafBatch else 1 for r in new)
@@ -91,6 +98,18 @@ class RecordBuffer:
             records.popleft()
             self.held -= n
         return new
+
+
+def _table(pairs: list[ChangePair]) -> list[torch.Tensor]:
+    """The writes' changes as one table (:func:`change_table`); if that fails, none (each
+    write then has no change) instead of a failed flush."""
+    if not pairs:
+        return []
+    with torch._C.DisableTorchFunction():
+        try:
+            return [change_table(pairs)]
+        except Exception:
+            return [torch.full((len(pairs), 0), 0.0)]
 
 
 def _to_lists(tensors: list[torch.Tensor]) -> list[list[float] | None]:
