@@ -200,6 +200,12 @@ class SavedTensorRegistry:
         if self.on_error is not None:
             self.on_error(exc)
 
+    def sweep_if_packed(self) -> None:
+        """:meth:`sweep`, if anything was packed since the last one (a backward pass's end and
+        the step's end follow each other: the second finds nothing new to drop)."""
+        if self._packed:
+            self.sweep()
+
     def sweep(self) -> None:
         """Drop the references whose saved tensor is gone (its graph was used or freed)."""
         self._packed = 0

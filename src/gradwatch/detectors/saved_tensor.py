@@ -148,7 +148,7 @@ class SavedTensorDetector:
 
     def end_step(self) -> None:
         if self.registry is not None:
-            self.registry.sweep()  # freed graphs' entries
+            self.registry.sweep_if_packed()  # freed graphs' entries
 
     # -- when torch raises --------------------------------------------------------------------
     def annotate(self, exc: RuntimeError) -> bool:
