@@ -159,7 +159,8 @@ class PlainRunner:
         times: list[float] = []
         clock = CLOCK[0]
         outer = self.spec.context() if self.spec.context else contextlib.nullcontext()
-        with outer, variant_context(variant, model, opt, session, empty_mode):
+        watched = (None, None) if self.spec.anonymous else (model, opt)
+        with outer, variant_context(variant, *watched, session, empty_mode):
             for i in range(warmup + steps):
                 if on_step is not None:
                     on_step(i)

@@ -191,6 +191,8 @@ class Spec:
     # a TorchFunctionMode class that ``context`` pushes: the probe counts the calls of its
     # ``__torch_function__`` per step under each variant (what gradwatch adds to a user's mode)
     count_mode: Callable[[], type] | None = None
+    # watched as ``gradwatch run`` watches a script: ``watch()`` without a model or optimizer
+    anonymous: bool = False
 
 
 def classify_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
@@ -287,6 +289,45 @@ def data_sgd_step(model: nn.Module, opt: None, x: torch.Tensor, y: torch.Tensor)
         p.data.add_(p.grad, alpha=-SGD_LR)
 
 
+class Polynomial(nn.Module):
+    """pytorch/tutorials' ``polynomial_autograd.py``: y = a + b x + c x² + d x³, four plain
+    tensors with ``requires_grad=True`` (not ``nn.Parameter``s: the tutorial's own). A module
+    only to carry them (``parameters()`` lists them); the watch is given no model."""
+
+    def __init__(self, dev: torch.device) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.coefs = [torch.randn((), device=dev, requires_grad=True) for _ in range(4)]
+
+    def parameters(self, recurse: bool = True):  # type: ignore[override]
+        return iter(self.coefs)
+
+
+TUTORIAL_LR, TUTORIAL_POINTS = 1e-6, 2000
+
+
+def tutorial_step(model: Polynomial, opt: None, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The tutorial's loop body, line for line (its ``print`` every 100 steps left out)."""
+    a, b, c, d = model.coefs
+    y_pred = a + b * x + c * x ** 2 + d * x ** 3
+    loss = (y_pred - y).pow(2).sum()
+    loss.backward()
+    with torch.no_grad():
+        a -= TUTORIAL_LR * a.grad
+        b -= TUTORIAL_LR * b.grad
+        c -= TUTORIAL_LR * c.grad
+        d -= TUTORIAL_LR * d.grad
+        a.grad = None
+        b.grad = None
+        c.grad = None
+        d.grad = None
+
+
+def build_tutorial(quick: bool, dev: torch.device) -> tuple:
+    x = torch.linspace(-math.pi, math.pi, 200 if quick else TUTORIAL_POINTS, device=dev)
+    return Polynomial(dev), None, (x, torch.sin(x)), tutorial_step
+
+
 def build_nograd_sgd(quick: bool, dev: torch.device) -> tuple:
     model, _, batch, _ = build_mlp(quick, dev)
     return model, None, batch, nograd_sgd_step
@@ -380,7 +421,7 @@ def _device_context() -> type:
 
 
 SHAPES = ("nograd_sgd", "data_sgd", "lbfgs", "gan", "lightning", "default_device",
-          "default_device_nograd")
+          "default_device_nograd", "tutorial")
 
 SPECS: dict[str, Spec] = {
     s.name: s
@@ -418,5 +459,10 @@ SPECS: dict[str, Spec] = {
              "p.grad under no_grad) under torch.set_default_device(\"cpu\")", build_nograd_sgd,
              steps=100, warmup=10, default=False, context=default_device_cpu,
              count_mode=_device_context),
+        # the issue's first row: a sub-millisecond step, so its added µs per step is what counts
+        Spec("tutorial", "pytorch/tutorials' polynomial_autograd: 4 scalar tensors, 2,000 points, "
+             "a -= lr * a.grad … under no_grad, a.grad = None; watch() without a model "
+             "(as gradwatch run)", build_tutorial, steps=500, warmup=70, default=False,
+             anonymous=True),
     ]
 }

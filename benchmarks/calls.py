@@ -446,7 +446,8 @@ def _measure(model_name: str, level: str, steps: int, warmup: int) -> dict[str, 
                            "torch": torch.__version__, "gradwatch": gradwatch.__version__,
                            "gradwatch_dir": GW_DIR.rstrip(os.sep)}
     ctx: Any = (contextlib.nullcontext() if level == "none"
-                else _watch_fn()(model, opt, level=level, on_anomaly="log"))
+                else _watch_fn()(*((None, None) if spec.anonymous else (model, opt)),
+                                 level=level, on_anomaly="log"))
     with ctx as session:
         for _ in range(warmup):
             step()

@@ -57,7 +57,8 @@ def test_overhead_quick_runs_every_model_and_variant(tmp_path: Path) -> None:
     assert TARGET_HEADER in proc.stdout
 
 
-SHAPES = ("nograd_sgd", "data_sgd", "lbfgs", "gan", "default_device", "default_device_nograd")
+SHAPES = ("nograd_sgd", "data_sgd", "lbfgs", "gan", "default_device", "default_device_nograd",
+          "tutorial")
 SHAPE_VARIANTS = ("unwatched", "empty_mode", "full", "light", "anomaly")
 
 
