@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from gradwatch.session import watch
 
-        ctx = watch(model, opt, level=args.level, on_anomaly="log")
+        watched = (None, None) if spec.anonymous else (model, opt)  # (as overhead.py does)
+        ctx = watch(*watched, level=args.level, on_anomaly="log")
     prof = cProfile.Profile()
     with ctx:
         for _ in range(args.warmup):

@@ -96,7 +96,7 @@ def update_norms(before: list[torch.Tensor], after: list[torch.Tensor],
 class ChangePair(NamedTuple):
     """A write's change, not computed yet: the strided sample before the write and the same
     sample after it (copies). Every pair of a flush is computed in a few fused ops
-    (:func:`change_rows`), as an optimizer step's statistics are (:func:`update_norms`)."""
+    (:func:`change_table`), as an optimizer step's statistics are (:func:`update_norms`)."""
 
     before: torch.Tensor
     after: torch.Tensor
