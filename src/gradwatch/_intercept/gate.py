@@ -126,11 +126,18 @@ def _leaving_a_block(frame: Any) -> bool:
 def _not_a_frame_to_compile(fn: Callable) -> None:
     """Ask dynamo never to compile ``fn``'s own frame: run eagerly inside a compiled function's
     extent (a compiled graph calls light's stand-in by torch's name), compiling it would add a
-    graph per grad-mode switch. Frames it calls are processed as usual."""
+    graph per grad-mode switch. Frames it calls are processed as usual. Through the C entry
+    point that ``torch._dynamo``'s ``skip_code`` calls: importing ``torch._dynamo`` takes ~1 s,
+    which a script that never compiles must not pay for watching."""
     try:
-        from torch._dynamo.decorators import skip_code
+        from torch._C._dynamo.eval_frame import (
+            _FrameAction,
+            _FrameExecStrategy,
+            set_code_exec_strategy,
+        )
 
-        skip_code(fn.__code__)
+        set_code_exec_strategy(fn.__code__,
+                               _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.DEFAULT))
     except Exception:  # (a private API: without it, only extra graphs, identical results)
         pass
 

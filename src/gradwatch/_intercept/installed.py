@@ -9,6 +9,7 @@ of it, in reverse order, whatever happened.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -83,11 +84,29 @@ class Installed:
         hooks[handle.id] = hook
         return handle
 
-    def optimizer_hooks(self, pre: Callable, post: Callable) -> None:
-        self._global_hook(getattr(_optimizer, "_global_optimizer_pre_hooks", None),
-                          _optimizer.register_optimizer_step_pre_hook, pre)
-        self._global_hook(getattr(_optimizer, "_global_optimizer_post_hooks", None),
-                          _optimizer.register_optimizer_step_post_hook, post)
+    def optimizer_hooks(self, pre: Callable, post: Callable) -> tuple[Any, Any]:
+        """The global optimizer step pre/post hooks; their handles (see :meth:`replace_hook`)."""
+        return (self._global_hook(getattr(_optimizer, "_global_optimizer_pre_hooks", None),
+                                  _optimizer.register_optimizer_step_pre_hook, pre),
+                self._global_hook(getattr(_optimizer, "_global_optimizer_post_hooks", None),
+                                  _optimizer.register_optimizer_step_post_hook, post))
+
+    @staticmethod
+    def replace_hook(handle: Any, hook: Callable) -> None:
+        """Put ``hook`` where ``handle``'s hook is, in place: its removal stays as it was."""
+        hooks = handle.hooks_dict_ref()
+        if hooks is not None and handle.id in hooks:
+            hooks[handle.id] = hook
+
+    def after_import(self, name: str, callback: Callable[[], None]) -> None:
+        """``callback()`` once module ``name`` has been imported: now if it is, else right after
+        its import (a one-shot finder first in ``sys.meta_path``, removed on undo)."""
+        if name in sys.modules:
+            callback()
+            return
+        finder = _AfterImport(name, callback)
+        self.add(finder.remove)  # (first, as every undo)
+        sys.meta_path.insert(0, finder)
 
     def module_forward_pre_hook(self, hook: Callable) -> Any:
         return self._global_hook(getattr(_module, "_global_forward_pre_hooks", None),
@@ -144,3 +163,44 @@ class Installed:
         self.replace_attribute(torch.autograd.graph, "disable_saved_tensors_hooks",
                                disable_saved_tensors_hooks)
         return True
+
+
+class _AfterImport:
+    """A meta path finder for one module: it finds the module's spec with the finders behind
+    it and has the module's loader call ``callback`` once the module has run; it takes itself
+    out at its first use (or on undo), and finds nothing itself."""
+
+    def __init__(self, name: str, callback: Callable[[], None]) -> None:
+        self.name = name
+        self.callback = callback
+
+    def remove(self) -> None:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        self.remove()
+        try:
+            spec = next((found for finder in list(sys.meta_path)
+                         if (find := getattr(finder, "find_spec", None)) is not None
+                         and (found := find(fullname, path, target)) is not None), None)
+            loader = spec.loader if spec is not None else None
+            run = getattr(loader, "exec_module", None)
+            if run is None:
+                return spec
+            callback = self.callback
+
+            def exec_module(module: Any) -> None:
+                run(module)
+                try:
+                    callback()
+                except Exception as exc:  # (never fail the user's import)
+                    warn_internal("import hook", exc, consequence=(
+                        "a compiled optimizer step may not be seen"))
+
+            loader.exec_module = exec_module  # (this spec's own loader object)
+            return spec
+        except Exception:  # let the import system find it as if we were not here
+            return None

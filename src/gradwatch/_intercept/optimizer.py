@@ -99,12 +99,20 @@ class Optimizers:
         self.off = False
 
     def install(self) -> None:
-        # torch.compiler.disable: inside a compiled ``opt.step()`` dynamo breaks the graph at
-        # these hooks and runs them eagerly around the compiled update (the step is seen, counted
-        # and checked like an eager one); outside compiled code they are plain calls
-        self.installed.optimizer_hooks(
-            _compiler.disable(self.fail.hook(Part.OPTIMIZER, self.on_step_pre)),
-            _compiler.disable(self.fail.hook(Part.OPTIMIZER, self.on_step_post)))
+        hooks = (self.fail.hook(Part.OPTIMIZER, self.on_step_pre),
+                 self.fail.hook(Part.OPTIMIZER, self.on_step_post))
+        handles = self.installed.optimizer_hooks(*hooks)
+
+        def compiling_possible() -> None:
+            # torch.compiler.disable: inside a compiled ``opt.step()`` dynamo breaks the graph at
+            # these hooks and runs them eagerly around the compiled update (the step is seen,
+            # counted and checked like an eager one); outside compiled code they are plain
+            # calls. It imports torch._dynamo (~1 s): done once something else has (the user's
+            # torch.compile), never in a script that does not compile.
+            for handle, hook in zip(handles, hooks):
+                self.installed.replace_hook(handle, _compiler.disable(hook))
+
+        self.installed.after_import("torch._dynamo", compiling_possible)
         self.installed.add(self.running.clear)  # a step that raised left its samples (views) here
 
     # -- knowing an optimizer -----------------------------------------------------------------
