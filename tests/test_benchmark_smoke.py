@@ -181,3 +181,14 @@ def test_calls_summary_counts_the_users_mode(tmp_path: Path) -> None:
     assert rows["none"]["user_mode"]["name"] == "DeviceContext.__torch_function__"
     assert rows["none"]["user_mode"]["per_step"] == rows["full"]["user_mode"]["per_step"] > 0
     assert "| default_device | full |" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_process_runs_the_tutorial_plain_and_under_gradwatch_run(tmp_path: Path) -> None:
+    """``python -m benchmarks.process``: the published tutorial as a whole process, plain and
+    under ``gradwatch run`` at both levels (one round)."""
+    proc = _run_module("process", ["--runs", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["plain", "full", "light"]
+    assert "polynomial_autograd.py" in proc.stdout
