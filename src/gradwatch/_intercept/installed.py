@@ -2,8 +2,9 @@
 
 Global optimizer step hooks, a global module forward pre-hook (naming without a ``model``),
 a ``saved_tensors_hooks`` pair, and thin wrappers (wrapt) around ``torch.autograd.backward``/
-``grad``, ``zero_grad`` and the gradient-clipping functions. ``Installed.undo()`` removes all
-of it, in reverse order, whatever happened.
+``grad``, ``zero_grad`` and the gradient-clipping functions, and until ``torch._dynamo`` is
+imported a one-shot meta path finder that waits for it (``after_import``).
+``Installed.undo()`` removes all of it, in reverse order, whatever happened.
 """
 
 from __future__ import annotations
