@@ -77,6 +77,11 @@ with warnings.catch_warnings():
                     p -= 0.1 * p.grad
                     p.grad = None
         print("dynamo after a hand-written loop:", "torch._dynamo" in sys.modules)
+        if PROBE:  # asked for without an import (what availability checks do)
+            import importlib.util
+
+            assert importlib.util.find_spec("torch._dynamo") is not None
+            assert "torch._dynamo" not in sys.modules
         if COMPILE:
             opt = torch.optim.Adam(m.parameters(), lr=0.1)  # (imports torch._dynamo)
             step = torch.compile(opt.step, backend="eager")
@@ -90,12 +95,13 @@ print("meta_path restored:", sys.meta_path == meta_path)
 """
 
 
-def _fresh(tmp_path, level: str, compile_: bool, forget: bool = False):
+def _fresh(tmp_path, level: str, compile_: bool, forget: bool = False, probe: bool = False):
     import subprocess
     import sys
 
     script = tmp_path / "later.py"
-    script.write_text(f"LEVEL = {level!r}\nCOMPILE = {compile_}\nFORGET = {forget}\n" + SCRIPT)
+    script.write_text(f"LEVEL = {level!r}\nCOMPILE = {compile_}\nFORGET = {forget}\n"
+                      f"PROBE = {probe}\n" + SCRIPT)
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=300)
 
@@ -109,9 +115,10 @@ def test_watching_imports_no_compiler(tmp_path, level: str) -> None:
     assert "meta_path restored: True" in proc.stdout
 
 
-@pytest.mark.parametrize("level", ["full", "light"])
-def test_a_step_compiled_after_the_watch_began_is_counted(tmp_path, level: str) -> None:
-    proc = _fresh(tmp_path, level, compile_=True)
+@pytest.mark.parametrize(("level", "probe"), [("full", False), ("light", False), ("full", True)])
+def test_a_step_compiled_after_the_watch_began_is_counted(tmp_path, level: str,
+                                                          probe: bool) -> None:
+    proc = _fresh(tmp_path, level, compile_=True, probe=probe)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dynamo after a hand-written loop: False" in proc.stdout
     assert "steps: 4 4 []" in proc.stdout

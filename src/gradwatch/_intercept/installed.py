@@ -167,39 +167,46 @@ class Installed:
 
 
 class _AfterImport:
-    """A meta path finder for one module: it finds the module's spec with the finders behind
-    it and has the module's loader call ``callback`` once the module has run; it takes itself
-    out at its first use (or on undo), and finds nothing itself."""
+    """A meta path finder for one module: it finds the module's spec with the other finders and
+    has that spec's loader call ``callback`` once the module has run, then takes itself out
+    (or on undo). It finds nothing itself; a spec asked for without an import (``find_spec``)
+    leaves it waiting for the real import."""
 
     def __init__(self, name: str, callback: Callable[[], None]) -> None:
         self.name = name
-        self.callback = callback
+        self.callback: Callable[[], None] | None = callback
 
     def remove(self) -> None:
         with contextlib.suppress(ValueError):
             sys.meta_path.remove(self)
 
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != self.name:
-            return None
+    def _ran(self) -> None:
         self.remove()
+        callback, self.callback = self.callback, None
+        if callback is None:
+            return
         try:
-            spec = next((found for finder in list(sys.meta_path)
-                         if (find := getattr(finder, "find_spec", None)) is not None
+            callback()
+        except Exception as exc:  # (never fail the user's import)
+            warn_internal("import hook", exc, consequence=(
+                "a compiled optimizer step may not be seen"))
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name or self.callback is None:
+            return None
+        try:
+            spec = next((found for finder in list(sys.meta_path) if finder is not self
+                         and (find := getattr(finder, "find_spec", None)) is not None
                          and (found := find(fullname, path, target)) is not None), None)
             loader = spec.loader if spec is not None else None
             run = getattr(loader, "exec_module", None)
             if run is None:
                 return spec
-            callback = self.callback
+            ran = self._ran
 
             def exec_module(module: Any) -> None:
                 run(module)
-                try:
-                    callback()
-                except Exception as exc:  # (never fail the user's import)
-                    warn_internal("import hook", exc, consequence=(
-                        "a compiled optimizer step may not be seen"))
+                ran()
 
             loader.exec_module = exec_module  # (this spec's own loader object)
             return spec
