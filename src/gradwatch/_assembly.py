@@ -63,6 +63,8 @@ class Runtime:
         self.zero_grad = ZeroGrad(ctx, gate, fail, self.acc, self.optimizers.info)
         self.clipping = Clipping(ctx, gate, emit, fail, self.saved)
         self.modules = Modules(ctx, gate, fail)
+        self._flushing = False
+        emit.on_full = self._records_full
         for part, owner in ((Part.MODE, self.writes), (Part.ACCUMULATION, self.acc),
                             (Part.GRAD_FLOW, self.grad_flow), (Part.OPTIMIZER, self.optimizers),
                             (Part.CLIPPING, self.clipping), (Part.NAMING, self.modules)):
@@ -185,10 +187,18 @@ class Runtime:
             self.step_boundary()
         self.fail.guard(Part.NAMING, self.modules.passed, self.ctx.passes)
 
+    def _records_full(self) -> None:
+        """As many records wait as the buffer holds, and no boundary came (writes in a loop
+        without backward passes or optimizer steps): flush them now, as :meth:`pass_over`
+        does, so that the waiting records stay bounded."""
+        if not self._flushing:
+            self.step_boundary()
+
     def step_boundary(self, step: int | None = None, final: bool = False) -> None:
         """End of an optimizer step (or of the watch): resolve what waited for it, flush."""
-        if self.fail.is_off(Part.FLUSH):
+        if self.fail.is_off(Part.FLUSH) or self._flushing:
             return
+        self._flushing = True
         try:
             with torch._C.DisableTorchFunction():
                 self._end_step(step, final)
@@ -196,6 +206,8 @@ class Runtime:
             raise
         except Exception as exc:
             self.fail.fail(Part.FLUSH, exc)
+        finally:
+            self._flushing = False
 
     def _end_step(self, step: int | None, final: bool) -> None:
         t0 = time.perf_counter()

@@ -90,6 +90,9 @@ class Writes:
         cfg = ctx.config
         self.check_nonfinite = cfg.check_nonfinite
         self.change_stats = cfg.change_stats
+        # (storage, line) pairs whose change this statistics pass measured already: a line that
+        # writes one tensor many times between backward passes is measured once per pass
+        self._sampled: tuple[int, set[tuple[int, Any]]] = (-1, set())
         self.off = False
 
     def install(self, mode: WatchMode) -> None:
@@ -195,8 +198,7 @@ class Writes:
         every = ctx.stats_every
         passes = ctx.passes
         if (window is None or window[0]() is not owner or window[1] != version(owner)
-                or window[5] >= every or passes // every != nonfinite.open_epoch
-                or (self.change_stats and passes % every == 0)):
+                or window[5] >= every or passes // every != nonfinite.open_epoch):
             return None
         f = _first_user(frame)
         if f is not frame:
@@ -205,6 +207,9 @@ class Writes:
         site = window[4]
         if site[0] is not func or site[1] != where:
             return None
+        if self.change_stats and passes % every == 0 and not self._sampled_in_pass(
+                storage_key(t) if key is None else key, where):
+            return None  # (a statistics pass: this line's first write into t is measured)
         w = self.acc.windows
         if w.pending is not None or id(t) in w.grad_owner:
             return None
@@ -298,7 +303,7 @@ class Writes:
                     self._checks(p, tracked, (func, where))
                 ctx = self.ctx
                 if self.change_stats and not in_step and ctx.passes % ctx.stats_every == 0:
-                    p.samples = [sample(e[0]) for e in tracked]
+                    p.samples = [self._sample_once(e[0], e[1], where) for e in tracked]
             elif nonfinite.open:  # torch's own write: a window open on its tensor closes first
                 nonfinite.touched([e[0] for e in tracked])
         return p
@@ -331,6 +336,26 @@ class Writes:
         if checks:
             p.checks, p.at, p.windowed = checks, at, windowed
             p.flags = self.nonfinite.before(checks, site, windowed)
+
+    def _sampled_in_pass(self, key: int | None, where: Any) -> bool:
+        """Whether this statistics pass has measured a write at ``where`` into storage ``key``."""
+        sampled = self._sampled
+        return key is not None and sampled[0] == self.ctx.passes and (key, where) in sampled[1]
+
+    def _sample_once(self, t: torch.Tensor, key: int | None, where: Any) -> torch.Tensor | None:
+        """The sample for the change of a write at ``where`` into ``t``: each line's first write
+        into a storage in a statistics pass is measured (None for the line's later ones)."""
+        if key is None:
+            key = storage_key(t)
+        passes = self.ctx.passes
+        if self._sampled[0] != passes:
+            self._sampled = (passes, set())
+        if key is not None:
+            seen = self._sampled[1]
+            if (key, where) in seen:
+                return None
+            seen.add((key, where))
+        return sample(t)
 
     def _after_write(self, p: _PendingWrite, out: Any) -> None:
         ctx = self.ctx

@@ -41,13 +41,22 @@ class Emitter:
         self.rank = 0
         self._last_counts: dict[str, int] = {}
         self._off: set[int] = set()  # ids of sinks switched off
+        # called when as many records wait as the buffer holds: a loop with neither backward
+        # passes nor optimizer steps has no boundary to flush them at (the runtime's flush)
+        self.on_full: Callable[[], None] | None = None
 
     # -- emitting -----------------------------------------------------------------------------
     def record(self, r: Raw) -> None:
-        self.buffer.add(r)
+        buffer = self.buffer
+        buffer.add(r)
+        if buffer.pending >= buffer.maxlen and self.on_full is not None:
+            self.on_full()
 
     def record_batch(self, batch: LeafBatch) -> None:
-        self.buffer.add_batch(batch)
+        buffer = self.buffer
+        buffer.add_batch(batch)
+        if buffer.pending >= buffer.maxlen and self.on_full is not None:
+            self.on_full()
         if self._unwarned:  # a backward or clipping call: what came before it is complete
             self.warn_pending()
 
