@@ -192,3 +192,12 @@ def test_process_runs_the_tutorial_plain_and_under_gradwatch_run(tmp_path: Path)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["plain", "full", "light"]
     assert "polynomial_autograd.py" in proc.stdout
+
+
+def test_writes_benchmark_runs_both_loops_at_every_level(tmp_path: Path) -> None:
+    """``python -m benchmarks.writes``: loops of no_grad writes without backward passes."""
+    proc = _run_module("writes", ["--writes", "300", "--steps", "5", "--rounds", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [
+        "one line (µs per write)", "es (µs per step, 24 writes)"]
