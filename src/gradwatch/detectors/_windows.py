@@ -346,8 +346,11 @@ class AccumulationTracker:
             self.unconsumed.difference_update(map(id, leaves))
         return due
 
-    def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None) -> None:
-        st = self.get(leaf)  # (syncs)
+    def grad_read(self, leaf: torch.Tensor, where: tuple[CodeType, int] | None,
+                  st: LeafState | None = None) -> None:
+        """User code read ``leaf.grad`` at ``where`` (``st``: its state, if looked up already)."""
+        if st is None:
+            st = self.get(leaf)  # (syncs)
         if st is not None and st.accum > 0:
             if st.mid:  # (a read in the same line again: a loop over micro-batches)
                 if st.mid == 1:

@@ -117,7 +117,7 @@ class AccumulationDetector:
         st = self.windows.get(p)
         if st is None or st.accum == 0 or (st.read and not st.mid):
             return
-        self.windows.grad_read(p, (frame.f_code, frame.f_lineno))
+        self.windows.grad_read(p, (frame.f_code, frame.f_lineno), st)
 
     def on_grad_set(self, func: Any, args: tuple, kwargs: dict) -> None:
         """The mode's handler for ``p.grad = value``: dropping an unused window discards it."""
@@ -133,12 +133,13 @@ class AccumulationDetector:
             old = p.grad
             if old is None or value is old:
                 return None
-            # the user's line is looked up only when the dropped gradient was never used
-            where = caller() if id(p) in self.windows.unconsumed else None
+            # hot: the user's line is looked up only where a finding may name it: a window an
+            # optimizer holds that no step used (dropping it may discard it), a mixed read
             if value is None:
+                where = caller() if st.optimized and id(p) in self.windows.unconsumed else None
                 self.zeroing(st, old, where, "grad = None")
             else:  # a gradient set on purpose (clamped, averaged, projected): no discard
-                self.replaced(st, caller())
+                self.replaced(st, caller() if st.optimized or st.mid == 2 else None)
         except AnomalyError:
             raise
         except Exception as exc:
