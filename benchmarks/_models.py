@@ -338,6 +338,27 @@ def build_data_sgd(quick: bool, dev: torch.device) -> tuple:
     return model, None, batch, data_sgd_step
 
 
+ACCUM_MICRO = 8  # micro-batches per optimizer step
+
+
+def accum_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> None:
+    """karpathy/nanoGPT's loop: the batch in ``ACCUM_MICRO`` micro-batches, each loss scaled
+    and backwarded (their gradients summed in ``.grad``), then clipping, one AdamW step and
+    ``zero_grad(set_to_none=True)``."""
+    for xb, yb in zip(x.chunk(ACCUM_MICRO), y.chunk(ACCUM_MICRO)):
+        loss = F.cross_entropy(model(xb), yb) / ACCUM_MICRO
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def build_accum(quick: bool, dev: torch.device) -> tuple:
+    model, _, batch, _ = build_mlp(quick, dev)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch, accum_step
+
+
 def lbfgs_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor) -> None:
     """pytorch/examples' time_sequence_prediction: ``optimizer.step(closure)``; the closure
@@ -421,7 +442,7 @@ def _device_context() -> type:
 
 
 SHAPES = ("nograd_sgd", "data_sgd", "lbfgs", "gan", "lightning", "default_device",
-          "default_device_nograd", "tutorial")
+          "default_device_nograd", "tutorial", "accum")
 
 SPECS: dict[str, Spec] = {
     s.name: s
@@ -464,5 +485,10 @@ SPECS: dict[str, Spec] = {
              "a -= lr * a.grad … under no_grad, a.grad = None; watch() without a model "
              "(as gradwatch run)", build_tutorial, steps=500, warmup=70, default=False,
              anonymous=True),
+        # gradient accumulation (nanoGPT, HF Trainer's gradient_accumulation_steps): a backward
+        # pass per micro-batch, each summing into the .grad of the window the step then uses
+        Spec("accum", f"MLP 3×256, batch 64 as {ACCUM_MICRO} micro-batches of 8, each loss / "
+             f"{ACCUM_MICRO} backwarded; clip_grad_norm_, AdamW, zero_grad(set_to_none)",
+             build_accum, steps=40, warmup=10, default=False),
     ]
 }

@@ -58,7 +58,7 @@ def test_overhead_quick_runs_every_model_and_variant(tmp_path: Path) -> None:
 
 
 SHAPES = ("nograd_sgd", "data_sgd", "lbfgs", "gan", "default_device", "default_device_nograd",
-          "tutorial")
+          "tutorial", "accum")
 SHAPE_VARIANTS = ("unwatched", "empty_mode", "full", "light", "anomaly")
 
 
