@@ -71,17 +71,27 @@ class _Pass:  # hot: the usual loop, one record per backward pass
     """A backward pass that found no ``.grad`` on any tracked leaf: a fresh window on each leaf
     it reached, not yet applied per leaf; ``steps``: optimizer steps that used exactly these."""
 
-    __slots__ = ("_grad_ids", "entries", "ids", "number", "owner", "steps", "where")
+    __slots__ = ("_grad_ids", "_index", "accum", "all_steps", "entries", "ids", "number",
+                 "owner", "steps", "where")
 
     def __init__(self, entries: list[PassEntry], where: tuple[CodeType, int] | None,
-                 number: int) -> None:
-        self.number = number
+                 number: int, all_steps: int) -> None:
+        self.number = number  # the last pass summed in (see accum)
         self.owner: int | None = None  # the optimizer whose steps used exactly these leaves
         self.entries = entries
         self.ids = {e[1] for e in entries}
-        self.where = where
+        self.where = where  # the last pass's line
         self.steps = 0
+        self.accum = 1  # passes summed into these windows (micro-batches: see absorb)
+        self.all_steps = all_steps  # optimizer steps (any optimizer) when the windows opened
         self._grad_ids: set[int] | None = None
+        self._index: dict[int, int] | None = None
+
+    def index(self) -> dict[int, int]:
+        """id(leaf) -> its place in ``entries`` (built on first use)."""
+        if self._index is None:
+            self._index = {e[1]: j for j, e in enumerate(self.entries)}
+        return self._index
 
     def grad_ids(self) -> set[int]:
         """ids of the gradients this pass created (built on first use: rare paths only)."""
@@ -174,9 +184,51 @@ class AccumulationTracker:
                 self.pending = None
                 if self.unconsumed:
                     self.unconsumed.difference_update(last.ids)
-        p = _Pass(entries, where, self.pass_no)
+        p = _Pass(entries, where, self.pass_no, self.all_steps)
         self.reached |= p.ids
         self.pending = p
+
+    def absorb(self, refs: list[Any], before: list[Any],
+               where: tuple[CodeType, int] | None) -> list[Any] | None:
+        """A backward pass summed into the gradients of exactly the pending pass's leaves,
+        each the same ``.grad`` tensor, no leaf changed since (a micro-batch of an
+        accumulation window: nanoGPT's loop): the pending pass takes it in, one more sum and
+        no per-leaf work (:meth:`sync` applies it as :meth:`accumulated` would have). Returns
+        the weak references reached, or None: then leaf by leaf. Not before any optimizer
+        step, nor once a step used the pass (those windows' bookkeeping is per leaf)."""
+        p = self.pending
+        if p is None or p.steps or not self.all_steps or self.all_steps != p.all_steps:
+            return None
+        index = p.index()
+        entries = p.entries
+        updated = list(entries)
+        reached = []
+        n = len(before)
+        for i, ref in enumerate(refs):
+            leaf = ref()
+            if leaf is None:
+                continue
+            g = leaf.grad
+            if g is None:
+                continue
+            prev = before[i] if i < n else None
+            if prev is not None and prev[0] == id(g) and prev[1] == g._version:
+                continue  # not reached by this pass
+            j = index.get(id(leaf))
+            if j is None or prev is None:
+                return None  # a leaf outside the windows, or one whose .grad is new
+            e = entries[j]
+            if e[2] != id(g) or g._version <= e[3] or leaf._version != e[4]:
+                return None  # another .grad, or the leaf changed: a stale sum? per leaf
+            updated[j] = (e[0], e[1], e[2], g._version, e[4])
+            reached.append(ref)
+        if len(reached) != len(entries):
+            return None
+        p.entries = updated
+        p.accum += 1
+        p.where = where
+        p.number = self.pass_no
+        return reached
 
     def sync(self) -> None:
         """Apply the pending pass to the per-leaf states (what :meth:`fresh` and
@@ -186,12 +238,13 @@ class AccumulationTracker:
             self._open_windows(((leaf, key, gid, grad_version, leaf_version)
                                 for ref, key, gid, grad_version, leaf_version in p.entries
                                 if (leaf := ref()) is not None), p.where, p.steps, p.number,
-                                p.owner)
+                                p.owner, p.accum)
 
     def _open_windows(self, passed: Any, where: tuple[CodeType, int] | None, steps: int,
-                      number: int, stepped_by: int | None = None) -> None:
+                      number: int, stepped_by: int | None = None, accum: int = 1) -> None:
         """Each (leaf, id(leaf), id(grad), grad version, leaf version) had no ``.grad`` before a
-        pass that reached it: a new window; ``steps`` optimizer steps have used it since."""
+        pass that reached it: a new window, summed into by ``accum`` passes (the last one
+        ``number``, at ``where``); ``steps`` optimizer steps have used it since."""
         leaves = self.leaves
         owner = self.grad_owner
         unconsumed = self.unconsumed
@@ -205,7 +258,7 @@ class AccumulationTracker:
             st.last_edit = st.stale_where = None
             st.read = st.reset = False
             st.mid = 0
-            st.accum = 1
+            st.accum = accum
             st.pass_no = number
             st.where = where
             st.consumed_by = stepped_by if steps else None

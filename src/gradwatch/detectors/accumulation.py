@@ -287,6 +287,16 @@ class AccumulationDetector:
                                                      [e[0] for e in entries], None, where, step,
                                                      names))
                 return []
+        if not per_leaf and self.windows.pending is not None:
+            # hot: a micro-batch of an accumulation window (the pending pass takes it in)
+            try:
+                absorbed = self.windows.absorb(refs, before, where)
+            except RuntimeError:  # a tensor without a version counter: leaf by leaf below
+                absorbed = None
+            if absorbed is not None:
+                self.emit.record_batch(LeafBatch(K.GRAD_ACCUMULATED, "backward", absorbed, None,
+                                                 where, step, names))
+                return []
         n = len(before)
         reached, fresh, added = [], [], []  # fresh: no .grad before; added: summed into one
         for i, ref in enumerate(refs):
