@@ -174,7 +174,8 @@ class Writes:
         named parameter no optimizer holds (or a ``.data`` alias that shows it whole), written
         by the same user line and op as its open NaN window's (see ``_checks``), outside a
         statistics pass, nothing saved on it, not a gradient. The window goes on; the write is
-        recorded exactly as the general path records it. None: ask the general path."""
+        recorded as a tuple on the window's first record, which unfolds into exactly the record
+        the general path makes (``WriteRun``). None: ask the general path."""
         nonfinite, ctx = self.nonfinite, self.ctx
         opened = nonfinite.open
         if not opened or nonfinite.off or self.gate.step_depth:
@@ -187,13 +188,12 @@ class Writes:
             entry = names._params.get(id(t))
             if entry is None or entry[1]() is not t:
                 return None
-            owner, name = t, entry[0]
+            owner = t
         else:  # p.data.add_(...): an alias with a version counter of its own
             key = storage_key(t)
             owner = _whole_alias_of(names, t, key)
             if owner is None or (_grad_enabled() and not owner.requires_grad):
                 return None
-            name = None
         window = opened.get(id(owner))
         every = ctx.stats_every
         passes = ctx.passes
@@ -217,17 +217,16 @@ class Writes:
         if saved.registry is not None and saved.pending(
                 storage_key(t) if key is None else key) is not None:
             return None
-        return (t, owner, key, func, where, name, version(t), window)
+        return (t, owner, key, where, version(t), window)
 
     def _after_window_write(self, state: tuple, out: Any) -> None:
-        t, owner, key, func, where, name, vb, window = state
-        if name is None:
-            name = self.ctx.names.lookup(t, key)
-        raw = Raw(K.INPLACE_NO_GRAD, func, name, tuple(t.shape), t.dtype, t.device, vb,
-                  version(t), _grad_mode_now(), None, where, self.ctx.step())
-        self.emit.record(raw)
+        t, owner, key, where, vb, window = state
+        # hot: the record is a tuple on the window's first record (same tensor, op and line),
+        # unfolded into the general path's record when records are read (see WriteRun)
+        entry = (window[3], vb, version(t), _grad_mode_now(), self.ctx.step())
+        self.emit.record_write(entry)
         self.acc.edited(t, where, key)
-        self.saved.wrote(raw)
+        self.saved.wrote(entry)
         window[1] = version(owner)
         window[5] += 1
 

@@ -24,7 +24,7 @@ from .._naming import storage_key
 from ..errors import is_version_error
 from ..events import EventKind
 from ..records.emit import Emitter
-from ..records.raw import Raw, describe_shape, op_str
+from ..records.raw import Raw, describe_shape, op_str, write_raw
 from ._saved_registry import (
     HINT,
     HINT_STEP,
@@ -50,7 +50,7 @@ class SavedTensorDetector:
         self.ctx = ctx
         self.emit = emit
         self.registry: SavedTensorRegistry | None = None
-        self.log: deque[Any] = deque(maxlen=256)  # Mutations and inplace Raws (notes only)
+        self.log: deque[Any] = deque(maxlen=256)  # Mutations, inplace Raws, short-path tuples
         self.recent_steps: deque[tuple] = deque(maxlen=8)  # (where, step, param ids, versions)
         # writes into saved tensors, reported once a backward uses what they changed
         self.suspects: OrderedDict[int, tuple[Mutation, Raw]] = OrderedDict()
@@ -128,8 +128,9 @@ class SavedTensorDetector:
         for mutation in dict.fromkeys(used):
             self.used(mutation, raise_now=True)
 
-    def wrote(self, raw: Raw) -> None:
-        """An in-place write was recorded: remember it for a later version error's note."""
+    def wrote(self, raw: Raw | tuple) -> None:
+        """An in-place write was recorded (its record, or the short path's tuple: see
+        :class:`~..records.raw.WriteRun`): remember it for a later version error's note."""
         self.log.append(raw)
 
     def check_tensors(self, op: Any, tensors: list[torch.Tensor], where: Any) -> None:
@@ -214,7 +215,8 @@ class SavedTensorDetector:
         n = numel(shape)
         best = None
         for entry in reversed(self.log):
-            m = entry if isinstance(entry, Mutation) else _from_raw(entry)
+            m = (entry if isinstance(entry, Mutation)
+                 else _from_raw(write_raw(entry) if type(entry) is tuple else entry))
             if numel(m.shape) != n:  # the saved tensor may be a view (weight.t())
                 continue
             if m.version_before is not None and m.version_before == expected:

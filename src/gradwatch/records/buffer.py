@@ -8,11 +8,12 @@ import torch
 
 from .._stats import ChangePair, change_table
 from ..events import EventKind
-from .raw import LeafBatch, Raw, UpdateStats, expand
+from .raw import LeafBatch, Raw, UpdateStats, WriteRun, expand, write_raw
 
 __all__ = ["RecordBuffer"]
 
 _KIND_KEYS = {k: k.value for k in EventKind}  # (an enum's .value is a Python-level descriptor)
+_WRITE_KEY = EventKind.INPLACE_NO_GRAD.value
 
 
 class RecordBuffer:
@@ -40,6 +41,16 @@ class RecordBuffer:
         key = _KIND_KEYS[batch.kind]
         self.counts[key] = self.counts.get(key, 0) + n
 
+    def add_write(self, entry: tuple) -> None:
+        """One write of the short path (see :class:`WriteRun`): a tuple on the last run."""
+        unflushed = self.unflushed
+        if unflushed and type(last := unflushed[-1]) is WriteRun:
+            last.append(entry)
+        else:
+            unflushed.append(WriteRun((entry,)))
+        self.pending += 1
+        self.counts[_WRITE_KEY] = self.counts.get(_WRITE_KEY, 0) + 1
+
     def latest(self, n: int) -> list[Raw]:
         """The most recent ``n`` events' records, oldest first (batches unfolded)."""
         out: list[Raw] = []
@@ -65,6 +76,8 @@ class RecordBuffer:
         self.pending = 0
         if not new:
             return new
+        if any(type(r) is WriteRun for r in new):
+            new = [x for r in new for x in (map(write_raw, r) if type(r) is WriteRun else (r,))]
         pairs = [r.change for r in new if type(r.change) is ChangePair]
         tensors = [r.change for r in new if isinstance(r.change, torch.Tensor)]
         norms = [r.ratios.norms for r in new if type(r.ratios) is UpdateStats]

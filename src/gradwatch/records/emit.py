@@ -52,6 +52,13 @@ class Emitter:
         if buffer.pending >= buffer.maxlen and self.on_full is not None:
             self.on_full()
 
+    def record_write(self, entry: tuple) -> None:
+        """A write of the short path (see :class:`~.raw.WriteRun`)."""
+        buffer = self.buffer
+        buffer.add_write(entry)
+        if buffer.pending >= buffer.maxlen and self.on_full is not None:
+            self.on_full()
+
     def record_batch(self, batch: LeafBatch) -> None:
         buffer = self.buffer
         buffer.add_batch(batch)

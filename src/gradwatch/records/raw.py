@@ -14,7 +14,8 @@ import torch
 from .._location import location_of
 from ..events import SEVERITY, Change, Event, EventKind
 
-__all__ = ["LeafBatch", "Raw", "UpdateStats", "build_event", "describe_shape", "expand", "op_str"]
+__all__ = ["LeafBatch", "Raw", "UpdateStats", "WriteRun", "build_event", "describe_shape", "expand",
+           "op_str", "write_raw"]
 
 _OP_NAMES: dict[Any, str] = {}
 
@@ -195,6 +196,23 @@ class LeafBatch(NamedTuple):
             t.dtype if t is not None else None, t.device if t is not None else None,
             vb, va, "no_grad" if grads else "enabled", None, self.where, self.step,
         )
+
+
+class WriteRun(list):
+    """Consecutive in-place writes recorded by the write path's short path
+    (``Writes._window_goes_on``), one tuple each: (the record of its window's first write —
+    the same tensor, op and line —, version before, version after, grad mode, step). A write
+    costs a tuple until its records are read: :meth:`RecordBuffer.take_unflushed` unfolds
+    them (:func:`write_raw`) before anything else sees them."""
+
+    __slots__ = ()
+
+
+def write_raw(entry: tuple) -> Raw:
+    """The record of one write of a :class:`WriteRun` (what the general path records)."""
+    first, vb, va, grad_mode, step = entry
+    return Raw(first.kind, first.op, first.name, first.shape, first.dtype, first.device, vb, va,
+               grad_mode, None, first.where, step)
 
 
 def expand(records: Iterable[Any]) -> Iterator[Raw]:
