@@ -163,3 +163,30 @@ def test_nan_probes_build_no_graph_and_hold_no_parameter(loop) -> None:
         gc.collect()
         assert ref() is None
     assert w.anomalies == []
+
+
+def _update(w: torch.Tensor) -> None:
+    with torch.no_grad():
+        w -= 0.1 * w.grad  # <update>
+
+
+def test_light_names_a_short_path_write_in_torchs_version_error() -> None:
+    """At light, torch's own version error is explained from the log of recent writes; a
+    write the short path recorded (a tuple on its window's first record) is named like any."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4, bias=False)
+    w = model.weight
+    with gradwatch.watch(model, level="light", on_anomaly="log") as watch:
+        for _ in range(5):
+            (w * w).sum().backward()
+            _update(w)
+            w.grad = None
+        (w * w).sum().backward()
+        loss = (w * w).sum()  # (mul saves w)
+        _update(w)  # the bug: the weight changes between the forward and its backward
+        with pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
+            loss.backward()
+        assert type(watch._runtime.saved.log[-1]) is tuple  # (the short path's record)
+    (note,) = info.value.__notes__
+    assert f"test_write_path.py:{line_of('update')} (`w -= 0.1 * w.grad" in note
+    assert "`weight` was modified in place by sub_" in note and "version 6 → 7" in note
