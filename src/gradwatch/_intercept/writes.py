@@ -172,8 +172,9 @@ class Writes:
     def _window_goes_on(self, func: Any, t: torch.Tensor, frame: Any) -> tuple | None:
         """The hand-written update's steady state, without the general path's questions: a
         named parameter no optimizer holds (or a ``.data`` alias that shows it whole), written
-        by the same user line and op as its open NaN window's (see ``_checks``), outside a
-        statistics pass, nothing saved on it, not a gradient. The window goes on; the write is
+        by the same user line and op as its open NaN window's (see ``_checks``), not the line's
+        first write into it in a statistics pass (that one is measured), nothing saved on it,
+        not a gradient. The window goes on; the write is
         recorded as a tuple on the window's first record, which unfolds into exactly the record
         the general path makes (``WriteRun``). None: ask the general path."""
         nonfinite, ctx = self.nonfinite, self.ctx
