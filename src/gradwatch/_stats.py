@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["ChangePair", "change", "change_table", "checkable", "probe", "sample", "sample_step",
-           "update_norms", "without_grad"]
+__all__ = ["ChangePair", "PassSamples", "change", "change_table", "checkable", "probe", "sample",
+           "sample_step", "update_norms", "without_grad"]
 
 # Samples for update/weight ratios and change stats: 2.4% of each tensor, 8 to 1024 elements.
 _SAMPLE, _SAMPLE_MIN, _SAMPLE_SHARE = 1024, 8, 0.024
@@ -35,6 +35,32 @@ def sample(t: torch.Tensor) -> torch.Tensor | None:
     if step > 1:
         flat = flat[::step]
     return flat.clone()
+
+
+class PassSamples:
+    """Which writes of a statistics pass have their change measured: each line's first write
+    into a storage. A line that writes one tensor many times between backward passes is
+    measured once per pass (each sample holds two copies until the flush)."""
+
+    def __init__(self) -> None:
+        self._pass = -1
+        self._seen: set[tuple[int, Any]] = set()
+
+    def taken(self, passes: int, key: int | None, where: Any) -> bool:
+        """Whether pass ``passes`` measured a write at ``where`` into storage ``key`` already."""
+        return key is not None and self._pass == passes and (key, where) in self._seen
+
+    def take(self, passes: int, t: torch.Tensor, key: int | None,
+             where: Any) -> torch.Tensor | None:
+        """The sample for the change of a write at ``where`` into ``t`` (on storage ``key``),
+        or None where that line measured it already in pass ``passes``."""
+        if self._pass != passes:
+            self._pass, self._seen = passes, set()
+        if key is not None:
+            if (key, where) in self._seen:
+                return None
+            self._seen.add((key, where))
+        return sample(t)
 
 
 def without_grad(fn: Callable[..., Any], *args: Any) -> Any:

@@ -17,7 +17,7 @@ from .._context import RunContext, version
 from .._failopen import FailOpen, Part
 from .._location import _first_user, caller, is_internal, user_frame
 from .._naming import storage_key
-from .._stats import change, checkable, sample
+from .._stats import PassSamples, change, checkable
 from ..detectors.accumulation import AccumulationDetector
 from ..detectors.grad_flow import GradFlowDetector
 from ..detectors.nonfinite import NonfiniteDetector
@@ -90,9 +90,7 @@ class Writes:
         cfg = ctx.config
         self.check_nonfinite = cfg.check_nonfinite
         self.change_stats = cfg.change_stats
-        # (storage, line) pairs whose change this statistics pass measured already: a line that
-        # writes one tensor many times between backward passes is measured once per pass
-        self._sampled: tuple[int, set[tuple[int, Any]]] = (-1, set())
+        self.samples = PassSamples()  # which writes of a statistics pass are measured
         self.off = False
 
     def install(self, mode: WatchMode) -> None:
@@ -208,8 +206,8 @@ class Writes:
         site = window[4]
         if site[0] is not func or site[1] != where:
             return None
-        if self.change_stats and passes % every == 0 and not self._sampled_in_pass(
-                storage_key(t) if key is None else key, where):
+        if self.change_stats and passes % every == 0 and not self.samples.taken(
+                passes, storage_key(t) if key is None else key, where):
             return None  # (a statistics pass: this line's first write into t is measured)
         w = self.acc.windows
         if w.pending is not None or id(t) in w.grad_owner:
@@ -303,7 +301,8 @@ class Writes:
                     self._checks(p, tracked, (func, where))
                 ctx = self.ctx
                 if self.change_stats and not in_step and ctx.passes % ctx.stats_every == 0:
-                    p.samples = [self._sample_once(e[0], e[1], where) for e in tracked]
+                    p.samples = [self.samples.take(ctx.passes, e[0], e[1] if e[1] is not None
+                                                   else storage_key(e[0]), where) for e in tracked]
             elif nonfinite.open:  # torch's own write: a window open on its tensor closes first
                 nonfinite.touched([e[0] for e in tracked])
         return p
@@ -336,26 +335,6 @@ class Writes:
         if checks:
             p.checks, p.at, p.windowed = checks, at, windowed
             p.flags = self.nonfinite.before(checks, site, windowed)
-
-    def _sampled_in_pass(self, key: int | None, where: Any) -> bool:
-        """Whether this statistics pass has measured a write at ``where`` into storage ``key``."""
-        sampled = self._sampled
-        return key is not None and sampled[0] == self.ctx.passes and (key, where) in sampled[1]
-
-    def _sample_once(self, t: torch.Tensor, key: int | None, where: Any) -> torch.Tensor | None:
-        """The sample for the change of a write at ``where`` into ``t``: each line's first write
-        into a storage in a statistics pass is measured (None for the line's later ones)."""
-        if key is None:
-            key = storage_key(t)
-        passes = self.ctx.passes
-        if self._sampled[0] != passes:
-            self._sampled = (passes, set())
-        if key is not None:
-            seen = self._sampled[1]
-            if (key, where) in seen:
-                return None
-            seen.add((key, where))
-        return sample(t)
 
     def _after_write(self, p: _PendingWrite, out: Any) -> None:
         ctx = self.ctx

@@ -199,6 +199,13 @@ class AccumulationTracker:
         p = self.pending
         if p is None or p.steps or not self.all_steps or self.all_steps != p.all_steps:
             return None
+        try:
+            return self._absorb(p, refs, before, where)
+        except RuntimeError:  # a tensor without a version counter: leaf by leaf
+            return None
+
+    def _absorb(self, p: _Pass, refs: list[Any], before: list[Any],
+                where: tuple[CodeType, int] | None) -> list[Any] | None:
         index = p.index()
         entries = p.entries
         updated = list(entries)

@@ -72,7 +72,6 @@ HINT_DISCARDED = (
 )
 
 
-
 class AccumulationDetector:
     """Owns the windows of every tracked leaf's ``.grad`` and the reports about them."""
 
@@ -133,8 +132,7 @@ class AccumulationDetector:
             old = p.grad
             if old is None or value is old:
                 return None
-            # hot: the user's line is looked up only where a finding may name it: a window an
-            # optimizer holds that no step used (dropping it may discard it), a mixed read
+            # hot: the user's line only where a finding may name it (optimized leaf, mixed read)
             if value is None:
                 where = caller() if st.optimized and id(p) in self.windows.unconsumed else None
                 self.zeroing(st, old, where, "grad = None")
@@ -287,12 +285,8 @@ class AccumulationDetector:
                                                      [e[0] for e in entries], None, where, step,
                                                      names))
                 return []
-        if not per_leaf and self.windows.pending is not None:
-            # hot: a micro-batch of an accumulation window (the pending pass takes it in)
-            try:
-                absorbed = self.windows.absorb(refs, before, where)
-            except RuntimeError:  # a tensor without a version counter: leaf by leaf below
-                absorbed = None
+        if not per_leaf and self.windows.pending is not None:  # hot: accumulation micro-batch
+            absorbed = self.windows.absorb(refs, before, where)  # (the pending pass takes it in)
             if absorbed is not None:
                 self.emit.record_batch(LeafBatch(K.GRAD_ACCUMULATED, "backward", absorbed, None,
                                                  where, step, names))
