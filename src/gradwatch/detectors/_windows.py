@@ -22,6 +22,7 @@ the next such pass replaces it. Per-leaf states are brought up to date from the 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from types import CodeType
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 
 from .._context import version
 
-__all__ = ["AccumulationTracker", "LeafState", "PassEntry", "finite_nonzero"]
+__all__ = ["AccumulationTracker", "LeafState", "PassEntry", "changed_grads", "finite_nonzero"]
 
 # One leaf reached by a pass: (weak reference, id(leaf), id(grad), grad version, leaf version).
 PassEntry = tuple[weakref.ref, int, int, int, int]
@@ -65,6 +66,24 @@ class LeafState:
         # while no optimizer has stepped: (optimizer class, name, shape, dtype, device) of the
         # optimizer holding the leaf, once its window summed three passes (see `unstepped`)
         self.holder: tuple | None = None
+
+
+def changed_grads(refs: list[Any], before: list[Any]) -> Iterator[tuple]:
+    """(ref, leaf, grad, before) for each tracked leaf whose ``.grad`` a backward pass created
+    or summed into; ``before``: its (id, version) in the snapshot taken before the pass, None
+    where the leaf had no ``.grad`` then."""
+    n = len(before)
+    for i, ref in enumerate(refs):
+        leaf = ref()
+        if leaf is None:
+            continue
+        g = leaf.grad
+        if g is None:
+            continue
+        prev = before[i] if i < n else None
+        if prev is not None and prev[0] == id(g) and prev[1] == g._version:
+            continue  # not reached by this pass
+        yield ref, leaf, g, prev
 
 
 class _Pass:  # hot: the usual loop, one record per backward pass
@@ -210,17 +229,7 @@ class AccumulationTracker:
         entries = p.entries
         updated = list(entries)
         reached = []
-        n = len(before)
-        for i, ref in enumerate(refs):
-            leaf = ref()
-            if leaf is None:
-                continue
-            g = leaf.grad
-            if g is None:
-                continue
-            prev = before[i] if i < n else None
-            if prev is not None and prev[0] == id(g) and prev[1] == g._version:
-                continue  # not reached by this pass
+        for ref, leaf, g, prev in changed_grads(refs, before):
             j = index.get(id(leaf))
             if j is None or prev is None:
                 return None  # a leaf outside the windows, or one whose .grad is new

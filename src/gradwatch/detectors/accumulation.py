@@ -21,7 +21,7 @@ from ..events import EventKind
 from ..records.emit import Emitter
 from ..records.raw import LeafBatch, Raw, op_str
 from ._optimizer_state import assignment_of, grad_kept_in_state, optimizers_holding
-from ._windows import AccumulationTracker, LeafState, PassEntry, finite_nonzero
+from ._windows import AccumulationTracker, LeafState, PassEntry, changed_grads, finite_nonzero
 
 __all__ = [
     "HINT_APPLIED_TWICE",
@@ -291,22 +291,9 @@ class AccumulationDetector:
                 self.emit.record_batch(LeafBatch(K.GRAD_ACCUMULATED, "backward", absorbed, None,
                                                  where, step, names))
                 return []
-        n = len(before)
         reached, fresh, added = [], [], []  # fresh: no .grad before; added: summed into one
-        for i, ref in enumerate(refs):
-            p = ref()
-            if p is None:
-                continue
-            g = p.grad
-            if g is None:
-                continue
-            prev = before[i] if i < n else None
-            if prev is None:
-                fresh.append((p, g))
-            elif prev[0] == id(g) and prev[1] == g._version:
-                continue  # not reached by this backward
-            else:
-                added.append((p, g))
+        for ref, p, g, prev in changed_grads(refs, before):
+            (fresh if prev is None else added).append((p, g))
             reached.append(ref)
         if not reached:
             return []
