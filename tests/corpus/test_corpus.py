@@ -10,7 +10,8 @@ three entry points:
 
 A bug must give an anomaly of its kind and severity at the culprit line of the case file, naming
 the expected tensor (plus gradwatch's note on torch's own error, where torch raises). A look-alike
-must give no event of severity warning or error. Known misses are strict xfails
+must give no event of severity warning or error. ``test_case_at_light`` runs each case once more
+under ``watch(model, optimizer, level="light")``. Known misses are strict xfails
 (``KNOWN_MISS`` in each case): one that starts passing fails the suite until its mark is removed.
 """
 
@@ -91,6 +92,40 @@ def test_case(case: Case, entry: str, request: pytest.FixtureRequest, tmp_path: 
     else:
         anomalies, error = _run_in_process(case, entry, tmp_path)
         check(case, entry, anomalies, error)
+    assert clean() == {}, "the watch left global state behind"
+
+
+# What ``level="light"`` misses by design (README, "light"): it sees only code run with grad off.
+_CUT = "a cut made with grad on (light pushes its mode only where grad mode is off)"
+_GRAD_ON = "an in-place edit with grad on (light sees torch's error only; the log has no_grad writes)"
+LIGHT_MISSES = {
+    "gf_argmax_in_loss": _CUT,
+    "gf_detach_numpy_in_rl_loss": _CUT,
+    "gf_round_network_output_in_loss": _CUT,
+    "gw_pcgrad_task_gradients_not_zeroed": "a .grad read with grad on is not seen at light",
+    "sm_index_assign_in_forward": _GRAD_ON,
+    "sm_preact_resnet_relu_then_add": _GRAD_ON,
+    "sm_relu_inplace_then_residual_add": _GRAD_ON,
+    "sm_zennit_mod_params_restored_in_place": "a .data write no version shows (light has no "
+                                              "saved-tensor registry)",
+}
+
+
+def _light_params():
+    for case in CASES:
+        reason = LIGHT_MISSES.get(case.id) or case.miss_reason("explicit")
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        yield pytest.param(case, id=case.id, marks=marks)
+
+
+@pytest.mark.parametrize("case", _light_params())
+def test_case_at_light(case: Case, tmp_path: Path, clean, one_thread) -> None:
+    """Every case under ``watch(model, optimizer, level="light")``: no look-alike gives a false
+    alarm, and every bug outside light's documented misses is found at its culprit line."""
+    light = functools.partial(gradwatch.watch, on_anomaly="log", level="light",
+                              log_dir=str(tmp_path))
+    error = case.module.run(light)
+    check(case, "explicit", from_jsonl(str(tmp_path / "gradwatch.jsonl")), error)
     assert clean() == {}, "the watch left global state behind"
 
 

@@ -20,18 +20,12 @@ from ..errors import AnomalyError
 from ..events import EventKind
 from ..records.emit import Emitter
 from ..records.raw import LeafBatch, Raw, op_str
+from ._held_discards import HeldDiscards
 from ._optimizer_state import assignment_of, grad_kept_in_state, optimizers_holding
 from ._windows import AccumulationTracker, LeafState, PassEntry, changed_grads, finite_nonzero
 
-__all__ = [
-    "HINT_APPLIED_TWICE",
-    "HINT_DISCARDED",
-    "HINT_NEVER_APPLIED",
-    "HINT_READ_MID_WINDOW",
-    "HINT_STALE",
-    "HINT_STALE_CLOSURE",
-    "AccumulationDetector",
-]
+__all__ = ["HINT_APPLIED_TWICE", "HINT_DISCARDED", "HINT_NEVER_APPLIED", "HINT_READ_MID_WINDOW",
+           "HINT_STALE", "HINT_STALE_CLOSURE", "AccumulationDetector"]
 
 K = EventKind
 _Tensor = torch.Tensor
@@ -83,6 +77,7 @@ class AccumulationDetector:
         self._grad_storage: tuple[int, dict[int | None, LeafState]] | None = None
         self._state_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._holders: dict[int, tuple[str, weakref.ref]] | None = None
+        self.held = HeldDiscards()  # light: discards that the next step decides
         self.off = False
 
     # -- per .grad read (hot: every p.grad read while the mode is on, mostly torch's own) ------
@@ -213,15 +208,20 @@ class AccumulationDetector:
             return
         if not finite_nonzero(grad):
             return
-        name = self._name(st.leaf())
-        self.emit.anomaly(Raw(
+        leaf = st.leaf()
+        name = self._name(leaf)
+        raw = Raw(
             K.ACCUMULATED_GRAD_DISCARDED, op_str(op),
             f"{name}.grad", tuple(grad.shape), grad.dtype, grad.device, None, None,
             "no_grad" if not _grad_enabled() else "enabled", None, where, self.ctx.step(),
             f"`{name}.grad` held {st.accum} accumulated gradient(s) that no optimizer step used; "
             "they are discarded here",
             HINT_DISCARDED,
-        ))
+        )
+        # light sees no read with grad on: the next step decides (see _held_discards)
+        light = leaf is not None and not self.ctx.full
+        for due in (self.held.hold(leaf, grad, raw) if light else (raw,)):
+            self.emit.anomaly(due)
 
     def replaced(self, st: LeafState, where: Any) -> None:
         """``p.grad = value``: the user sets the gradient (clamped, averaged, projected). No
@@ -267,6 +267,8 @@ class AccumulationDetector:
         """After a backward pass at ``where``: the tracked leaves (``refs``, whose ``.grad`` was
         ``before``) whose ``.grad`` it changed were accumulated into. ``per_leaf``: return them
         (else the usual loop is kept as one pending record and nothing is returned)."""
+        if self.held:
+            self.held.passed()
         step = self.ctx.step()
         names = self.ctx.names
         self.windows.begin_pass()
@@ -332,6 +334,10 @@ class AccumulationDetector:
         w = self.windows
         if owner is None and opt is not None:
             owner = id(opt)
+        if self.held:  # (all of the optimizer's leaves: one whose .grad is None confirms)
+            held = params if opt is None else [p for g in opt.param_groups for p in g["params"]]
+            for raw in self.held.decide(held):
+                self.emit.anomaly(raw)
         for st in w.stepped(params, owner):
             stale_where = st.stale_where
             st.stale_where = None
@@ -358,12 +364,16 @@ class AccumulationDetector:
                 st.holder = (opt[0], self._name(p), tuple(p.shape), p.dtype, p.device)
 
     def closing(self) -> None:
-        """The watch ends and no optimizer ever stepped: windows that summed three or more
-        passes, never read, of parameters an optimizer holds, were computed for nothing (a step
-        condition that never fires: ``i % n == n``, ``% 1``, fewer batches than the
-        accumulation steps)."""
+        """The watch ends: light's held discards are due. If no optimizer ever stepped, windows
+        that summed three or more passes, never read, of parameters an optimizer holds, were
+        computed for nothing (a step condition that never fires: ``i % n == n``, ``% 1``, fewer
+        batches than the accumulation steps)."""
         w = self.windows
-        if self.off or w.all_steps:
+        if self.off:
+            return
+        for raw in self.held.confirm_all():
+            self.emit.anomaly(raw)
+        if w.all_steps:
             return
         w.sync()
         for st in w.leaves.values():

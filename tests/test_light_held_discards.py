@@ -1,0 +1,144 @@
+"""``level="light"`` does not see ``.grad`` read with grad on, so a window zeroed after such
+reads looked discarded. Such discards are held until a step of an optimizer holding the leaf:
+a gradient the user made since (built from the reads) drops them, what backward or the zeroing
+left confirms them. Correct per-task / per-sample loops are silent at both levels; the real
+discards are reported at both levels with the same lines and counts."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch
+from gradwatch import AnomalyError
+from helpers import line_of
+
+LEVELS = ("full", "light")
+
+
+def _findings(w: gradwatch.Watch) -> list[tuple[str, str, int]]:
+    return sorted((a.kind.value, a.tensor, a.location.lineno) for a in w.anomalies)
+
+
+def _pcgrad(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Pytorch-PCGrad's ``pc_backward``: per task, zero, backward, ``p.grad.clone()``
+    (``_retrieve_grad``); the merged gradient is set back (``_set_grad``); one step."""
+    out = model(torch.randn(8, 4))
+    losses = [out[:, 0].pow(2).mean(), (out[:, 1] - 1).abs().mean()]
+    grads = []
+    for loss in losses:
+        opt.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for p, g1, g2 in zip(model.parameters(), *grads):
+        p.grad = (g1 + g2) / 2
+    opt.step()
+
+
+def _dp_sgd(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """pyvacy's DPOptimizer (ChrisWaites/pyvacy, optim.py): per micro-batch, zero, backward,
+    the clipped gradient summed into a buffer through ``p.grad.data`` (grad on); at the step
+    the sum plus noise becomes ``p.grad.data``."""
+    x, y = torch.randn(4, 4), torch.randn(4, 2)
+    params = list(model.parameters())
+    accum = [torch.zeros_like(p) for p in params]
+    for i in range(4):
+        opt.zero_grad()
+        F.mse_loss(model(x[i:i + 1]), y[i:i + 1]).backward()
+        norm = torch.stack([p.grad.data.norm(2) for p in params]).norm(2).item()
+        coef = min(1.0, 1.0 / (norm + 1e-6))
+        for a, p in zip(accum, params):
+            a.add_(p.grad.data.mul(coef))
+    for a, p in zip(accum, params):
+        p.grad.data = a.clone() + 0.01 * torch.randn_like(a)
+        p.grad.data.mul_(1 / 4)
+    opt.step()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loop", [_pcgrad, _dp_sgd])
+def test_per_task_and_per_sample_gradients_built_by_the_user_are_silent(level, loop) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, level=level, on_anomaly="raise") as w:
+        for _ in range(3):
+            loop(model, opt)
+    assert w.anomalies == []
+    assert w.step == 3
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zeroing_between_backward_and_step_is_reported_at_the_zeroing(level, set_to_none) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, level=level, on_anomaly="log") as w:
+        for _ in range(3):
+            model(torch.randn(4, 3)).pow(2).mean().backward()
+            opt.zero_grad(set_to_none=set_to_none)  # <between>
+            opt.step()
+    line = line_of("between")
+    assert _findings(w) == [("accumulated_grad_discarded", "bias.grad", line)] * 3 + [
+        ("accumulated_grad_discarded", "weight.grad", line)] * 3
+    assert {a.step for a in w.anomalies} == {0, 1, 2}  # the step of the zeroing, not a later one
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_discard_no_step_decides_is_reported_when_the_watch_ends(level) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, level=level, on_anomaly="log") as w:
+        model(torch.randn(4, 3)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        model(torch.randn(4, 3)).pow(2).mean().backward()
+        opt.zero_grad()  # <last>
+    assert _findings(w) == [("accumulated_grad_discarded", "bias.grad", line_of("last")),
+                            ("accumulated_grad_discarded", "weight.grad", line_of("last"))]
+
+
+def test_another_optimizers_step_does_not_decide_a_held_discard() -> None:
+    """Two models, each with its PCGrad loop; the second one's step comes between the first
+    one's zeroing and its step (its gradient is the merged one by then): silent."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    b = nn.Linear(4, 2)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+    with gradwatch.watch([a, b], [opt_a, opt_b], level="light", on_anomaly="log") as w:
+        for _ in range(3):
+            out = a(torch.randn(8, 4))
+            grads = []
+            for loss in (out[:, 0].pow(2).mean(), out[:, 1].abs().mean()):
+                opt_a.zero_grad()
+                loss.backward(retain_graph=True)
+                grads.append([p.grad.clone() for p in a.parameters()])
+            opt_b.zero_grad()
+            b(torch.randn(8, 4)).pow(2).mean().backward()
+            opt_b.step()
+            for p, g1, g2 in zip(a.parameters(), *grads):
+                p.grad = g1 + g2
+            opt_a.step()
+    assert w.anomalies == []
+
+
+def test_light_raises_a_held_discard_at_the_step_that_confirms_it() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (pytest.raises(AnomalyError) as info,
+          gradwatch.watch(model, opt, level="light", on_anomaly="raise")):
+        model(torch.randn(4, 3)).pow(2).mean().backward()
+        opt.zero_grad()  # <zeroed>
+        opt.step()  # <confirmed>
+    ev = info.value.event
+    assert (ev.kind.value, ev.location.lineno) == ("accumulated_grad_discarded", line_of("zeroed"))
+    frames = [f for f in traceback.extract_tb(info.value.__traceback__) if f.filename == __file__]
+    assert frames[-1].lineno == line_of("confirmed")
