@@ -3,6 +3,7 @@ purpose, running sums logged then rescaled, dropped or frozen, nested optimizer 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,12 +16,13 @@ def _silent(w: gradwatch.Watch) -> None:
             for f in w.distinct_anomalies()] == []
 
 
-def test_running_sums_logged_then_rescaled_clamped_or_frozen_are_silent() -> None:
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_running_sums_logged_then_rescaled_clamped_or_frozen_are_silent(level: str) -> None:
     torch.manual_seed(0)
     m = nn.Linear(4, 1)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     norms = []
-    with gradwatch.watch(on_anomaly="log") as w:
+    with gradwatch.watch(on_anomaly="log", level=level) as w:
         for step in range(4):
             opt.zero_grad()
             for _ in range(2):
@@ -61,7 +63,8 @@ class _SAM(torch.optim.Optimizer):
         self.base_optimizer.step()
 
 
-def test_sam_in_closure_form_is_one_step_silent() -> None:
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_sam_in_closure_form_is_one_step_silent(level: str) -> None:
     torch.manual_seed(0)
     m = nn.Linear(4, 1)
     opt = _SAM(m.parameters(), lr=0.1)
@@ -72,7 +75,7 @@ def test_sam_in_closure_form_is_one_step_silent() -> None:
         loss.backward()
         return loss
 
-    with gradwatch.watch(on_anomaly="log") as w:
+    with gradwatch.watch(on_anomaly="log", level=level) as w:
         for _ in range(3):
             closure()
             opt.step(closure)
@@ -81,7 +84,8 @@ def test_sam_in_closure_form_is_one_step_silent() -> None:
     assert w.step == 3
 
 
-def test_passes_run_for_a_non_parameters_gradient_leave_by_products() -> None:
+@pytest.mark.parametrize("level", ["full", "light"])
+def test_passes_run_for_a_non_parameters_gradient_leave_by_products(level: str) -> None:
     """MGDA (Sener & Koltun's code: each task's gradient of the shared representation from a
     per-task pass, heads' gradients zeroed unused) and FGSM adversarial training (the clean
     pass is for the input's gradient): what such a pass leaves on parameters is a by-product,
@@ -92,7 +96,7 @@ def test_passes_run_for_a_non_parameters_gradient_leave_by_products() -> None:
     opt = torch.optim.SGD(list(shared.parameters()) + list(heads.parameters()), lr=0.1)
     m = nn.Linear(4, 1)
     opt_m = torch.optim.SGD(m.parameters(), lr=0.1)
-    with gradwatch.watch(on_anomaly="log") as w:
+    with gradwatch.watch(on_anomaly="log", level=level) as w:
         for _ in range(3):
             x, ys = torch.randn(16, 4), [torch.randn(16, 1) for _ in range(2)]
             with torch.no_grad():

@@ -142,3 +142,65 @@ def test_light_raises_a_held_discard_at_the_step_that_confirms_it() -> None:
     assert (ev.kind.value, ev.location.lineno) == ("accumulated_grad_discarded", line_of("zeroed"))
     frames = [f for f in traceback.extract_tb(info.value.__traceback__) if f.filename == __file__]
     assert frames[-1].lineno == line_of("confirmed")
+
+
+# -- the norm clip_grad_norm_ returns is a read ------------------------------------------------
+def _spiky_loop(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 6) -> None:
+    """A step skipped on a gradient spike (a speech-recognition hook's ``skip_step_norm``):
+    ``clip_grad_norm_`` returns the norm before clipping; above the limit the batch is zeroed,
+    unused, and the loop goes on."""
+    for i in range(steps):
+        F.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1) * (50 if i % 3 == 0 else 1)).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if norm > 20:
+            opt.zero_grad()
+            continue
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_step_skipped_on_a_gradient_spike_is_silent(level) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, level=level, on_anomaly="raise") as w:
+        _spiky_loop(model, opt)
+    assert w.anomalies == []
+    assert w.step == 4  # (i = 0 and 3 skipped)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_clipped_window_zeroed_right_before_the_step_is_reported(level) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, level=level, on_anomaly="log") as w:
+        for _ in range(2):
+            model(torch.randn(4, 3)).pow(2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.zero_grad()  # <misordered>
+            opt.step()
+    line = line_of("misordered")
+    assert _findings(w) == [("accumulated_grad_discarded", "bias.grad", line)] * 2 + [
+        ("accumulated_grad_discarded", "weight.grad", line)] * 2
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_an_accumulation_window_zeroed_inside_is_reported_with_clipping_before_the_step(
+        level) -> None:
+    """Clipping scales the last pass's gradient in place: the step still applies what backward
+    left (not a gradient the user made), so the discards inside the window are confirmed."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, level=level, on_anomaly="log") as w:
+        for i in range(8):
+            opt.zero_grad()  # <inside>
+            model(torch.randn(4, 3)).pow(2).mean().backward()
+            if i % 4 == 3:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+                opt.step()
+    line = line_of("inside")
+    assert _findings(w) == [("accumulated_grad_discarded", "bias.grad", line)] * 6 + [
+        ("accumulated_grad_discarded", "weight.grad", line)] * 6

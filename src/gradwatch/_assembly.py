@@ -61,7 +61,7 @@ class Runtime:
         self.backward = Backward(ctx, gate, fail, self.saved, self.acc, self.grad_flow,
                                  self.pass_over)
         self.zero_grad = ZeroGrad(ctx, gate, fail, self.acc, self.optimizers.info)
-        self.clipping = Clipping(ctx, gate, emit, fail, self.saved)
+        self.clipping = Clipping(ctx, gate, emit, fail, self.saved, self.acc)
         self.modules = Modules(ctx, gate, fail)
         self._flushing = False
         emit.on_full = self._records_full

@@ -17,6 +17,7 @@ import torch
 from .._context import RunContext
 from .._failopen import FailOpen, Part
 from .._location import caller
+from ..detectors.accumulation import AccumulationDetector
 from ..detectors.saved_tensor import SavedTensorDetector
 from ..errors import AnomalyError
 from ..events import EventKind
@@ -33,12 +34,14 @@ _dynamo_compiling = torch.compiler.is_dynamo_compiling
 _compiler = torch.compiler
 _OWNERS = (torch.nn.utils, torch.nn.utils.clip_grad)
 _FUNCTIONS = ("clip_grad_norm_", "clip_grad_norm", "clip_grad_value_", "clip_grads_with_norm_")
+_NORMS = ("clip_grad_norm_", "clip_grad_norm")  # (they return the norm)
 
 
 class Clipping:
     def __init__(self, ctx: RunContext, gate: ModeGate, emit: Emitter, fail: FailOpen,
-                 saved: SavedTensorDetector) -> None:
+                 saved: SavedTensorDetector, acc: AccumulationDetector) -> None:
         self.ctx = ctx
+        self.acc = acc
         self.gate = gate
         self.emit = emit
         self.fail = fail
@@ -88,6 +91,8 @@ class Clipping:
         if self.off:
             return
         t0 = time.perf_counter()
+        if op in _NORMS:
+            self.acc.norm_read()  # (the user got the gradients' norm: a read, see accumulation)
         changed = [(p, vb, va) for p, g, vb in before
                    if p.grad is g and (va := g._version) != vb]
         if changed:

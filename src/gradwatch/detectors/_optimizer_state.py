@@ -1,5 +1,6 @@
-"""Reading optimizers from outside: where a step keeps a state entry, and which live optimizers
-hold which tensors (rare paths of :mod:`.accumulation`)."""
+"""Reading optimizers from outside: where a step keeps a state entry, which live optimizers
+hold which tensors, and a state entry that is ``.grad`` itself (rare paths of
+:mod:`.accumulation`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,23 @@ import gc
 import inspect
 import textwrap
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["assignment_of", "grad_kept_in_state", "kept_each_step", "optimizers_holding"]
+from .._context import RunContext
+from ..events import EventKind
+from ..records.emit import Emitter
+from ..records.raw import Raw
+
+__all__ = ["HINT_STATE_ALIAS", "StateAliasCheck", "assignment_of", "grad_kept_in_state",
+           "kept_each_step", "optimizers_holding"]
+
+HINT_STATE_ALIAS = (
+    "store a copy (state[...] = grad.clone(), or copy_ into a buffer made once), not the .grad "
+    "tensor itself"
+)
 
 
 def assignment_of(cls: type, key: Any) -> tuple[tuple[Any, int] | None, bool]:
@@ -88,3 +101,40 @@ def grad_kept_in_state(opt: Any, params: list[torch.Tensor]) -> tuple[torch.Tens
                 return p, key
     return None
 
+
+
+class StateAliasCheck:
+    """Before a step of an optimizer updates: an optimizer state entry that *is* a parameter's
+    current ``.grad`` was kept by reference at an earlier step (``state["prev"] = grad``);
+    zeroing in place and the next backward rewrote it, so the "previous" gradient the step
+    reads is the current one. Checked at the first steps with state only (a structural bug: the
+    same code runs every step), reported once per optimizer."""
+
+    def __init__(self, ctx: RunContext, emit: Emitter, name: Callable[[Any], str]) -> None:
+        self.ctx = ctx
+        self.emit = emit
+        self.name = name
+        self._checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def check(self, opt: Any, params: list[torch.Tensor], where: Any) -> None:
+        checks = self._checks
+        n = checks.get(opt, 0)
+        if n >= 3 or not opt.state:
+            return
+        checks[opt] = n + 1
+        found = grad_kept_in_state(opt, params)
+        if found is not None:
+            checks[opt] = 3  # once per optimizer
+            self._report(opt, *found, where)
+
+    def _report(self, opt: Any, p: torch.Tensor, key: Any, where: Any) -> None:
+        name = self.name(p)
+        kept = assignment_of(type(opt), key)[0]
+        self.emit.anomaly(Raw(
+            EventKind.GRAD_READ_MID_WINDOW, "optimizer.step", f"{name}.grad", tuple(p.shape),
+            p.dtype, p.device, None, None, "no_grad", None, kept or where, self.ctx.step(),
+            f"{type(opt).__name__}'s state[{key!r}] of `{name}` is `{name}.grad` itself, kept by "
+            "reference at an earlier step: zeroing .grad in place and the next backward "
+            "rewrote it, so the step reads the current gradient where it expects an earlier one",
+            HINT_STATE_ALIAS,
+        ))

@@ -21,7 +21,7 @@ from ..events import EventKind
 from ..records.emit import Emitter
 from ..records.raw import LeafBatch, Raw, op_str
 from ._held_discards import HeldDiscards
-from ._optimizer_state import assignment_of, grad_kept_in_state, optimizers_holding
+from ._optimizer_state import StateAliasCheck, optimizers_holding
 from ._windows import AccumulationTracker, LeafState, PassEntry, changed_grads, finite_nonzero
 
 __all__ = ["HINT_APPLIED_TWICE", "HINT_DISCARDED", "HINT_NEVER_APPLIED", "HINT_READ_MID_WINDOW",
@@ -56,10 +56,6 @@ HINT_READ_MID_WINDOW = (
     "zero the gradients (optimizer.zero_grad()) before each loss whose gradient you read on its "
     "own, or take each loss's gradient with torch.autograd.grad(loss, params, retain_graph=True)"
 )
-HINT_STATE_ALIAS = (
-    "store a copy (state[...] = grad.clone(), or copy_ into a buffer made once), not the .grad "
-    "tensor itself"
-)
 HINT_DISCARDED = (
     "step the optimizer before zeroing (zero_grad() belongs after step(), once per accumulation "
     "window), or do not compute gradients you throw away"
@@ -75,9 +71,10 @@ class AccumulationDetector:
         self.windows = AccumulationTracker()
         self._fail = fail
         self._grad_storage: tuple[int, dict[int | None, LeafState]] | None = None
-        self._state_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._state_alias = StateAliasCheck(ctx, emit, self._name)
         self._holders: dict[int, tuple[str, weakref.ref]] | None = None
-        self.held = HeldDiscards()  # light: discards that the next step decides
+        self.held = HeldDiscards()  # discards that the next step decides (_held_discards)
+        self._norm_pass = -1  # the pass whose gradients' norm a clipping function returned
         self.off = False
 
     # -- per .grad read (hot: every p.grad read while the mode is on, mostly torch's own) ------
@@ -200,7 +197,9 @@ class AccumulationDetector:
         mixed = (st.stale_where if st.stale_where is not None and not st.reset
                  and st.pass_no not in w.used else None)
         candidate = w.resetting(st, where)
-        if self.off:
+        light = not self.ctx.full  # (sees no read with grad on: see _held_discards)
+        if self.off or ((mixed is not None or candidate) and light
+                        and self.held.for_input((w.pass_no, where))):
             return
         if mixed is not None:
             self.stale(st, mixed, st.leaf())
@@ -218,10 +217,14 @@ class AccumulationDetector:
             "they are discarded here",
             HINT_DISCARDED,
         )
-        # light sees no read with grad on: the next step decides (see _held_discards)
-        light = leaf is not None and not self.ctx.full
-        for due in (self.held.hold(leaf, grad, raw) if light else (raw,)):
+        clipped = w.pass_no if self._norm_pass == w.pass_no == st.pass_no else 0
+        held = (light or clipped) and leaf is not None
+        for due in (self.held.hold(leaf, grad, raw, clipped) if held else (raw,)):
             self.emit.anomaly(due)
+
+    def norm_read(self) -> None:
+        """A clipping function returned the norm of the last pass's gradients."""
+        self._norm_pass = self.windows.pass_no
 
     def replaced(self, st: LeafState, where: Any) -> None:
         """``p.grad = value``: the user sets the gradient (clamped, averaged, projected). No
@@ -336,7 +339,7 @@ class AccumulationDetector:
             owner = id(opt)
         if self.held:  # (all of the optimizer's leaves: one whose .grad is None confirms)
             held = params if opt is None else [p for g in opt.param_groups for p in g["params"]]
-            for raw in self.held.decide(held):
+            for raw in self.held.decide(held, self._pass_of):
                 self.emit.anomaly(raw)
         for st in w.stepped(params, owner):
             stale_where = st.stale_where
@@ -346,6 +349,10 @@ class AccumulationDetector:
             twice, w.twice = w.twice, []
             for st in twice:
                 self._applied_twice(st, where, opt)
+
+    def _pass_of(self, p: torch.Tensor) -> int:
+        st = self.windows.get(p)
+        return 0 if st is None else st.pass_no
 
     def _unstepped(self) -> None:
         """Windows summed three passes and no optimizer has stepped yet: note which optimizer
@@ -404,32 +411,8 @@ class AccumulationDetector:
         ))
 
     def check_state(self, opt: Any, params: list[torch.Tensor], where: Any) -> None:
-        """Before a step of ``opt`` updates: an optimizer state entry that *is* a parameter's
-        current ``.grad`` was kept by reference at an earlier step (``state["prev"] = grad``);
-        zeroing in place and the next backward rewrote it, so the "previous" gradient the step
-        reads is the current one. Checked at the first steps with state only (a structural bug:
-        the same code runs every step)."""
-        checks = self._state_checks
-        n = checks.get(opt, 0)
-        if n >= 3 or not opt.state:
-            return
-        checks[opt] = n + 1
-        found = grad_kept_in_state(opt, params)
-        if found is not None:
-            checks[opt] = 3  # once per optimizer
-            self._state_alias(opt, *found, where)
-
-    def _state_alias(self, opt: Any, p: torch.Tensor, key: Any, where: Any) -> None:
-        name = self._name(p)
-        kept = assignment_of(type(opt), key)[0]
-        self.emit.anomaly(Raw(
-            K.GRAD_READ_MID_WINDOW, "optimizer.step", f"{name}.grad", tuple(p.shape), p.dtype,
-            p.device, None, None, "no_grad", None, kept or where, self.ctx.step(),
-            f"{type(opt).__name__}'s state[{key!r}] of `{name}` is `{name}.grad` itself, kept by "
-            "reference at an earlier step: zeroing .grad in place and the next backward "
-            "rewrote it, so the step reads the current gradient where it expects an earlier one",
-            HINT_STATE_ALIAS,
-        ))
+        """Before a step of ``opt`` updates: see :class:`._optimizer_state.StateAliasCheck`."""
+        self._state_alias.check(opt, params, where)
 
     def _read_mid_window(self, st: LeafState, first: Any, second: Any) -> None:
         p = st.leaf()
