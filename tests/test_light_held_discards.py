@@ -20,6 +20,15 @@ from helpers import line_of
 LEVELS = ("full", "light")
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
+
+
+def _model_and_sgd(make: nn.Module) -> tuple[nn.Module, torch.optim.SGD]:
+    return make, torch.optim.SGD(make.parameters(), lr=0.1)
+
+
 def _findings(w: gradwatch.Watch) -> list[tuple[str, str, int]]:
     return sorted((a.kind.value, a.tensor, a.location.lineno) for a in w.anomalies)
 
@@ -62,9 +71,7 @@ def _dp_sgd(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("loop", [_pcgrad, _dp_sgd])
 def test_per_task_and_per_sample_gradients_built_by_the_user_are_silent(level, loop) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = _model_and_sgd(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)))
     with gradwatch.watch(model, opt, level=level, on_anomaly="raise") as w:
         for _ in range(3):
             loop(model, opt)
@@ -75,9 +82,7 @@ def test_per_task_and_per_sample_gradients_built_by_the_user_are_silent(level, l
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zeroing_between_backward_and_step_is_reported_at_the_zeroing(level, set_to_none) -> None:
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = _model_and_sgd(nn.Linear(3, 1))
     with gradwatch.watch(model, opt, level=level, on_anomaly="log") as w:
         for _ in range(3):
             model(torch.randn(4, 3)).pow(2).mean().backward()
@@ -91,9 +96,7 @@ def test_zeroing_between_backward_and_step_is_reported_at_the_zeroing(level, set
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_a_discard_no_step_decides_is_reported_when_the_watch_ends(level) -> None:
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = _model_and_sgd(nn.Linear(3, 1))
     with gradwatch.watch(model, opt, level=level, on_anomaly="log") as w:
         model(torch.randn(4, 3)).pow(2).mean().backward()
         opt.step()
@@ -107,7 +110,6 @@ def test_a_discard_no_step_decides_is_reported_when_the_watch_ends(level) -> Non
 def test_another_optimizers_step_does_not_decide_a_held_discard() -> None:
     """Two models, each with its PCGrad loop; the second one's step comes between the first
     one's zeroing and its step (its gradient is the merged one by then): silent."""
-    torch.manual_seed(0)
     a = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     b = nn.Linear(4, 2)
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
@@ -130,9 +132,7 @@ def test_another_optimizers_step_does_not_decide_a_held_discard() -> None:
 
 
 def test_light_raises_a_held_discard_at_the_step_that_confirms_it() -> None:
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = _model_and_sgd(nn.Linear(3, 1))
     with (pytest.raises(AnomalyError) as info,
           gradwatch.watch(model, opt, level="light", on_anomaly="raise")):
         model(torch.randn(4, 3)).pow(2).mean().backward()
@@ -161,9 +161,7 @@ def _spiky_loop(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 6) ->
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_a_step_skipped_on_a_gradient_spike_is_silent(level) -> None:
-    torch.manual_seed(0)
-    model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = _model_and_sgd(nn.Linear(4, 1))
     with gradwatch.watch(model, opt, level=level, on_anomaly="raise") as w:
         _spiky_loop(model, opt)
     assert w.anomalies == []
@@ -172,9 +170,7 @@ def test_a_step_skipped_on_a_gradient_spike_is_silent(level) -> None:
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_a_clipped_window_zeroed_right_before_the_step_is_reported(level) -> None:
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = _model_and_sgd(nn.Linear(3, 1))
     with gradwatch.watch(model, opt, level=level, on_anomaly="log") as w:
         for _ in range(2):
             model(torch.randn(4, 3)).pow(2).mean().backward()
@@ -191,9 +187,7 @@ def test_an_accumulation_window_zeroed_inside_is_reported_with_clipping_before_t
         level) -> None:
     """Clipping scales the last pass's gradient in place: the step still applies what backward
     left (not a gradient the user made), so the discards inside the window are confirmed."""
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = _model_and_sgd(nn.Linear(3, 1))
     with gradwatch.watch(model, opt, level=level, on_anomaly="log") as w:
         for i in range(8):
             opt.zero_grad()  # <inside>
