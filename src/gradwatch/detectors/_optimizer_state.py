@@ -102,7 +102,6 @@ def grad_kept_in_state(opt: Any, params: list[torch.Tensor]) -> tuple[torch.Tens
     return None
 
 
-
 class StateAliasCheck:
     """Before a step of an optimizer updates: an optimizer state entry that *is* a parameter's
     current ``.grad`` was kept by reference at an earlier step (``state["prev"] = grad``);
